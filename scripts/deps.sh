@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# deps.sh installs and caches everything the test suite needs, once per machine:
+# PostgreSQL server binaries (Debian packages), a Vault server and local-kms built from
+# the Go module proxy, and the static-analysis tools. Re-running is cheap: every step
+# checks its cache first. Binaries live outside the repository, in $KEYBROKER_CACHE.
+set -euo pipefail
+
+CACHE="${KEYBROKER_CACHE:-$HOME/.cache/keybroker}"
+BIN="$CACHE/bin"
+mkdir -p "$BIN"
+
+VAULT_VERSION=v1.21.0
+LOCALKMS_VERSION=v0.0.0-20260228092603-2a5e92d09ab6
+STATICCHECK_VERSION=v0.8.2
+
+log() { printf 'deps: %s\n' "$*" >&2; }
+
+apt_updated=
+apt_install() {
+  if [ -z "$apt_updated" ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+    apt_updated=1
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+# PostgreSQL server binaries (initdb, pg_ctl, postgres).
+pg_bindir() {
+  local d
+  for d in /usr/lib/postgresql/*/bin; do
+    [ -x "$d/initdb" ] && { echo "$d"; return 0; }
+  done
+  return 1
+}
+if ! pg_bindir >/dev/null; then
+  log "installing postgresql from Debian packages"
+  apt_install postgresql postgresql-contrib
+fi
+# pgcrypto (benchmarks) ships in postgresql-contrib on older releases, in the server package on newer.
+log "postgres: $(pg_bindir)"
+
+# tmux drives the CLI in a real terminal in cmd/keybroker's tests.
+command -v tmux >/dev/null || { log "installing tmux"; apt_install tmux; }
+
+# local-kms: a Go implementation of the AWS KMS API.
+if [ ! -x "$BIN/local-kms" ]; then
+  log "building local-kms $LOCALKMS_VERSION"
+  GOBIN="$BIN" CGO_ENABLED=0 go install "github.com/nsmithuk/local-kms@$LOCALKMS_VERSION"
+fi
+
+# Vault: the module's go.mod replaces ./api and ./sdk, which its zip leaves out, so build a
+# copy with those replace lines removed; it then uses the published api and sdk modules.
+if [ ! -x "$BIN/vault" ]; then
+  log "building vault $VAULT_VERSION (slow once: about 10 minutes, then cached)"
+  GOFLAGS=-mod=mod go mod download "github.com/hashicorp/vault@$VAULT_VERSION"
+  src=$(GOFLAGS=-mod=mod go mod download -json "github.com/hashicorp/vault@$VAULT_VERSION" | sed -n 's/.*"Dir": "\(.*\)",/\1/p')
+  work=$(mktemp -d)
+  trap 'chmod -R u+w "$work" 2>/dev/null; rm -rf "$work"' EXIT
+  cp -r "$src/." "$work/"
+  chmod -R u+w "$work"
+  sed -i -E '/=>[[:space:]]*\.\/(api|sdk)/d' "$work/go.mod"
+  (cd "$work" && CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -ldflags='-s -w' -o "$BIN/vault.tmp" .)
+  mv "$BIN/vault.tmp" "$BIN/vault"
+fi
+
+if [ ! -x "$BIN/staticcheck" ]; then
+  log "installing staticcheck $STATICCHECK_VERSION"
+  GOBIN="$BIN" go install "honnef.co/go/tools/cmd/staticcheck@$STATICCHECK_VERSION"
+fi
+
+log "ok: binaries in $BIN"

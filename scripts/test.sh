@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# test.sh runs every test: formatting and static checks, then `go test -race`
+# on every module, against a throwaway PostgreSQL server it starts and removes
+# (or KEYBROKER_TEST_DATABASE_URL, if set). Run `make deps` first (`make test`
+# does).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/lint.sh
+
+tmp=$(mktemp -d)
+cleanup() { [ -n "${started_pg:-}" ] && bash scripts/pg.sh stop "$tmp/pg"; rm -rf "$tmp"; }
+trap cleanup EXIT
+
+if [ -z "${KEYBROKER_TEST_DATABASE_URL:-}" ]; then
+  KEYBROKER_TEST_DATABASE_URL=$(bash scripts/pg.sh start "$tmp/pg")
+  started_pg=1
+fi
+export KEYBROKER_TEST_DATABASE_URL
+
+go test -race -count=1 -timeout 30m ./... 2>&1 | tee "$tmp/test.log"
+echo "test.sh: all tests passed"
