@@ -1,0 +1,78 @@
+package pgstore_test
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"testing"
+
+	"github.com/profullstack/keybroker/internal/pgtest"
+	"github.com/profullstack/keybroker/pgstore"
+)
+
+func TestMigrateConcurrentAndIdempotent(t *testing.T) {
+	ctx := context.Background()
+	pool := pgtest.Pool(t)
+	var wg sync.WaitGroup
+	errs := make([]error, 4)
+	for i := range errs {
+		wg.Go(func() { errs[i] = pgstore.Migrate(ctx, pool, "kb_custom") })
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Fatalf("migrate %d: %v", i, err)
+		}
+	}
+	if err := pgstore.Migrate(ctx, pool, "kb_custom"); err != nil {
+		t.Fatalf("second migrate: %v", err)
+	}
+	var v int32
+	if err := pool.QueryRow(ctx, `SELECT version FROM kb_custom.schema_version`).Scan(&v); err != nil {
+		t.Fatal(err)
+	}
+	if v != pgstore.SchemaVersion() || v < 2 {
+		t.Fatalf("version %d, want %d", v, pgstore.SchemaVersion())
+	}
+	var tables int
+	if err := pool.QueryRow(ctx, `SELECT count(*) FROM pg_tables WHERE schemaname = 'kb_custom'
+		AND tablename IN ('kek','data_keys','encrypted_secrets','key_events')`).Scan(&tables); err != nil {
+		t.Fatal(err)
+	}
+	if tables != 4 {
+		t.Fatalf("%d tables, want 4", tables)
+	}
+	// Nothing was created in the default schema.
+	var n int
+	if err := pool.QueryRow(ctx, `SELECT count(*) FROM pg_namespace WHERE nspname = 'keybroker'`).Scan(&n); err != nil || n != 0 {
+		t.Fatalf("default schema exists (%d, %v)", n, err)
+	}
+}
+
+func TestMigrateRejectsBadSchemaName(t *testing.T) {
+	pool := pgtest.Pool(t)
+	for _, name := range []string{`x"; DROP TABLE y; --`, "Upper", "pg_catalog", "1abc", "a-b"} {
+		err := pgstore.Migrate(context.Background(), pool, name)
+		if !errors.Is(err, pgstore.ErrInvalidArgument) {
+			t.Errorf("schema %q: got %v, want ErrInvalidArgument", name, err)
+		}
+	}
+	var n int
+	if err := pool.QueryRow(context.Background(), `SELECT count(*) FROM pg_namespace WHERE nspname NOT LIKE 'pg\_%' AND nspname NOT IN ('public','information_schema')`).Scan(&n); err != nil || n != 0 {
+		t.Fatalf("schemas created: %d (%v)", n, err)
+	}
+}
+
+func TestMigrateRefusesNewerSchema(t *testing.T) {
+	ctx := context.Background()
+	pool := pgtest.Pool(t)
+	if err := pgstore.Migrate(ctx, pool, ""); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pool.Exec(ctx, `UPDATE keybroker.schema_version SET version = version + 1`); err != nil {
+		t.Fatal(err)
+	}
+	if err := pgstore.Migrate(ctx, pool, ""); !errors.Is(err, pgstore.ErrSchemaVersion) {
+		t.Fatalf("got %v, want ErrSchemaVersion", err)
+	}
+}
