@@ -90,6 +90,9 @@ func checkFailure(t *testing.T, what string, got []byte, err error, dek []byte) 
 
 func assertNoSecret(t *testing.T, msg string, secret []byte) {
 	t.Helper()
+	if len(secret) == 0 {
+		return // every message "contains" the empty string
+	}
 	for _, enc := range []string{string(secret), hex.EncodeToString(secret), base64.StdEncoding.EncodeToString(secret), base64.RawURLEncoding.EncodeToString(secret)} {
 		if strings.Contains(msg, enc) {
 			t.Fatalf("error message contains key material: %q", msg)
