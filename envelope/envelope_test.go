@@ -1,0 +1,202 @@
+package envelope
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"testing"
+
+	"github.com/profullstack/keybroker/provider"
+)
+
+func newTestEnvelope(t testing.TB, kek provider.KEKProvider, opts ...Option) *Envelope {
+	t.Helper()
+	e, err := New(kek, opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { e.Close() })
+	return e
+}
+
+func mustEncrypt(t testing.TB, e *Envelope, pt, aad []byte) []byte {
+	t.Helper()
+	blob, err := e.Encrypt(context.Background(), pt, aad)
+	if err != nil {
+		t.Fatalf("Encrypt: %v", err)
+	}
+	return blob
+}
+
+func TestRoundTripInline(t *testing.T) {
+	ctx := context.Background()
+	e := newTestEnvelope(t, goldenKEK(), WithWrapAAD([]byte("tenant-1")))
+	for _, n := range []int{0, 1, 255, 4096} {
+		pt := bytes.Repeat([]byte{'p'}, n)
+		aad := []byte("project-1/secret-a")
+		blob := mustEncrypt(t, e, pt, aad)
+		if len(blob) != len(pt)+TagSize+headerLenOf(t, blob) {
+			t.Fatalf("blob length %d for plaintext %d", len(blob), n)
+		}
+		got, err := e.Decrypt(ctx, blob, aad)
+		if err != nil || !bytes.Equal(got, pt) {
+			t.Fatalf("Decrypt(%d bytes) = %d bytes, %v", n, len(got), err)
+		}
+		h, err := ParseHeader(blob)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if h.Version != Version || h.Algorithm != AES256GCM || h.WrappedKey == nil || h.KeyID != nil || len(h.Nonce) != NonceSize {
+			t.Fatalf("header %+v", h)
+		}
+		if h.WrappedKey.Provider != "testkek" || h.WrappedKey.KeyID != "golden" || h.WrappedKey.Version != testKEKVersion {
+			t.Fatalf("wrapped key ref %s version %q", h.WrappedKey.Ref(), h.WrappedKey.Version)
+		}
+	}
+	// A second Envelope over the same KEK and wrap aad reads the blob; one
+	// with another wrap aad (another tenant) does not.
+	blob := mustEncrypt(t, e, []byte("x"), nil)
+	other := newTestEnvelope(t, goldenKEK(), WithWrapAAD([]byte("tenant-1")))
+	if got, err := other.Decrypt(ctx, blob, nil); err != nil || string(got) != "x" {
+		t.Fatalf("other Envelope: %q, %v", got, err)
+	}
+	tenant2 := newTestEnvelope(t, goldenKEK(), WithWrapAAD([]byte("tenant-2")))
+	if got, err := tenant2.Decrypt(ctx, blob, nil); err != ErrDecrypt || got != nil {
+		t.Fatalf("other tenant: %q, %v; want ErrDecrypt", got, err)
+	}
+}
+
+func headerLenOf(t testing.TB, blob []byte) int {
+	var v view
+	if err := parseView(blob, &v); err != nil {
+		t.Fatal(err)
+	}
+	return len(v.header)
+}
+
+func TestRoundTripExternal(t *testing.T) {
+	ctx := context.Background()
+	kek := goldenKEK()
+	k, wk, err := NewDataKey(ctx, kek, []byte("tenant-1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	blob, err := SealWithKeyID(k, []byte("dek-42"), []byte("hello"), []byte("p1/s1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, err := ParseHeader(blob)
+	if err != nil || string(h.KeyID) != "dek-42" || h.WrappedKey != nil {
+		t.Fatalf("ParseHeader = %+v, %v", h, err)
+	}
+	k2, err := UnwrapDataKey(ctx, kek, wk, []byte("tenant-1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := OpenWithKey(k2, blob, []byte("p1/s1"))
+	if err != nil || string(got) != "hello" {
+		t.Fatalf("OpenWithKey = %q, %v", got, err)
+	}
+	if _, err := UnwrapDataKey(ctx, kek, wk, []byte("tenant-2")); !errors.Is(err, provider.ErrInvalidCiphertext) {
+		t.Fatalf("unwrap with other wrap aad: %v", err)
+	}
+	// An external-key envelope is not something Envelope.Decrypt opens, and
+	// an inline one is not something OpenWithKey opens.
+	e := newTestEnvelope(t, kek, WithWrapAAD([]byte("tenant-1")))
+	if _, err := e.Decrypt(ctx, blob, []byte("p1/s1")); err != ErrDecrypt {
+		t.Fatalf("Decrypt(external blob) = %v", err)
+	}
+	if _, err := OpenWithKey(k2, mustEncrypt(t, e, []byte("x"), nil), nil); err != ErrDecrypt {
+		t.Fatalf("OpenWithKey(inline blob) = %v", err)
+	}
+	k2.Destroy()
+	if _, err := OpenWithKey(k2, blob, []byte("p1/s1")); err != ErrKeyDestroyed {
+		t.Fatalf("OpenWithKey after Destroy = %v", err)
+	}
+	if _, err := SealWithKeyID(k2, []byte("dek-42"), nil, nil); err != ErrKeyDestroyed {
+		t.Fatalf("SealWithKeyID after Destroy = %v", err)
+	}
+	for _, id := range [][]byte{nil, {}, bytes.Repeat([]byte{1}, MaxKeyIDLen+1)} {
+		if _, err := SealWithKeyID(k, id, nil, nil); err == nil {
+			t.Fatalf("SealWithKeyID with key id of %d bytes succeeded", len(id))
+		}
+	}
+}
+
+func TestParseMarshal(t *testing.T) {
+	e := newTestEnvelope(t, goldenKEK())
+	inline := mustEncrypt(t, e, []byte("payload"), []byte("aad"))
+	k, _, err := NewDataKey(context.Background(), goldenKEK(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	external, err := SealWithKeyID(k, []byte("id"), []byte("payload"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, blob := range [][]byte{inline, external} {
+		m, err := Parse(blob)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out, err := m.MarshalBinary()
+		if err != nil || !bytes.Equal(out, blob) {
+			t.Fatalf("MarshalBinary(Parse(blob)) differs: %v", err)
+		}
+		if len(m.Ciphertext) != len("payload")+TagSize {
+			t.Fatalf("ciphertext length %d", len(m.Ciphertext))
+		}
+	}
+}
+
+func TestLimits(t *testing.T) {
+	ctx := context.Background()
+	e := newTestEnvelope(t, goldenKEK())
+	if _, err := e.Encrypt(ctx, make([]byte, MaxPlaintextLen+1), nil); err == nil {
+		t.Fatal("Encrypt of MaxPlaintextLen+1 bytes succeeded")
+	}
+	if _, err := e.Encrypt(ctx, nil, make([]byte, MaxAADLen+1)); err == nil {
+		t.Fatal("Encrypt with MaxAADLen+1 bytes of aad succeeded")
+	}
+	blob := mustEncrypt(t, e, nil, make([]byte, MaxAADLen))
+	if _, err := e.Decrypt(ctx, blob, make([]byte, MaxAADLen)); err != nil {
+		t.Fatalf("Decrypt with MaxAADLen aad: %v", err)
+	}
+	for _, o := range []Option{WithMaxMessages(0), WithMaxMessages(MaxMessagesLimit + 1), WithMaxAge(-1),
+		WithCacheEntries(0), WithCacheTTL(0), WithWrapAAD(make([]byte, MaxAADLen+1))} {
+		if _, err := New(goldenKEK(), o); err == nil {
+			t.Fatal("New accepted an out-of-range option")
+		}
+	}
+	if _, err := New(nil); err == nil {
+		t.Fatal("New(nil) succeeded")
+	}
+}
+
+func TestClose(t *testing.T) {
+	ctx := context.Background()
+	e, err := New(goldenKEK())
+	if err != nil {
+		t.Fatal(err)
+	}
+	blob := mustEncrypt(t, e, []byte("x"), nil)
+	if _, err := e.Decrypt(ctx, blob, nil); err != nil {
+		t.Fatal(err)
+	}
+	active := e.active.Load().key
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if active.aead.Load() != nil {
+		t.Fatal("active DEK still usable after Close")
+	}
+	if _, err := e.Encrypt(ctx, []byte("x"), nil); err != ErrClosed {
+		t.Fatalf("Encrypt after Close = %v", err)
+	}
+	if _, err := e.Decrypt(ctx, blob, nil); err != ErrClosed {
+		t.Fatalf("Decrypt after Close = %v", err)
+	}
+}
