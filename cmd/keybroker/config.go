@@ -1,0 +1,122 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+
+	"github.com/spf13/pflag"
+)
+
+// Environment variables read by keybroker; flags override them, and they
+// override the config file.
+const (
+	envKEK         = "KEYBROKER_KEK"
+	envDecryptOnly = "KEYBROKER_KEK_DECRYPT_ONLY"
+	envDatabaseURL = "KEYBROKER_DATABASE_URL"
+	envSchema      = "KEYBROKER_SCHEMA"
+	envConfig      = "KEYBROKER_CONFIG"
+	envLogLevel    = "KEYBROKER_LOG_LEVEL"
+	envLogFormat   = "KEYBROKER_LOG_FORMAT"
+)
+
+// maxConfigSize bounds the config file read into memory.
+const maxConfigSize = 1 << 20
+
+// config is the resolved configuration. The JSON tags are the config
+// file's keys.
+type config struct {
+	KEK         string   `json:"kek"`
+	DecryptOnly []string `json:"kek_decrypt_only"`
+	DatabaseURL string   `json:"database_url"`
+	Schema      string   `json:"schema"`
+	LogLevel    string   `json:"log_level"`
+	LogFormat   string   `json:"log_format"`
+}
+
+// loadConfigFile reads a JSON config file. Unknown keys are an error, so a
+// misspelt key is not silently ignored.
+func loadConfigFile(path string) (config, error) {
+	var c config
+	f, err := os.Open(path)
+	if err != nil {
+		return c, fmt.Errorf("config file: %w", err)
+	}
+	defer f.Close()
+	data, err := io.ReadAll(io.LimitReader(f, maxConfigSize+1))
+	if err != nil {
+		return c, fmt.Errorf("config file %s: %w", path, err)
+	}
+	if len(data) > maxConfigSize {
+		return c, fmt.Errorf("config file %s: larger than %d bytes", path, maxConfigSize)
+	}
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&c); err != nil {
+		// encoding/json errors name the key or offset, never the value.
+		return c, fmt.Errorf("config file %s: %v", path, err)
+	}
+	if dec.More() {
+		return c, fmt.Errorf("config file %s: trailing data after the JSON object", path)
+	}
+	return c, nil
+}
+
+// resolve merges flags > environment > file > default for one setting.
+func resolve(fs *pflag.FlagSet, flag, env, file, def string) string {
+	if f := fs.Lookup(flag); f != nil && f.Changed {
+		return f.Value.String()
+	}
+	if v, ok := os.LookupEnv(env); ok && v != "" {
+		return v
+	}
+	if file != "" {
+		return file
+	}
+	return def
+}
+
+// splitList splits a comma-separated list, dropping empty items.
+func splitList(s string) []string {
+	var out []string
+	for _, p := range strings.Split(s, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// resolveConfig builds the configuration from the root command's flags,
+// the environment and the config file named by --config or KEYBROKER_CONFIG.
+func resolveConfig(fs *pflag.FlagSet) (config, error) {
+	var file config
+	path := resolve(fs, "config", envConfig, "", "")
+	if path != "" {
+		var err error
+		if file, err = loadConfigFile(path); err != nil {
+			return config{}, usageErrorf("%v", err)
+		}
+	}
+	c := config{
+		KEK:         resolve(fs, "kek", envKEK, file.KEK, ""),
+		DatabaseURL: resolve(fs, "database-url", envDatabaseURL, file.DatabaseURL, ""),
+		Schema:      resolve(fs, "schema", envSchema, file.Schema, ""),
+		LogLevel:    resolve(fs, "log-level", envLogLevel, file.LogLevel, "info"),
+		LogFormat:   resolve(fs, "log-format", envLogFormat, file.LogFormat, "text"),
+	}
+	// --kek-decrypt-only is a comma-separated list like the variable; the
+	// flag may also be repeated.
+	if f := fs.Lookup("kek-decrypt-only"); f != nil && f.Changed {
+		list, _ := fs.GetStringSlice("kek-decrypt-only")
+		c.DecryptOnly = splitList(strings.Join(list, ","))
+	} else if v := os.Getenv(envDecryptOnly); v != "" {
+		c.DecryptOnly = splitList(v)
+	} else {
+		c.DecryptOnly = file.DecryptOnly
+	}
+	return c, nil
+}

@@ -1,0 +1,58 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/profullstack/keybroker/pgstore"
+)
+
+// Exit codes. Documented in `keybroker help` (see root.go).
+const (
+	exitOK          = 0
+	exitError       = 1   // the operation failed; nothing was partially written
+	exitUsage       = 2   // bad flags, arguments or configuration
+	exitRetiredUsed = 3   // status: a retired key version is still referenced
+	exitVerifyFail  = 4   // verify: at least one secret did not decrypt
+	exitInterrupted = 130 // SIGINT/SIGTERM; rerun to continue
+)
+
+// exitError carries an exit code other than exitError through cobra.
+type codeError struct {
+	code int
+	err  error
+}
+
+func (e *codeError) Error() string { return e.err.Error() }
+func (e *codeError) Unwrap() error { return e.err }
+
+func usageErrorf(format string, args ...any) error {
+	return &codeError{code: exitUsage, err: fmt.Errorf(format, args...)}
+}
+
+// exitCode maps err to the process exit code.
+func exitCode(err error) int {
+	var ce *codeError
+	switch {
+	case err == nil:
+		return exitOK
+	case errors.As(err, &ce):
+		return ce.code
+	case errors.Is(err, context.Canceled):
+		return exitInterrupted
+	case errors.Is(err, pgstore.ErrInvalidArgument):
+		return exitUsage
+	}
+	return exitError
+}
+
+// oneLine renders err as the single stderr line the CLI promises: no line
+// breaks, whatever a driver or SDK put in its message.
+func oneLine(err error) string {
+	if errors.Is(err, context.Canceled) {
+		return "interrupted; nothing was partially written, rerun to continue"
+	}
+	return strings.Join(strings.Fields(err.Error()), " ")
+}

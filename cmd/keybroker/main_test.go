@@ -1,0 +1,126 @@
+package main
+
+import (
+	"context"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/profullstack/keybroker/internal/pgtest"
+	"github.com/rogpeppe/go-internal/testscript"
+)
+
+// TestMain makes this test binary double as the keybroker binary, so the
+// scripts run the real command (testscript puts it on $PATH), and starts a
+// throwaway PostgreSQL server unless KEYBROKER_TEST_DATABASE_URL names one.
+func TestMain(m *testing.M) {
+	testscript.Main(pgMain{m}, map[string]func(){
+		"keybroker": func() { os.Exit(run(os.Args[1:])) },
+	})
+}
+
+type pgMain struct{ m *testing.M }
+
+func (p pgMain) Run() int { return pgtest.Main(p.m) }
+
+// TestScripts runs testdata/script/*.txtar. Each script gets a fresh
+// database in KEYBROKER_DATABASE_URL and the command `sql` (below).
+func TestScripts(t *testing.T) {
+	testscript.Run(t, testscript.Params{
+		Dir:                 "testdata/script",
+		RequireExplicitExec: true,
+		Setup: func(e *testscript.Env) error {
+			e.Setenv("KEYBROKER_DATABASE_URL", pgtest.NewDatabase(e.T().(testing.TB)))
+			// The scripts set what they need; nothing leaks in from the
+			// developer's environment.
+			for _, v := range []string{envKEK, envDecryptOnly, envSchema, envConfig, envLogLevel, envLogFormat} {
+				e.Setenv(v, "")
+			}
+			return nil
+		},
+		Cmds: map[string]func(ts *testscript.TestScript, neg bool, args []string){
+			"sql":   cmdSQL,
+			"exits": cmdExits,
+		},
+	})
+}
+
+// cmdSQL runs one SQL statement on $KEYBROKER_DATABASE_URL and prints any
+// rows it returns, one per line, columns separated by a space (bytea as
+// hex), so scripts can corrupt rows and check what changed.
+//
+//	sql 'UPDATE ...'
+//	sql 'SELECT count(*) FROM ...'
+func cmdSQL(ts *testscript.TestScript, neg bool, args []string) {
+	if len(args) != 1 {
+		ts.Fatalf("usage: sql 'statement'")
+	}
+	ctx := context.Background()
+	conn, err := pgx.Connect(ctx, ts.Getenv("KEYBROKER_DATABASE_URL"))
+	ts.Check(err)
+	defer conn.Close(ctx)
+	rows, err := conn.Query(ctx, args[0])
+	var out strings.Builder
+	if err == nil {
+		for rows.Next() {
+			vals, verr := rows.Values()
+			if verr != nil {
+				err = verr
+				break
+			}
+			cols := make([]string, len(vals))
+			for i, v := range vals {
+				switch v := v.(type) {
+				case []byte:
+					cols[i] = hex.EncodeToString(v)
+				case nil:
+					cols[i] = "NULL"
+				default:
+					cols[i] = fmt.Sprint(v)
+				}
+			}
+			out.WriteString(strings.Join(cols, " ") + "\n")
+		}
+		rows.Close()
+		if err == nil {
+			err = rows.Err()
+		}
+	}
+	switch {
+	case err != nil && !neg:
+		ts.Fatalf("sql: %v", err)
+	case err == nil && neg:
+		ts.Fatalf("sql: unexpected success")
+	}
+	fmt.Fprint(ts.Stdout(), out.String())
+}
+
+// cmdExits runs a program like exec and fails unless it exits with the
+// given status, so scripts check keybroker's documented exit codes.
+//
+//	exits 2 keybroker bogus
+func cmdExits(ts *testscript.TestScript, neg bool, args []string) {
+	if neg || len(args) < 2 {
+		ts.Fatalf("usage: exits CODE program [args...]")
+	}
+	want, err := strconv.Atoi(args[0])
+	ts.Check(err)
+	err = ts.Exec(args[1], args[2:]...)
+	got := 0
+	var ee *exec.ExitError
+	switch {
+	case errors.As(err, &ee):
+		got = ee.ExitCode()
+	case err != nil:
+		ts.Fatalf("%v", err)
+	}
+	if got != want {
+		ts.Fatalf("exit status %d, want %d", got, want)
+	}
+}

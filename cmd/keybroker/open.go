@@ -1,0 +1,60 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/profullstack/keybroker/provider"
+)
+
+// openDB connects to the configured database and checks it answers.
+func (a *app) openDB(ctx context.Context) (*pgxpool.Pool, error) {
+	if a.cfg.DatabaseURL == "" {
+		return nil, usageErrorf("no database: set --database-url or %s", envDatabaseURL)
+	}
+	cfg, err := pgxpool.ParseConfig(a.cfg.DatabaseURL)
+	if err != nil {
+		// pgx's parse errors may quote the URL, and with it a password.
+		return nil, usageErrorf("database URL: cannot parse it")
+	}
+	cfg.MaxConns = 8
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("database: %w", err)
+	}
+	if err := pool.Ping(ctx); err != nil {
+		pool.Close()
+		return nil, fmt.Errorf("database: %w", err)
+	}
+	return pool, nil
+}
+
+// openKeyring opens the primary KEK provider and the decrypt-only ones.
+func (a *app) openKeyring(ctx context.Context) (*provider.Keyring, error) {
+	if a.cfg.KEK == "" {
+		return nil, usageErrorf("no KEK: set --kek or %s (for example local:///path/keyring.json, see keybroker keygen)", envKEK)
+	}
+	primary, err := openProvider(ctx, a.cfg.KEK)
+	if err != nil {
+		return nil, err
+	}
+	var others []provider.KEKProvider
+	for _, u := range a.cfg.DecryptOnly {
+		p, err := openProvider(ctx, u)
+		if err != nil {
+			return nil, err
+		}
+		others = append(others, p)
+	}
+	return provider.NewKeyring(primary, others...)
+}
+
+func openProvider(ctx context.Context, rawURL string) (provider.KEKProvider, error) {
+	p, err := provider.Open(ctx, rawURL)
+	if errors.Is(err, provider.ErrUnknownScheme) {
+		return nil, &codeError{code: exitUsage, err: err}
+	}
+	return p, err
+}

@@ -1,0 +1,165 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"github.com/spf13/cobra"
+	"golang.org/x/term"
+)
+
+const helpText = `keybroker manages MeshHook's envelope-encrypted secrets in PostgreSQL.
+
+Each secret is sealed with AES-256-GCM under a per-project data key (DEK);
+DEKs are wrapped by a key-encryption key (KEK) held by a key service.
+
+Configuration (highest precedence first):
+  1. flags               --kek, --kek-decrypt-only, --database-url, --schema,
+                         --log-level, --log-format
+  2. environment         KEYBROKER_KEK                primary KEK provider URL
+                         KEYBROKER_KEK_DECRYPT_ONLY   comma-separated decrypt-only URLs
+                         KEYBROKER_DATABASE_URL       PostgreSQL URL
+                         KEYBROKER_SCHEMA             schema holding keybroker's tables
+                         KEYBROKER_LOG_LEVEL, KEYBROKER_LOG_FORMAT
+                         KEYBROKER_CONFIG             config file (like --config)
+  3. config file         --config FILE, a JSON object with the keys
+                         kek, kek_decrypt_only (array), database_url, schema,
+                         log_level, log_format; unknown keys are an error
+  4. defaults            log level info, log format text
+
+Provider URLs:
+  local:///path/keyring.json                    (keybroker keygen makes one)
+  awskms://<key id or alias>?region=...
+  gcpkms://projects/.../cryptoKeys/...
+  vault://<transit mount>/keys/<name>
+URLs are never logged with their credentials or query values.
+
+Output: results go to stdout (--json for machine-readable output); logs go to
+stderr (log/slog, --log-level debug|info|warn|error, --log-format text|json);
+an error is one line on stderr, "keybroker: <problem>". Long operations show a
+progress bar when stdout is a terminal and progress lines on stderr otherwise.
+Every write accepts --dry-run: it reports what would change and writes nothing.
+
+Exit codes:
+  0    success
+  1    error (nothing was partially written; rerunning continues)
+  2    usage: bad flag, argument or configuration
+  3    status: a retired key version is still referenced
+  4    verify: at least one secret failed to decrypt
+  130  interrupted (Ctrl-C or SIGTERM); rerun to continue`
+
+// app is the state shared by all commands.
+type app struct {
+	stdout, stderr io.Writer
+	stdoutTTY      bool
+
+	cfg     config
+	log     *slog.Logger
+	json    bool
+	started bool // set once flags and arguments were accepted
+}
+
+func run(args []string) int {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	a := &app{
+		stdout:    os.Stdout,
+		stderr:    os.Stderr,
+		stdoutTTY: term.IsTerminal(int(os.Stdout.Fd())),
+	}
+	root := newRootCmd(a)
+	root.SetArgs(args)
+	err := root.ExecuteContext(ctx)
+	if err == nil {
+		return exitOK
+	}
+	if !a.started {
+		// cobra failed before any command ran: unknown command or flag,
+		// wrong number of arguments.
+		err = &codeError{code: exitUsage, err: err}
+	}
+	if ctx.Err() != nil {
+		err = context.Canceled
+	}
+	fmt.Fprintf(a.stderr, "keybroker: %s\n", oneLine(err))
+	return exitCode(err)
+}
+
+func newRootCmd(a *app) *cobra.Command {
+	root := &cobra.Command{
+		Use:           "keybroker",
+		Short:         "Envelope encryption for MeshHook's secrets in PostgreSQL",
+		Long:          helpText,
+		SilenceErrors: true,
+		SilenceUsage:  true,
+		PersistentPreRunE: func(cmd *cobra.Command, _ []string) error {
+			a.started = true
+			return a.setup(cmd)
+		},
+	}
+	root.SetOut(a.stdout)
+	root.SetErr(a.stderr)
+	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error {
+		return &codeError{code: exitUsage, err: err}
+	})
+	pf := root.PersistentFlags()
+	pf.String("config", "", "JSON config file (env KEYBROKER_CONFIG)")
+	pf.String("kek", "", "primary KEK provider URL (env KEYBROKER_KEK)")
+	pf.StringSlice("kek-decrypt-only", nil, "decrypt-only KEK provider URLs, comma-separated (env KEYBROKER_KEK_DECRYPT_ONLY)")
+	pf.String("database-url", "", "PostgreSQL URL (env KEYBROKER_DATABASE_URL)")
+	pf.String("schema", "", "schema holding keybroker's tables (env KEYBROKER_SCHEMA)")
+	pf.String("log-level", "", "debug, info, warn or error (default info)")
+	pf.String("log-format", "", "text or json (default text)")
+	pf.BoolVar(&a.json, "json", false, "machine-readable JSON output on stdout")
+
+	root.AddCommand(
+		newDemoCmd(a),
+		newMigrateCmd(a),
+		newPutCmd(a), newGetCmd(a), newDeleteCmd(a), newListCmd(a),
+		newRotateCmd(a), newRewrapCmd(a), newReencryptCmd(a),
+		newImportCmd(a),
+		newStatusCmd(a), newVerifyCmd(a),
+		newKeygenCmd(a),
+	)
+	return root
+}
+
+// setup resolves the configuration and builds the logger.
+func (a *app) setup(cmd *cobra.Command) error {
+	cfg, err := resolveConfig(cmd.Flags())
+	if err != nil {
+		return err
+	}
+	a.cfg = cfg
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(cfg.LogLevel)); err != nil {
+		return usageErrorf("log level %q: want debug, info, warn or error", cfg.LogLevel)
+	}
+	opts := &slog.HandlerOptions{Level: level}
+	switch strings.ToLower(cfg.LogFormat) {
+	case "text":
+		a.log = slog.New(slog.NewTextHandler(a.stderr, opts))
+	case "json":
+		a.log = slog.New(slog.NewJSONHandler(a.stderr, opts))
+	default:
+		return usageErrorf("log format %q: want text or json", cfg.LogFormat)
+	}
+	return nil
+}
+
+// args wraps a cobra positional-argument check so that a wrong count is a
+// usage error.
+func args(check cobra.PositionalArgs) cobra.PositionalArgs {
+	return func(cmd *cobra.Command, a []string) error {
+		if err := check(cmd, a); err != nil {
+			return &codeError{code: exitUsage, err: fmt.Errorf("%s: %v", cmd.Name(), err)}
+		}
+		return nil
+	}
+}

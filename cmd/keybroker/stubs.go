@@ -1,0 +1,26 @@
+package main
+
+import (
+	"errors"
+
+	"github.com/spf13/cobra"
+)
+
+func stub(name string) func(a *app) *cobra.Command {
+	return func(a *app) *cobra.Command {
+		return &cobra.Command{Use: name, RunE: func(*cobra.Command, []string) error { return errors.New("not implemented") }}
+	}
+}
+
+var (
+	newPutCmd       = stub("put")
+	newGetCmd       = stub("get")
+	newDeleteCmd    = stub("delete")
+	newListCmd      = stub("list")
+	newRotateCmd    = stub("rotate")
+	newRewrapCmd    = stub("rewrap")
+	newReencryptCmd = stub("reencrypt")
+	newImportCmd    = stub("import-plaintext")
+	newStatusCmd    = stub("status")
+	newVerifyCmd    = stub("verify")
+)
