@@ -1,0 +1,635 @@
+package pgstore
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/subtle"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+	"unicode/utf8"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgtype"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/profullstack/keybroker/envelope"
+	"github.com/profullstack/keybroker/provider"
+)
+
+// Defaults for Config fields left zero.
+const (
+	// DefaultBudget is the number of encryptions one data key may perform,
+	// envelope.DefaultMaxMessages (2^24): the chance that two random 96-bit
+	// nonces under one key collide stays below 2^-49.
+	DefaultBudget = int64(envelope.DefaultMaxMessages)
+	// DefaultReserveChunk is how many encryptions a process reserves from a
+	// data key's budget per database round trip.
+	DefaultReserveChunk = 1024
+	// DefaultCacheEntries bounds the unwrapped data keys kept in memory.
+	DefaultCacheEntries = 1024
+	// DefaultCacheTTL is how long an unwrapped data key stays cached.
+	DefaultCacheTTL = 10 * time.Minute
+)
+
+// Bounds on what Put accepts.
+const (
+	MaxProjectLen = 256     // bytes of a project id
+	MaxNameLen    = 1024    // bytes of a secret name
+	MaxValueLen   = 1 << 20 // bytes of a secret value (1 MiB)
+)
+
+// Config configures a Store.
+type Config struct {
+	// Schema holding the tables; DefaultSchema ("keybroker") when empty.
+	// Lower-case letters, digits and underscores only.
+	Schema string
+	// KEK wraps new data keys and unwraps stored ones. Pass a
+	// *provider.Keyring to read data keys wrapped by other backends while
+	// moving between them; any other provider is used as a keyring of one.
+	// Required.
+	KEK provider.KEKProvider
+	// Budget is the number of encryptions (Puts, re-encryptions, migrated
+	// rows) one data key may perform before the project gets a new one;
+	// DefaultBudget when zero, at most envelope.MaxMessagesLimit (2^32). It
+	// is counted in data_keys.messages across every process.
+	Budget int64
+	// ReserveChunk is how many encryptions a process reserves from the
+	// budget at a time; DefaultReserveChunk when zero, at most Budget.
+	// Reserved encryptions a process does not use are lost, never reused.
+	ReserveChunk int64
+	// CacheEntries and CacheTTL bound the cache of unwrapped data keys;
+	// DefaultCacheEntries and DefaultCacheTTL when zero.
+	CacheEntries int
+	CacheTTL     time.Duration
+	// Actor names who acts, recorded in key_events (for example a user or
+	// service name). Optional.
+	Actor string
+	// Logger receives one line per key-management step (never secrets).
+	// Discarded when nil.
+	Logger *slog.Logger
+}
+
+// Store keeps secrets encrypted in PostgreSQL. It is safe for concurrent
+// use, and several processes may share one database.
+type Store struct {
+	pool    *pgxpool.Pool
+	schema  string // unquoted
+	q       string // quoted schema, for SQL
+	keyring *provider.Keyring
+	budget  int64
+	chunk   int64
+	cache   *envelope.KeyCache
+	actor   string
+	log     *slog.Logger
+
+	mu       sync.Mutex
+	projects map[string]*projectKey
+}
+
+// projectKey is this process's reservation on a project's active data key:
+// it may encrypt under id while next < end without asking the database.
+type projectKey struct {
+	mu        sync.Mutex
+	id        [16]byte
+	valid     bool
+	next, end int64
+}
+
+// New returns a Store on pool. The schema must already be migrated to this
+// build's version (see Migrate); New checks it and fails with
+// ErrSchemaVersion otherwise. New does not take ownership of pool.
+func New(ctx context.Context, pool *pgxpool.Pool, cfg Config) (*Store, error) {
+	if pool == nil {
+		return nil, fmt.Errorf("%w: nil pool", ErrInvalidArgument)
+	}
+	if cfg.Schema == "" {
+		cfg.Schema = DefaultSchema
+	}
+	if err := checkSchema(cfg.Schema); err != nil {
+		return nil, err
+	}
+	if cfg.KEK == nil {
+		return nil, fmt.Errorf("%w: Config.KEK is nil", ErrInvalidArgument)
+	}
+	kr, ok := cfg.KEK.(*provider.Keyring)
+	if !ok {
+		var err error
+		if kr, err = provider.NewKeyring(cfg.KEK); err != nil {
+			return nil, fmt.Errorf("pgstore: %w", err)
+		}
+	}
+	if cfg.Budget == 0 {
+		cfg.Budget = DefaultBudget
+	}
+	if cfg.ReserveChunk == 0 {
+		cfg.ReserveChunk = min(DefaultReserveChunk, cfg.Budget)
+	}
+	switch {
+	case cfg.Budget < 1 || cfg.Budget > envelope.MaxMessagesLimit:
+		return nil, fmt.Errorf("%w: Config.Budget %d out of range 1..%d", ErrInvalidArgument, cfg.Budget, int64(envelope.MaxMessagesLimit))
+	case cfg.ReserveChunk < 1 || cfg.ReserveChunk > cfg.Budget:
+		return nil, fmt.Errorf("%w: Config.ReserveChunk %d out of range 1..%d", ErrInvalidArgument, cfg.ReserveChunk, cfg.Budget)
+	case cfg.CacheEntries < 0:
+		return nil, fmt.Errorf("%w: Config.CacheEntries %d is negative", ErrInvalidArgument, cfg.CacheEntries)
+	case cfg.CacheTTL < 0:
+		return nil, fmt.Errorf("%w: Config.CacheTTL %v is negative", ErrInvalidArgument, cfg.CacheTTL)
+	}
+	if cfg.CacheEntries == 0 {
+		cfg.CacheEntries = DefaultCacheEntries
+	}
+	if cfg.CacheTTL == 0 {
+		cfg.CacheTTL = DefaultCacheTTL
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if err := checkVersion(ctx, pool, cfg.Schema); err != nil {
+		return nil, err
+	}
+	return &Store{
+		pool:     pool,
+		schema:   cfg.Schema,
+		q:        pgx.Identifier{cfg.Schema}.Sanitize(),
+		keyring:  kr,
+		budget:   cfg.Budget,
+		chunk:    cfg.ReserveChunk,
+		cache:    envelope.NewKeyCache(cfg.CacheEntries, cfg.CacheTTL),
+		actor:    cfg.Actor,
+		log:      cfg.Logger,
+		projects: map[string]*projectKey{},
+	}, nil
+}
+
+// Migrate brings the Store's schema to the latest version; see the
+// package-level Migrate.
+func (s *Store) Migrate(ctx context.Context) error { return Migrate(ctx, s.pool, s.schema) }
+
+// Close destroys the cached data keys. It does not close the pool.
+func (s *Store) Close() error {
+	s.cache.Close()
+	return nil
+}
+
+// Keyring returns the keyring the Store wraps and unwraps with.
+func (s *Store) Keyring() *provider.Keyring { return s.keyring }
+
+// Schema returns the (unquoted) schema name.
+func (s *Store) Schema() string { return s.schema }
+
+func checkProject(project string) error {
+	if project == "" || len(project) > MaxProjectLen || !utf8.ValidString(project) || hasNUL(project) {
+		return fmt.Errorf("%w: project id must be 1..%d bytes of UTF-8 without NUL", ErrInvalidArgument, MaxProjectLen)
+	}
+	return nil
+}
+
+func checkName(name string) error {
+	if name == "" || len(name) > MaxNameLen || !utf8.ValidString(name) || hasNUL(name) {
+		return fmt.Errorf("%w: secret name must be 1..%d bytes of UTF-8 without NUL", ErrInvalidArgument, MaxNameLen)
+	}
+	return nil
+}
+
+func hasNUL(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] == 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// dataKeyOpts lifts envelope's per-process budget: the database counts
+// every encryption under a data key (Config.Budget), across processes.
+var dataKeyOpts = []envelope.Option{envelope.WithMaxMessages(envelope.MaxMessagesLimit), envelope.WithMaxAge(0)}
+
+func uuidParam(id [16]byte) pgtype.UUID { return pgtype.UUID{Bytes: id, Valid: true} }
+
+func cacheID(id [16]byte) string { return string(id[:]) }
+
+// setProject is the first statement of every project-scoped batch: it names
+// the project for row-level security, for the current transaction only.
+const setProject = "SELECT set_config('keybroker.project_id', $1, true)"
+
+// scoped runs fn's statements after setProject in one batch: one round trip
+// and one implicit transaction.
+func (s *Store) scoped(ctx context.Context, project string, queue func(b *pgx.Batch)) error {
+	b := &pgx.Batch{}
+	b.Queue(setProject, project)
+	queue(b)
+	return s.pool.SendBatch(ctx, b).Close()
+}
+
+// Put stores value as the secret name of project, replacing any previous
+// value. The value is encrypted under the project's data key with
+// associated data binding project and name; the write is one statement.
+func (s *Store) Put(ctx context.Context, project, name string, value []byte) error {
+	if err := checkProject(project); err != nil {
+		return err
+	}
+	if err := checkName(name); err != nil {
+		return err
+	}
+	if len(value) > MaxValueLen {
+		return fmt.Errorf("%w: secret value is %d bytes, more than %d", ErrInvalidArgument, len(value), MaxValueLen)
+	}
+	aad := secretAAD(project, name)
+	// A data key may be deleted (re-encryption) between our reservation and
+	// the insert; the foreign key then refuses the row and we retry once
+	// with a fresh reservation.
+	for attempt := 0; ; attempt++ {
+		id, blob, nonce, err := s.seal(ctx, project, value, aad)
+		if err != nil {
+			return err
+		}
+		err = s.scoped(ctx, project, func(b *pgx.Batch) {
+			b.Queue(`INSERT INTO `+s.q+`.encrypted_secrets AS s (project_id, name, encrypted_data, nonce, data_key_id)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (project_id, name) DO UPDATE
+SET encrypted_data = EXCLUDED.encrypted_data, nonce = EXCLUDED.nonce,
+    data_key_id = EXCLUDED.data_key_id, updated_at = now()`,
+				project, name, blob, nonce, uuidParam(id))
+		})
+		if err == nil {
+			return nil
+		}
+		if pgCode(err) == "23503" && attempt == 0 {
+			s.forget(project, id)
+			continue
+		}
+		return fmt.Errorf("pgstore: put %q: %w", name, err)
+	}
+}
+
+// seal encrypts plaintext under the project's active data key, taking one
+// encryption from this process's reservation.
+func (s *Store) seal(ctx context.Context, project string, plaintext, aad []byte) (id [16]byte, blob, nonce []byte, err error) {
+	id, dk, release, err := s.reserve(ctx, project)
+	if err != nil {
+		return id, nil, nil, err
+	}
+	blob, err = envelope.SealWithKeyID(dk, id[:], plaintext, aad)
+	release()
+	if err != nil {
+		return id, nil, nil, fmt.Errorf("pgstore: encrypt: %w", err)
+	}
+	h, err := envelope.ParseHeader(blob)
+	if err != nil {
+		return id, nil, nil, fmt.Errorf("pgstore: encrypt: %w", err)
+	}
+	return id, blob, h.Nonce, nil
+}
+
+// Get returns the secret name of project, or an error matching ErrNotFound.
+// A row whose ciphertext, nonce, data key or associated data do not agree
+// yields an error matching envelope.ErrDecrypt and no plaintext.
+func (s *Store) Get(ctx context.Context, project, name string) ([]byte, error) {
+	if err := checkProject(project); err != nil {
+		return nil, err
+	}
+	if err := checkName(name); err != nil {
+		return nil, err
+	}
+	var (
+		blob, nonce []byte
+		id          pgtype.UUID
+		wk          provider.WrappedKey
+		found       bool
+	)
+	err := s.scoped(ctx, project, func(b *pgx.Batch) {
+		b.Queue(`SELECT s.encrypted_data, s.nonce, s.data_key_id, d.wrapped_dek, k.provider, k.key_id, k.key_version
+FROM `+s.q+`.encrypted_secrets s
+JOIN `+s.q+`.data_keys d ON d.id = s.data_key_id
+JOIN `+s.q+`.kek k ON k.id = d.kek_id
+WHERE s.project_id = $1 AND s.name = $2`, project, name).QueryRow(func(r pgx.Row) error {
+			err := r.Scan(&blob, &nonce, &id, &wk.Ciphertext, &wk.Provider, &wk.KeyID, &wk.Version)
+			if errors.Is(err, pgx.ErrNoRows) {
+				return nil
+			}
+			found = err == nil
+			return err
+		})
+	})
+	if err != nil {
+		return nil, fmt.Errorf("pgstore: get %q: %w", name, err)
+	}
+	if !found {
+		return nil, fmt.Errorf("%w: %q in project %q", ErrNotFound, name, project)
+	}
+	pt, err := s.open(ctx, project, id.Bytes, &wk, blob, nonce, secretAAD(project, name))
+	if err != nil {
+		return nil, fmt.Errorf("pgstore: get %q: %w", name, err)
+	}
+	return pt, nil
+}
+
+// open checks that blob's header names data key id and carries nonce, then
+// decrypts it with the data key (cached, or unwrapped from wk).
+func (s *Store) open(ctx context.Context, project string, id [16]byte, wk *provider.WrappedKey, blob, nonce, aad []byte) ([]byte, error) {
+	h, err := envelope.ParseHeader(blob)
+	if err != nil {
+		return nil, err
+	}
+	if subtle.ConstantTimeCompare(h.KeyID, id[:]) != 1 || subtle.ConstantTimeCompare(h.Nonce, nonce) != 1 {
+		return nil, envelope.ErrDecrypt
+	}
+	dk, release, err := s.dataKey(ctx, project, id, wk)
+	if err != nil {
+		return nil, err
+	}
+	defer release()
+	return envelope.OpenWithKey(dk, blob, aad)
+}
+
+// dataKey returns the unwrapped data key id of project from the cache,
+// unwrapping wk (or, when wk is nil, the row read from data_keys) on a miss,
+// and the function releasing the cache's lease on it.
+func (s *Store) dataKey(ctx context.Context, project string, id [16]byte, wk *provider.WrappedKey) (*envelope.DataKey, func(), error) {
+	return s.cache.Get(ctx, cacheID(id), func(ctx context.Context) (*envelope.DataKey, error) {
+		if wk == nil {
+			var err error
+			if wk, err = s.loadWrapped(ctx, project, id); err != nil {
+				return nil, err
+			}
+		}
+		return envelope.UnwrapDataKey(ctx, s.keyring, wk, wrapAAD(project, id), dataKeyOpts...)
+	})
+}
+
+func (s *Store) loadWrapped(ctx context.Context, project string, id [16]byte) (*provider.WrappedKey, error) {
+	wk := &provider.WrappedKey{}
+	err := s.scoped(ctx, project, func(b *pgx.Batch) {
+		b.Queue(`SELECT d.wrapped_dek, k.provider, k.key_id, k.key_version
+FROM `+s.q+`.data_keys d JOIN `+s.q+`.kek k ON k.id = d.kek_id
+WHERE d.id = $1 AND d.project_id = $2`, uuidParam(id), project).QueryRow(func(r pgx.Row) error {
+			return r.Scan(&wk.Ciphertext, &wk.Provider, &wk.KeyID, &wk.Version)
+		})
+	})
+	if err != nil {
+		return nil, fmt.Errorf("pgstore: load data key: %w", err)
+	}
+	return wk, nil
+}
+
+// Delete removes the secret name of project, or returns an error matching
+// ErrNotFound.
+func (s *Store) Delete(ctx context.Context, project, name string) error {
+	if err := checkProject(project); err != nil {
+		return err
+	}
+	if err := checkName(name); err != nil {
+		return err
+	}
+	var n int64
+	err := s.scoped(ctx, project, func(b *pgx.Batch) {
+		b.Queue(`DELETE FROM `+s.q+`.encrypted_secrets WHERE project_id = $1 AND name = $2`, project, name).
+			Exec(func(ct pgconn.CommandTag) error { n = ct.RowsAffected(); return nil })
+	})
+	if err != nil {
+		return fmt.Errorf("pgstore: delete %q: %w", name, err)
+	}
+	if n == 0 {
+		return fmt.Errorf("%w: %q in project %q", ErrNotFound, name, project)
+	}
+	return nil
+}
+
+// SecretInfo describes a stored secret without its value.
+type SecretInfo struct {
+	Name      string
+	DataKeyID [16]byte
+	CreatedAt time.Time
+	UpdatedAt time.Time
+}
+
+// List returns the project's secrets sorted by name, without values.
+func (s *Store) List(ctx context.Context, project string) ([]SecretInfo, error) {
+	if err := checkProject(project); err != nil {
+		return nil, err
+	}
+	var out []SecretInfo
+	err := s.scoped(ctx, project, func(b *pgx.Batch) {
+		b.Queue(`SELECT name, data_key_id, created_at, updated_at FROM `+s.q+`.encrypted_secrets
+WHERE project_id = $1 ORDER BY name`, project).Query(func(rows pgx.Rows) error {
+			var (
+				si SecretInfo
+				id pgtype.UUID
+			)
+			_, err := pgx.ForEachRow(rows, []any{&si.Name, &id, &si.CreatedAt, &si.UpdatedAt}, func() error {
+				si.DataKeyID = id.Bytes
+				out = append(out, si)
+				return nil
+			})
+			return err
+		})
+	})
+	if err != nil {
+		return nil, fmt.Errorf("pgstore: list: %w", err)
+	}
+	return out, nil
+}
+
+// WithProject runs fn in a transaction in which the keybroker.project_id
+// setting names project, so row-level security (see the package doc)
+// limits fn's statements to that project's rows when the session's role is
+// subject to it. The transaction commits if fn returns nil and rolls back
+// otherwise.
+func WithProject(ctx context.Context, pool *pgxpool.Pool, project string, fn func(pgx.Tx) error) error {
+	if err := checkProject(project); err != nil {
+		return err
+	}
+	return pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, setProject, project); err != nil {
+			return fmt.Errorf("pgstore: set project: %w", err)
+		}
+		return fn(tx)
+	})
+}
+
+// project returns this process's reservation state for project.
+func (s *Store) project(project string) *projectKey {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	pk := s.projects[project]
+	if pk == nil {
+		pk = &projectKey{}
+		s.projects[project] = pk
+	}
+	return pk
+}
+
+// forget drops this process's reservation on data key id of project.
+func (s *Store) forget(project string, id [16]byte) {
+	pk := s.project(project)
+	pk.mu.Lock()
+	if pk.valid && pk.id == id {
+		pk.valid = false
+	}
+	pk.mu.Unlock()
+}
+
+// reserve takes one encryption from the budget of project's active data
+// key, creating the key when the project has none or its key is spent.
+// The caller must call the returned release function.
+func (s *Store) reserve(ctx context.Context, project string) ([16]byte, *envelope.DataKey, func(), error) {
+	pk := s.project(project)
+	pk.mu.Lock()
+	defer pk.mu.Unlock()
+	for {
+		if pk.valid && pk.next < pk.end {
+			pk.next++
+			dk, release, err := s.dataKey(ctx, project, pk.id, nil)
+			return pk.id, dk, release, err
+		}
+		if pk.valid {
+			granted, err := s.reserveChunk(ctx, project, pk.id)
+			if err != nil {
+				return pk.id, nil, nil, err
+			}
+			if granted > 0 {
+				pk.next, pk.end = 0, granted
+				continue
+			}
+			pk.valid = false
+		}
+		id, err := s.activeKey(ctx, project)
+		if err != nil {
+			return id, nil, nil, err
+		}
+		pk.id, pk.valid, pk.next, pk.end = id, true, 0, 0
+	}
+}
+
+// reserveChunk reserves up to s.chunk encryptions of data key id and
+// returns how many it got: zero when the key is spent or no longer active,
+// in which case a spent key is marked so.
+func (s *Store) reserveChunk(ctx context.Context, project string, id [16]byte) (int64, error) {
+	var granted int64
+	err := s.scoped(ctx, project, func(b *pgx.Batch) {
+		b.Queue(`UPDATE `+s.q+`.data_keys d SET messages = LEAST(o.messages + $2, $3)
+FROM (SELECT id, messages FROM `+s.q+`.data_keys WHERE id = $1 FOR UPDATE) o
+WHERE d.id = o.id AND d.state = 'active' AND o.messages < $3
+RETURNING d.messages - o.messages`, uuidParam(id), s.chunk, s.budget).QueryRow(func(r pgx.Row) error {
+			err := r.Scan(&granted)
+			if errors.Is(err, pgx.ErrNoRows) {
+				return nil
+			}
+			return err
+		})
+		b.Queue(`UPDATE `+s.q+`.data_keys SET state = 'spent' WHERE id = $1 AND state = 'active' AND messages >= $2`, uuidParam(id), s.budget)
+	})
+	if err != nil {
+		return 0, fmt.Errorf("pgstore: reserve data key budget: %w", err)
+	}
+	return granted, nil
+}
+
+// activeKey returns the project's active data key, creating one if there
+// is none. Concurrent creators race on the one-active-key index; losers
+// destroy their key and use the winner's.
+func (s *Store) activeKey(ctx context.Context, project string) ([16]byte, error) {
+	var id [16]byte
+	found, err := s.findActive(ctx, project, &id)
+	if err != nil || found {
+		return id, err
+	}
+	if _, err := rand.Read(id[:]); err != nil {
+		return id, fmt.Errorf("pgstore: new data key id: %w", err)
+	}
+	dk, wk, err := envelope.NewDataKey(ctx, s.keyring, wrapAAD(project, id), dataKeyOpts...)
+	if err != nil {
+		return id, fmt.Errorf("pgstore: new data key: %w", err)
+	}
+	kekID, err := s.kekRow(ctx, wk)
+	if err != nil {
+		dk.Destroy()
+		return id, err
+	}
+	var inserted bool
+	err = s.scoped(ctx, project, func(b *pgx.Batch) {
+		b.Queue(`INSERT INTO `+s.q+`.data_keys (id, project_id, kek_id, wrapped_dek) VALUES ($1, $2, $3, $4)
+ON CONFLICT (project_id) WHERE state = 'active' DO NOTHING`, uuidParam(id), project, kekID, wk.Ciphertext).
+			Exec(func(ct pgconn.CommandTag) error { inserted = ct.RowsAffected() == 1; return nil })
+		b.Queue(`INSERT INTO `+s.q+`.key_events (event, project_id, kek_id, data_key_id, count, actor)
+SELECT 'dek.create', $1, $2, $3, 1, $4 WHERE EXISTS (SELECT 1 FROM `+s.q+`.data_keys WHERE id = $3)`,
+			project, kekID, uuidParam(id), s.actorParam())
+	})
+	if err != nil {
+		dk.Destroy()
+		return id, fmt.Errorf("pgstore: store new data key: %w", err)
+	}
+	if !inserted {
+		dk.Destroy()
+		if found, err := s.findActive(ctx, project, &id); err != nil || found {
+			return id, err
+		}
+		return id, fmt.Errorf("pgstore: project %q: no active data key after a concurrent creation", project)
+	}
+	// Seed the cache with the key we hold rather than unwrapping it again.
+	_, release, err := s.cache.Get(ctx, cacheID(id), func(context.Context) (*envelope.DataKey, error) { return dk, nil })
+	if err != nil {
+		dk.Destroy()
+		return id, fmt.Errorf("pgstore: %w", err)
+	}
+	release()
+	s.log.Info("pgstore: created data key", "project", project, "kek", wk.Ref().String(), "kek_version", wk.Version)
+	return id, nil
+}
+
+func (s *Store) findActive(ctx context.Context, project string, id *[16]byte) (bool, error) {
+	var found bool
+	err := s.scoped(ctx, project, func(b *pgx.Batch) {
+		b.Queue(`SELECT id FROM `+s.q+`.data_keys WHERE project_id = $1 AND state = 'active'`, project).
+			QueryRow(func(r pgx.Row) error {
+				var u pgtype.UUID
+				err := r.Scan(&u)
+				if errors.Is(err, pgx.ErrNoRows) {
+					return nil
+				}
+				*id, found = u.Bytes, err == nil
+				return err
+			})
+	})
+	if err != nil {
+		return false, fmt.Errorf("pgstore: find active data key: %w", err)
+	}
+	return found, nil
+}
+
+// kekRow returns the id of the kek row for wk's provider, key and version,
+// recording it first if it is new.
+func (s *Store) kekRow(ctx context.Context, wk *provider.WrappedKey) (int64, error) {
+	return s.kekRowFor(ctx, s.pool, wk.Provider, wk.KeyID, wk.Version)
+}
+
+type querier interface {
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+}
+
+func (s *Store) kekRowFor(ctx context.Context, q querier, prov, keyID, version string) (int64, error) {
+	// Under READ COMMITTED a row inserted concurrently is invisible to the
+	// statement that waited on it, so the lookup is retried once.
+	var id int64
+	var err error
+	for range 2 {
+		err = q.QueryRow(ctx, `WITH ins AS (
+  INSERT INTO `+s.q+`.kek (provider, key_id, key_version) VALUES ($1, $2, $3)
+  ON CONFLICT (provider, key_id, key_version) DO NOTHING RETURNING id)
+SELECT id FROM ins UNION ALL
+SELECT id FROM `+s.q+`.kek WHERE provider = $1 AND key_id = $2 AND key_version = $3
+LIMIT 1`, prov, keyID, version).Scan(&id)
+		if !errors.Is(err, pgx.ErrNoRows) {
+			break
+		}
+	}
+	if err != nil {
+		return 0, fmt.Errorf("pgstore: record kek version: %w", err)
+	}
+	return id, nil
+}
+
+func (s *Store) actorParam() pgtype.Text { return pgtype.Text{String: s.actor, Valid: s.actor != ""} }
