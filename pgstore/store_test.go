@@ -93,9 +93,9 @@ func TestInvalidArguments(t *testing.T) {
 		t.Fatal("invalid puts changed the database")
 	}
 	for _, cfg := range []pgstore.Config{
-		{},                                  // no KEK
-		{KEK: e.kek, Budget: -1},            // negative budget
-		{KEK: e.kek, Budget: 1 << 40},       // over the GCM limit
+		{},                            // no KEK
+		{KEK: e.kek, Budget: -1},      // negative budget
+		{KEK: e.kek, Budget: 1 << 40}, // over the GCM limit
 		{KEK: e.kek, Budget: 10, ReserveChunk: 11},
 		{KEK: e.kek, Schema: "Bad-Name"},
 	} {
