@@ -36,7 +36,9 @@ func TestScripts(t *testing.T) {
 		Dir:                 "testdata/script",
 		RequireExplicitExec: true,
 		Setup: func(e *testscript.Env) error {
-			e.Setenv("KEYBROKER_DATABASE_URL", pgtest.NewDatabase(e.T().(testing.TB)))
+			db := pgtest.NewDatabase(e.T().(testing.TB))
+			e.Setenv("KEYBROKER_DATABASE_URL", db)
+			e.Setenv("PGURL", db) // for scripts that unset the former
 			// The scripts set what they need; nothing leaks in from the
 			// developer's environment.
 			for _, v := range []string{envKEK, envDecryptOnly, envSchema, envConfig, envLogLevel, envLogFormat} {
@@ -51,7 +53,7 @@ func TestScripts(t *testing.T) {
 	})
 }
 
-// cmdSQL runs one SQL statement on $KEYBROKER_DATABASE_URL and prints any
+// cmdSQL runs one SQL statement on $PGURL (the script's database) and prints any
 // rows it returns, one per line, columns separated by a space (bytea as
 // hex), so scripts can corrupt rows and check what changed.
 //
@@ -62,7 +64,7 @@ func cmdSQL(ts *testscript.TestScript, neg bool, args []string) {
 		ts.Fatalf("usage: sql 'statement'")
 	}
 	ctx := context.Background()
-	conn, err := pgx.Connect(ctx, ts.Getenv("KEYBROKER_DATABASE_URL"))
+	conn, err := pgx.Connect(ctx, ts.Getenv("PGURL"))
 	ts.Check(err)
 	defer conn.Close(ctx)
 	rows, err := conn.Query(ctx, args[0])

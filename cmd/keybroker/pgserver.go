@@ -93,7 +93,7 @@ func startPGServer(ctx context.Context, log *slog.Logger) (*pgServer, error) {
 	if err != nil {
 		return nil, err
 	}
-	dir, err := os.MkdirTemp("", "keybroker-pg-")
+	dir, err := os.MkdirTemp(baseDir(cred), "keybroker-pg-")
 	if err != nil {
 		return nil, fmt.Errorf("postgres: %w", err)
 	}
@@ -161,6 +161,27 @@ func (s *pgServer) stop() error {
 		err = e
 	}
 	return err
+}
+
+// baseDir is where the server's directory goes: $TMPDIR, unless the server
+// runs as another user who cannot reach it (a private $TMPDIR), then /tmp.
+func baseDir(cred *syscall.Credential) string {
+	if cred == nil {
+		return ""
+	}
+	for d := os.TempDir(); ; d = filepath.Dir(d) {
+		st, err := os.Stat(d)
+		if err != nil {
+			return "/tmp"
+		}
+		sys, ok := st.Sys().(*syscall.Stat_t)
+		if !ok || (st.Mode().Perm()&0o001 == 0 && sys.Uid != cred.Uid) {
+			return "/tmp"
+		}
+		if d == filepath.Dir(d) {
+			return ""
+		}
+	}
 }
 
 func lastLine(b []byte) string {

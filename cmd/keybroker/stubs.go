@@ -13,10 +13,6 @@ func stub(name string) func(a *app) *cobra.Command {
 }
 
 var (
-	newPutCmd       = stub("put")
-	newGetCmd       = stub("get")
-	newDeleteCmd    = stub("delete")
-	newListCmd      = stub("list")
 	newRotateCmd    = stub("rotate")
 	newRewrapCmd    = stub("rewrap")
 	newReencryptCmd = stub("reencrypt")

@@ -1,0 +1,52 @@
+package main
+
+import (
+	"context"
+	"os/user"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/profullstack/keybroker/pgstore"
+)
+
+// session is an open database pool, keyring and store.
+type session struct {
+	pool  *pgxpool.Pool
+	store *pgstore.Store
+}
+
+func (s *session) close() {
+	s.store.Close()
+	s.pool.Close()
+}
+
+// openStore opens the keyring, the database and the store on it.
+func (a *app) openStore(ctx context.Context) (*session, error) {
+	kr, err := a.openKeyring(ctx)
+	if err != nil {
+		return nil, err
+	}
+	pool, err := a.openDB(ctx)
+	if err != nil {
+		return nil, err
+	}
+	st, err := pgstore.New(ctx, pool, pgstore.Config{
+		Schema: a.cfg.Schema,
+		KEK:    kr,
+		Actor:  actor(),
+		Logger: a.log,
+	})
+	if err != nil {
+		pool.Close()
+		return nil, err
+	}
+	return &session{pool: pool, store: st}, nil
+}
+
+// actor names who ran the command, for key_events.
+func actor() string {
+	name := "unknown"
+	if u, err := user.Current(); err == nil {
+		name = u.Username
+	}
+	return "keybroker-cli:" + name
+}
