@@ -29,7 +29,7 @@ const KeySize = 32
 const formatV1 = 0x01
 
 // adLabel starts the GCM additional data, so a wrapped key cannot be
-// mistaken for a ciphertext of any other keybroker format under the same key.
+// mistaken for a ciphertext of any other format under the same key.
 const adLabel = "keybroker/local/v1\x00"
 
 // overhead is what Wrap adds to a DEK: format byte, 96-bit nonce, 128-bit tag.
