@@ -42,10 +42,28 @@ log "postgres: $(pg_bindir)"
 # tmux drives the CLI in a real terminal in cmd/keybroker's tests.
 command -v tmux >/dev/null || { log "installing tmux"; apt_install tmux; }
 
-# local-kms: a Go implementation of the AWS KMS API.
-if [ ! -x "$BIN/local-kms" ]; then
-  log "building local-kms $LOCALKMS_VERSION"
-  GOBIN="$BIN" CGO_ENABLED=0 go install "github.com/nsmithuk/local-kms@$LOCALKMS_VERSION"
+# local-kms: a Go implementation of the AWS KMS API, built with provider/awskms/testdata/
+# local-kms.patch, which adds what AWS KMS has and it lacks: RotateKeyOnDemand,
+# CurrentKeyMaterialId in DescribeKey, IncorrectKeyException when Decrypt's KeyId is not the
+# ciphertext's key, InvalidCiphertextException (not a crash) for a too-short ciphertext.
+# The stamp rebuilds it when the version or the patch changes.
+LOCALKMS_PATCH="$(cd "$(dirname "$0")/.." && pwd)/provider/awskms/testdata/local-kms.patch"
+localkms_stamp="$LOCALKMS_VERSION $(sha256sum <"$LOCALKMS_PATCH" | cut -d' ' -f1)"
+if [ ! -x "$BIN/local-kms" ] || [ "$(cat "$BIN/local-kms.stamp" 2>/dev/null)" != "$localkms_stamp" ]; then
+  log "building local-kms $LOCALKMS_VERSION (patched)"
+  (
+    lkms=$(mktemp -d)
+    trap 'chmod -R u+w "$lkms" 2>/dev/null; rm -rf "$lkms"' EXIT
+    cd "$lkms"
+    src=$(go mod download -json "github.com/nsmithuk/local-kms@$LOCALKMS_VERSION" | sed -n 's/.*"Dir": "\(.*\)",/\1/p')
+    mkdir src-copy && cp -r "$src/." src-copy/
+    chmod -R u+w src-copy
+    cd src-copy
+    git apply "$LOCALKMS_PATCH"
+    CGO_ENABLED=0 go build -trimpath -o "$BIN/local-kms.tmp" .
+  )
+  mv "$BIN/local-kms.tmp" "$BIN/local-kms"
+  printf '%s\n' "$localkms_stamp" >"$BIN/local-kms.stamp"
 fi
 
 # Vault: the module's go.mod replaces ./api and ./sdk, which its zip leaves out, so build a
