@@ -155,15 +155,17 @@ func New(kek provider.KEKProvider, opts ...Option) (*Envelope, error) {
 func (e *Envelope) Encrypt(ctx context.Context, plaintext, aad []byte) ([]byte, error) {
 	for {
 		a := e.active.Load()
-		if a == nil || !a.key.reserve() {
-			var err error
-			if a, err = e.newActive(ctx, a); err != nil {
+		var g *gcm
+		if a != nil {
+			// Loaded before reserving, so a reservation is never wasted on
+			// a key that a concurrent rotation destroys: Destroy lets
+			// operations that hold the AEAD finish.
+			g = a.key.aead.Load()
+		}
+		if g == nil || !a.key.reserve() {
+			if err := e.newActive(ctx, a); err != nil {
 				return nil, err
 			}
-			continue
-		}
-		g := a.key.aead.Load()
-		if g == nil { // rotated and destroyed after we loaded it
 			continue
 		}
 		return seal(g, a.ref, plaintext, aad)
@@ -171,35 +173,34 @@ func (e *Envelope) Encrypt(ctx context.Context, plaintext, aad []byte) ([]byte, 
 }
 
 // newActive replaces old as the active DEK, unless another caller already
-// did, in which case it returns that caller's DEK.
-func (e *Envelope) newActive(ctx context.Context, old *activeKey) (*activeKey, error) {
+// did.
+func (e *Envelope) newActive(ctx context.Context, old *activeKey) error {
 	select {
 	case e.rotate <- struct{}{}:
 	case <-ctx.Done():
-		return nil, fmt.Errorf("envelope: %w", ctx.Err())
+		return fmt.Errorf("envelope: %w", ctx.Err())
 	}
 	defer func() { <-e.rotate }()
 	if e.closed {
-		return nil, ErrClosed
+		return ErrClosed
 	}
-	if cur := e.active.Load(); cur != old {
-		return cur, nil
+	if e.active.Load() != old {
+		return nil
 	}
 	k, wk, err := newWrappedDataKey(ctx, e.kek, e.cfg.wrapAAD, e.cfg)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	ref, err := inlineRef(wk)
 	if err != nil {
 		k.Destroy()
-		return nil, err
+		return err
 	}
-	a := &activeKey{key: k, ref: ref}
-	e.active.Store(a)
+	e.active.Store(&activeKey{key: k, ref: ref})
 	if old != nil {
 		old.key.Destroy()
 	}
-	return a, nil
+	return nil
 }
 
 // Decrypt opens an envelope made by Encrypt, with the same aad. Every

@@ -30,7 +30,7 @@ func mustEncrypt(t testing.TB, e *Envelope, pt, aad []byte) []byte {
 
 func TestRoundTripInline(t *testing.T) {
 	ctx := context.Background()
-	e := newTestEnvelope(t, goldenKEK(), WithWrapAAD([]byte("tenant-1")))
+	e := newTestEnvelope(t, goldenKEK(t), WithWrapAAD([]byte("tenant-1")))
 	for _, n := range []int{0, 1, 255, 4096} {
 		pt := bytes.Repeat([]byte{'p'}, n)
 		aad := []byte("project-1/secret-a")
@@ -49,18 +49,18 @@ func TestRoundTripInline(t *testing.T) {
 		if h.Version != Version || h.Algorithm != AES256GCM || h.WrappedKey == nil || h.KeyID != nil || len(h.Nonce) != NonceSize {
 			t.Fatalf("header %+v", h)
 		}
-		if h.WrappedKey.Provider != "testkek" || h.WrappedKey.KeyID != "golden" || h.WrappedKey.Version != testKEKVersion {
+		if h.WrappedKey.Provider != "local" || h.WrappedKey.KeyID != "golden" || h.WrappedKey.Version != "1" {
 			t.Fatalf("wrapped key ref %s version %q", h.WrappedKey.Ref(), h.WrappedKey.Version)
 		}
 	}
 	// A second Envelope over the same KEK and wrap aad reads the blob; one
 	// with another wrap aad (another tenant) does not.
 	blob := mustEncrypt(t, e, []byte("x"), nil)
-	other := newTestEnvelope(t, goldenKEK(), WithWrapAAD([]byte("tenant-1")))
+	other := newTestEnvelope(t, goldenKEK(t), WithWrapAAD([]byte("tenant-1")))
 	if got, err := other.Decrypt(ctx, blob, nil); err != nil || string(got) != "x" {
 		t.Fatalf("other Envelope: %q, %v", got, err)
 	}
-	tenant2 := newTestEnvelope(t, goldenKEK(), WithWrapAAD([]byte("tenant-2")))
+	tenant2 := newTestEnvelope(t, goldenKEK(t), WithWrapAAD([]byte("tenant-2")))
 	if got, err := tenant2.Decrypt(ctx, blob, nil); err != ErrDecrypt || got != nil {
 		t.Fatalf("other tenant: %q, %v; want ErrDecrypt", got, err)
 	}
@@ -76,7 +76,7 @@ func headerLenOf(t testing.TB, blob []byte) int {
 
 func TestRoundTripExternal(t *testing.T) {
 	ctx := context.Background()
-	kek := goldenKEK()
+	kek := goldenKEK(t)
 	k, wk, err := NewDataKey(ctx, kek, []byte("tenant-1"))
 	if err != nil {
 		t.Fatal(err)
@@ -124,9 +124,9 @@ func TestRoundTripExternal(t *testing.T) {
 }
 
 func TestParseMarshal(t *testing.T) {
-	e := newTestEnvelope(t, goldenKEK())
+	e := newTestEnvelope(t, goldenKEK(t))
 	inline := mustEncrypt(t, e, []byte("payload"), []byte("aad"))
-	k, _, err := NewDataKey(context.Background(), goldenKEK(), nil)
+	k, _, err := NewDataKey(context.Background(), goldenKEK(t), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -151,7 +151,7 @@ func TestParseMarshal(t *testing.T) {
 
 func TestLimits(t *testing.T) {
 	ctx := context.Background()
-	e := newTestEnvelope(t, goldenKEK())
+	e := newTestEnvelope(t, goldenKEK(t))
 	if _, err := e.Encrypt(ctx, make([]byte, MaxPlaintextLen+1), nil); err == nil {
 		t.Fatal("Encrypt of MaxPlaintextLen+1 bytes succeeded")
 	}
@@ -164,7 +164,7 @@ func TestLimits(t *testing.T) {
 	}
 	for _, o := range []Option{WithMaxMessages(0), WithMaxMessages(MaxMessagesLimit + 1), WithMaxAge(-1),
 		WithCacheEntries(0), WithCacheTTL(0), WithWrapAAD(make([]byte, MaxAADLen+1))} {
-		if _, err := New(goldenKEK(), o); err == nil {
+		if _, err := New(goldenKEK(t), o); err == nil {
 			t.Fatal("New accepted an out-of-range option")
 		}
 	}
@@ -175,7 +175,7 @@ func TestLimits(t *testing.T) {
 
 func TestClose(t *testing.T) {
 	ctx := context.Background()
-	e, err := New(goldenKEK())
+	e, err := New(goldenKEK(t))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -3,89 +3,37 @@ package envelope
 import (
 	"bytes"
 	"context"
-	"crypto/aes"
-	"crypto/cipher"
-	"crypto/rand"
 	"errors"
 	"sync/atomic"
+	"testing"
 
 	"github.com/profullstack/keybroker/provider"
+	"github.com/profullstack/keybroker/provider/local"
 )
 
-// testKEK is a real KEK provider, AES-256-GCM under fixed key bytes, so a
-// golden envelope made with it stays decryptable. It stands in for
-// provider/local, which another package provides.
-type testKEK struct {
-	ref  provider.KeyRef
-	aead cipher.AEAD
-}
+// goldenKeyring is a provider/local keyring whose only key is the bytes
+// 0x00..0x1f: the KEK of testdata/golden.kbe.
+const goldenKeyring = `{"id":"golden","primary":1,"keys":[{"version":1,"key":"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="}]}`
 
-var _ provider.KEKProvider = (*testKEK)(nil)
-
-const testKEKVersion = "1"
-
-func newTestKEK(keyID string, key []byte) *testKEK {
-	b, err := aes.NewCipher(key)
+// goldenKEK returns a real local provider over the golden keyring.
+func goldenKEK(t testing.TB) *local.Provider {
+	t.Helper()
+	t.Setenv("KEYBROKER_ENVELOPE_TEST_KEYRING", goldenKeyring)
+	p, err := local.FromEnv("KEYBROKER_ENVELOPE_TEST_KEYRING")
 	if err != nil {
-		panic(err)
+		t.Fatal(err)
 	}
-	a, err := cipher.NewGCM(b)
+	return p
+}
+
+// newKEK returns a real local provider over a fresh random key.
+func newKEK(t testing.TB, id string) *local.Provider {
+	t.Helper()
+	p, err := local.Generate(id)
 	if err != nil {
-		panic(err)
+		t.Fatal(err)
 	}
-	return &testKEK{ref: provider.KeyRef{Provider: "testkek", KeyID: keyID}, aead: a}
-}
-
-// goldenKEK is the KEK of testdata/golden.kbe: key bytes 0x00..0x1f.
-func goldenKEK() *testKEK {
-	key := make([]byte, 32)
-	for i := range key {
-		key[i] = byte(i)
-	}
-	return newTestKEK("golden", key)
-}
-
-func (k *testKEK) Ref() provider.KeyRef { return k.ref }
-
-// bind puts the key reference into the wrap's associated data, so a
-// wrapped key relabelled as another key or version does not unwrap.
-func (k *testKEK) bind(aad []byte) []byte {
-	return append([]byte(k.ref.String()+"\x00"+testKEKVersion+"\x00"), aad...)
-}
-
-func (k *testKEK) Wrap(ctx context.Context, dek, aad []byte) (*provider.WrappedKey, error) {
-	if err := ctx.Err(); err != nil {
-		return nil, &provider.Error{Provider: k.ref.Provider, Op: "wrap", Kind: provider.ErrUnavailable, Err: err}
-	}
-	if err := provider.CheckDEK(k.ref.Provider, dek); err != nil {
-		return nil, err
-	}
-	nonce := make([]byte, 12)
-	if _, err := rand.Read(nonce); err != nil {
-		return nil, err
-	}
-	ct := k.aead.Seal(nonce, nonce, dek, k.bind(aad))
-	return &provider.WrappedKey{Provider: k.ref.Provider, KeyID: k.ref.KeyID, Version: testKEKVersion, Ciphertext: ct}, nil
-}
-
-func (k *testKEK) Unwrap(ctx context.Context, wk *provider.WrappedKey, aad []byte) ([]byte, error) {
-	if err := ctx.Err(); err != nil {
-		return nil, &provider.Error{Provider: k.ref.Provider, Op: "unwrap", Kind: provider.ErrUnavailable, Err: err}
-	}
-	if err := provider.CheckWrappedKey(k.ref, "unwrap", wk); err != nil {
-		return nil, err
-	}
-	if wk.Version != testKEKVersion {
-		return nil, &provider.Error{Provider: k.ref.Provider, Op: "unwrap", Kind: provider.ErrKeyNotFound}
-	}
-	if len(wk.Ciphertext) < 12+16 {
-		return nil, &provider.Error{Provider: k.ref.Provider, Op: "unwrap", Kind: provider.ErrInvalidCiphertext}
-	}
-	dek, err := k.aead.Open(nil, wk.Ciphertext[:12], wk.Ciphertext[12:], k.bind(aad))
-	if err != nil {
-		return nil, &provider.Error{Provider: k.ref.Provider, Op: "unwrap", Kind: provider.ErrInvalidCiphertext}
-	}
-	return dek, nil
+	return p
 }
 
 // countingKEK counts the calls that reach a real provider, and remembers
@@ -96,10 +44,14 @@ type countingKEK struct {
 	returned       atomic.Pointer[[]byte]
 	fail           atomic.Pointer[error] // when set, calls fail with it
 	gate           chan struct{}         // when set, calls wait for it to close
+	entered        chan struct{}         // when set, calls send on it first
 }
 
 func (c *countingKEK) Wrap(ctx context.Context, dek, aad []byte) (*provider.WrappedKey, error) {
 	c.wraps.Add(1)
+	if c.entered != nil {
+		c.entered <- struct{}{}
+	}
 	if c.gate != nil {
 		<-c.gate
 	}
@@ -111,6 +63,9 @@ func (c *countingKEK) Wrap(ctx context.Context, dek, aad []byte) (*provider.Wrap
 
 func (c *countingKEK) Unwrap(ctx context.Context, wk *provider.WrappedKey, aad []byte) ([]byte, error) {
 	c.unwraps.Add(1)
+	if c.entered != nil {
+		c.entered <- struct{}{}
+	}
 	if c.gate != nil {
 		<-c.gate
 	}
