@@ -76,15 +76,17 @@ func (p *progress) set(done, total int64) {
 	if p.total <= 0 {
 		return
 	}
+	if p.step > 10 || done*10 < p.total*p.step {
+		return
+	}
 	for p.step <= 10 && done*10 >= p.total*p.step {
-		el := time.Since(p.start).Seconds()
-		rate := 0.0
-		if el > 0 {
-			rate = float64(done) / el
-		}
-		fmt.Fprintf(p.w, "%s: %d/%d (%d%%) %.0f/s\n", p.op, done, p.total, p.step*10, rate)
 		p.step++
 	}
+	rate := 0.0
+	if el := time.Since(p.start).Seconds(); el > 0 {
+		rate = float64(done) / el
+	}
+	fmt.Fprintf(p.w, "%s: %d/%d (%d%%) %.0f/s\n", p.op, done, p.total, done*100/p.total, rate)
 }
 
 // finish ends the bar (leaving it on screen at 100% on success).

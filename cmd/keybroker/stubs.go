@@ -13,10 +13,6 @@ func stub(name string) func(a *app) *cobra.Command {
 }
 
 var (
-	newRotateCmd    = stub("rotate")
-	newRewrapCmd    = stub("rewrap")
-	newReencryptCmd = stub("reencrypt")
-	newImportCmd    = stub("import-plaintext")
-	newStatusCmd    = stub("status")
-	newVerifyCmd    = stub("verify")
+	newImportCmd = stub("import-plaintext")
+	newStatusCmd = stub("status")
 )
