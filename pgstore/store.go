@@ -511,7 +511,7 @@ func (s *Store) reserveChunk(ctx context.Context, project string, id [16]byte) (
 	var granted int64
 	err := s.scoped(ctx, project, func(b *pgx.Batch) {
 		b.Queue(`UPDATE `+s.q+`.data_keys d SET messages = LEAST(o.messages + $2, $3)
-FROM (SELECT id, messages FROM `+s.q+`.data_keys WHERE id = $1 FOR UPDATE) o
+FROM (SELECT id, messages FROM `+s.q+`.data_keys WHERE id = $1 FOR NO KEY UPDATE) o
 WHERE d.id = o.id AND d.state = 'active' AND o.messages < $3
 RETURNING d.messages - o.messages`, uuidParam(id), s.chunk, s.budget).QueryRow(func(r pgx.Row) error {
 			err := r.Scan(&granted)
@@ -530,54 +530,62 @@ RETURNING d.messages - o.messages`, uuidParam(id), s.chunk, s.budget).QueryRow(f
 
 // activeKey returns the project's active data key, creating one if there
 // is none. Concurrent creators race on the one-active-key index; losers
-// destroy their key and use the winner's.
+// destroy their key and look again (the winner's key may already be spent
+// when the budget is small, hence the loop).
 func (s *Store) activeKey(ctx context.Context, project string) ([16]byte, error) {
 	var id [16]byte
-	found, err := s.findActive(ctx, project, &id)
-	if err != nil || found {
-		return id, err
+	for range 16 {
+		found, err := s.findActive(ctx, project, &id)
+		if err != nil || found {
+			return id, err
+		}
+		created, err := s.createKey(ctx, project, &id)
+		if err != nil || created {
+			return id, err
+		}
 	}
+	return id, fmt.Errorf("pgstore: project %q: could not get an active data key: too much contention", project)
+}
+
+// createKey makes, wraps and stores a new active data key for project,
+// unless another one became active first (created false).
+func (s *Store) createKey(ctx context.Context, project string, id *[16]byte) (created bool, err error) {
 	if _, err := rand.Read(id[:]); err != nil {
-		return id, fmt.Errorf("pgstore: new data key id: %w", err)
+		return false, fmt.Errorf("pgstore: new data key id: %w", err)
 	}
-	dk, wk, err := envelope.NewDataKey(ctx, s.keyring, wrapAAD(project, id), dataKeyOpts...)
+	dk, wk, err := envelope.NewDataKey(ctx, s.keyring, wrapAAD(project, *id), dataKeyOpts...)
 	if err != nil {
-		return id, fmt.Errorf("pgstore: new data key: %w", err)
+		return false, fmt.Errorf("pgstore: new data key: %w", err)
 	}
 	kekID, err := s.kekRow(ctx, wk)
 	if err != nil {
 		dk.Destroy()
-		return id, err
+		return false, err
 	}
-	var inserted bool
 	err = s.scoped(ctx, project, func(b *pgx.Batch) {
 		b.Queue(`INSERT INTO `+s.q+`.data_keys (id, project_id, kek_id, wrapped_dek) VALUES ($1, $2, $3, $4)
-ON CONFLICT (project_id) WHERE state = 'active' DO NOTHING`, uuidParam(id), project, kekID, wk.Ciphertext).
-			Exec(func(ct pgconn.CommandTag) error { inserted = ct.RowsAffected() == 1; return nil })
+ON CONFLICT (project_id) WHERE state = 'active' DO NOTHING`, uuidParam(*id), project, kekID, wk.Ciphertext).
+			Exec(func(ct pgconn.CommandTag) error { created = ct.RowsAffected() == 1; return nil })
 		b.Queue(`INSERT INTO `+s.q+`.key_events (event, project_id, kek_id, data_key_id, count, actor)
 SELECT 'dek.create', $1, $2, $3, 1, $4 WHERE EXISTS (SELECT 1 FROM `+s.q+`.data_keys WHERE id = $3)`,
-			project, kekID, uuidParam(id), s.actorParam())
+			project, kekID, uuidParam(*id), s.actorParam())
 	})
-	if err != nil {
+	if err != nil || !created {
 		dk.Destroy()
-		return id, fmt.Errorf("pgstore: store new data key: %w", err)
-	}
-	if !inserted {
-		dk.Destroy()
-		if found, err := s.findActive(ctx, project, &id); err != nil || found {
-			return id, err
+		if err != nil {
+			return false, fmt.Errorf("pgstore: store new data key: %w", err)
 		}
-		return id, fmt.Errorf("pgstore: project %q: no active data key after a concurrent creation", project)
+		return false, nil
 	}
 	// Seed the cache with the key we hold rather than unwrapping it again.
-	_, release, err := s.cache.Get(ctx, cacheID(id), func(context.Context) (*envelope.DataKey, error) { return dk, nil })
+	_, release, err := s.cache.Get(ctx, cacheID(*id), func(context.Context) (*envelope.DataKey, error) { return dk, nil })
 	if err != nil {
 		dk.Destroy()
-		return id, fmt.Errorf("pgstore: %w", err)
+		return false, fmt.Errorf("pgstore: %w", err)
 	}
 	release()
 	s.log.Info("pgstore: created data key", "project", project, "kek", wk.Ref().String(), "kek_version", wk.Version)
-	return id, nil
+	return true, nil
 }
 
 func (s *Store) findActive(ctx context.Context, project string, id *[16]byte) (bool, error) {

@@ -1,0 +1,245 @@
+package pgstore
+
+import (
+	"context"
+	"crypto/subtle"
+	"fmt"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgtype"
+
+	"github.com/profullstack/keybroker/provider"
+)
+
+// ReencryptOptions configures Reencrypt.
+type ReencryptOptions struct {
+	// BatchSize is the secrets re-encrypted per transaction;
+	// DefaultBatchSize when zero.
+	BatchSize int
+	// DryRun counts what would be re-encrypted and changes nothing.
+	DryRun bool
+	// Resume continues an interrupted call: it re-encrypts the secrets
+	// still under retired data keys without retiring the current one.
+	Resume bool
+	// Progress, when set, is called after each committed batch.
+	Progress func(ReencryptProgress)
+}
+
+// ReencryptProgress reports Reencrypt's progress.
+type ReencryptProgress struct {
+	Done  int64 // secrets re-encrypted so far by this call
+	Total int64 // secrets to re-encrypt when the call started
+}
+
+// ReencryptResult is what Reencrypt did, or (DryRun) would do.
+type ReencryptResult struct {
+	Pending       int64 // secrets to re-encrypt when the call started
+	Reencrypted   int64 // secrets re-encrypted by this call
+	RetiredKeys   int64 // data keys this call retired
+	DestroyedKeys int64 // retired data keys deleted because no secret needs them any more
+	RemainingKeys int64 // retired data keys still referenced (re-run with Resume)
+}
+
+// Reencrypt re-encrypts every secret of project under a fresh data key, for
+// when a data key may have been exposed. It first retires the project's
+// data keys (state 'retired'; new writes then get a fresh key), then, in
+// batches, each its own transaction, decrypts every secret still under a
+// retired key, encrypts it under the project's new active key, checks that
+// the new ciphertext decrypts to the same bytes, and only then updates the
+// row. Finally it deletes every retired data key no secret references: its
+// wrapped form is gone, so nothing it encrypted can ever be decrypted.
+//
+// A failing batch is rolled back, leaving its secrets as they were; the
+// retired keys stay retired and still decrypt, and a call with Resume
+// finishes the work. Rows locked by concurrent writers are skipped and
+// reported through RemainingKeys. Run one Reencrypt per project at a time.
+func (s *Store) Reencrypt(ctx context.Context, project string, opts ReencryptOptions) (ReencryptResult, error) {
+	var res ReencryptResult
+	if err := checkProject(project); err != nil {
+		return res, err
+	}
+	batch := opts.BatchSize
+	if batch == 0 {
+		batch = DefaultBatchSize
+	}
+	if batch < 1 {
+		return res, fmt.Errorf("%w: batch size %d", ErrInvalidArgument, batch)
+	}
+	states := []string{"retired"}
+	if !opts.Resume {
+		states = append(states, "active", "spent")
+	}
+	err := s.scoped(ctx, project, func(b *pgx.Batch) {
+		b.Queue(`SELECT count(*) FROM `+s.q+`.encrypted_secrets s JOIN `+s.q+`.data_keys d ON d.id = s.data_key_id
+WHERE s.project_id = $1 AND d.state = ANY($2)`, project, states).QueryRow(func(r pgx.Row) error { return r.Scan(&res.Pending) })
+	})
+	if err != nil {
+		return res, fmt.Errorf("pgstore: reencrypt: %w", err)
+	}
+	if opts.DryRun {
+		return res, nil
+	}
+	if !opts.Resume {
+		err := WithProject(ctx, s.pool, project, func(tx pgx.Tx) error {
+			ct, err := tx.Exec(ctx, `UPDATE `+s.q+`.data_keys SET state = 'retired' WHERE project_id = $1 AND state IN ('active', 'spent')`, project)
+			if err != nil {
+				return err
+			}
+			res.RetiredKeys = ct.RowsAffected()
+			return s.event(ctx, tx, "dek.retire", project, 0, nil, res.RetiredKeys, map[string]any{"reason": "reencrypt"})
+		})
+		if err != nil {
+			return res, fmt.Errorf("pgstore: reencrypt: retire data keys: %w", err)
+		}
+		s.dropReservation(project)
+	}
+	for {
+		n, err := s.reencryptBatch(ctx, project, batch)
+		res.Reencrypted += n
+		if err != nil {
+			return res, err
+		}
+		if n == 0 {
+			break
+		}
+		if opts.Progress != nil {
+			opts.Progress(ReencryptProgress{Done: res.Reencrypted, Total: res.Pending})
+		}
+	}
+	destroyed, remaining, err := s.destroyRetired(ctx, project)
+	res.DestroyedKeys, res.RemainingKeys = destroyed, remaining
+	if err != nil {
+		return res, err
+	}
+	s.log.Info("pgstore: re-encrypted project", "project", project, "secrets", res.Reencrypted,
+		"destroyed_keys", destroyed, "remaining_keys", remaining)
+	return res, nil
+}
+
+// dropReservation forgets this process's reservation on project's key.
+func (s *Store) dropReservation(project string) {
+	pk := s.project(project)
+	pk.mu.Lock()
+	pk.valid = false
+	pk.mu.Unlock()
+}
+
+func (s *Store) reencryptBatch(ctx context.Context, project string, batch int) (int64, error) {
+	var n int64
+	err := WithProject(ctx, s.pool, project, func(tx pgx.Tx) error {
+		rows, err := tx.Query(ctx, `SELECT s.name, s.encrypted_data, s.nonce, s.data_key_id, d.wrapped_dek, k.provider, k.key_id, k.key_version
+FROM `+s.q+`.encrypted_secrets s
+JOIN `+s.q+`.data_keys d ON d.id = s.data_key_id
+JOIN `+s.q+`.kek k ON k.id = d.kek_id
+WHERE s.project_id = $1 AND d.state = 'retired'
+ORDER BY s.name LIMIT $2 FOR NO KEY UPDATE OF s SKIP LOCKED`, project, batch)
+		if err != nil {
+			return err
+		}
+		type row struct {
+			name        string
+			blob, nonce []byte
+			id          pgtype.UUID
+			wk          provider.WrappedKey
+		}
+		var r row
+		var todo []row
+		if _, err := pgx.ForEachRow(rows, []any{&r.name, &r.blob, &r.nonce, &r.id, &r.wk.Ciphertext, &r.wk.Provider, &r.wk.KeyID, &r.wk.Version}, func() error {
+			todo = append(todo, r)
+			return nil
+		}); err != nil {
+			return err
+		}
+		if len(todo) == 0 {
+			return nil
+		}
+		names := make([]string, len(todo))
+		blobs := make([][]byte, len(todo))
+		nonces := make([][]byte, len(todo))
+		ids := make([]pgtype.UUID, len(todo))
+		for i := range todo {
+			t := &todo[i]
+			aad := secretAAD(project, t.name)
+			pt, err := s.open(ctx, project, t.id.Bytes, &t.wk, t.blob, t.nonce, aad)
+			if err != nil {
+				return fmt.Errorf("secret %q: %w", t.name, err)
+			}
+			id, blob, nonce, err := s.sealVerified(ctx, project, pt, aad)
+			provider.Clear(pt)
+			if err != nil {
+				return fmt.Errorf("secret %q: %w", t.name, err)
+			}
+			names[i], blobs[i], nonces[i], ids[i] = t.name, blob, nonce, uuidParam(id)
+		}
+		if _, err := tx.Exec(ctx, `UPDATE `+s.q+`.encrypted_secrets s
+SET encrypted_data = u.b, nonce = u.n, data_key_id = u.k, updated_at = now()
+FROM unnest($2::text[], $3::bytea[], $4::bytea[], $5::uuid[]) AS u(name, b, n, k)
+WHERE s.project_id = $1 AND s.name = u.name`, project, names, blobs, nonces, ids); err != nil {
+			return err
+		}
+		n = int64(len(todo))
+		return s.event(ctx, tx, "dek.reencrypt", project, 0, nil, n, nil)
+	})
+	if err != nil {
+		return 0, fmt.Errorf("pgstore: reencrypt project %q: %w", project, err)
+	}
+	return n, nil
+}
+
+// sealVerified encrypts pt under the project's active data key and checks
+// that the result decrypts to pt, through the same path Get takes.
+func (s *Store) sealVerified(ctx context.Context, project string, pt, aad []byte) ([16]byte, []byte, []byte, error) {
+	id, blob, nonce, err := s.seal(ctx, project, pt, aad)
+	if err != nil {
+		return id, nil, nil, err
+	}
+	back, err := s.open(ctx, project, id, nil, blob, nonce, aad)
+	if err != nil {
+		return id, nil, nil, fmt.Errorf("%w: %v", ErrVerify, err)
+	}
+	same := subtle.ConstantTimeCompare(back, pt) == 1 && len(back) == len(pt)
+	provider.Clear(back)
+	if !same {
+		return id, nil, nil, ErrVerify
+	}
+	return id, blob, nonce, nil
+}
+
+// destroyRetired deletes the project's retired data keys that no secret
+// references and counts those left. The foreign key from encrypted_secrets
+// makes the delete fail rather than orphan a secret written concurrently;
+// then it is retried with a fresh snapshot that sees the new reference.
+func (s *Store) destroyRetired(ctx context.Context, project string) (destroyed, remaining int64, err error) {
+	for attempt := 0; ; attempt++ {
+		var gone []pgtype.UUID
+		err = WithProject(ctx, s.pool, project, func(tx pgx.Tx) error {
+			rows, err := tx.Query(ctx, `DELETE FROM `+s.q+`.data_keys d WHERE project_id = $1 AND state = 'retired'
+AND NOT EXISTS (SELECT 1 FROM `+s.q+`.encrypted_secrets s WHERE s.data_key_id = d.id) RETURNING id`, project)
+			if err != nil {
+				return err
+			}
+			if gone, err = pgx.CollectRows(rows, pgx.RowTo[pgtype.UUID]); err != nil {
+				return err
+			}
+			if err := tx.QueryRow(ctx, `SELECT count(*) FROM `+s.q+`.data_keys WHERE project_id = $1 AND state = 'retired'`, project).Scan(&remaining); err != nil {
+				return err
+			}
+			for _, id := range gone {
+				if err := s.event(ctx, tx, "dek.destroy", project, 0, &id.Bytes, 1, nil); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		if pgCode(err) == "23503" && attempt < 3 {
+			continue
+		}
+		if err != nil {
+			return 0, 0, fmt.Errorf("pgstore: reencrypt: destroy retired data keys: %w", err)
+		}
+		for _, id := range gone {
+			s.cache.Remove(cacheID(id.Bytes))
+		}
+		return int64(len(gone)), remaining, nil
+	}
+}

@@ -1,0 +1,339 @@
+package pgstore
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/json"
+	"errors"
+	"fmt"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgtype"
+
+	"github.com/profullstack/keybroker/provider"
+)
+
+// KEKVersion names one version of a KEK.
+type KEKVersion struct {
+	Provider string // backend scheme, as in provider.KeyRef
+	KeyID    string
+	Version  string
+}
+
+func (v KEKVersion) String() string { return v.Provider + ":" + v.KeyID + "@" + v.Version }
+
+// ErrNotSupported: the primary provider cannot do what was asked (for
+// example rotate: rotate the key in the key service, then call Rewrap).
+var ErrNotSupported = errors.New("pgstore: not supported by the provider")
+
+// DefaultBatchSize is the rows per transaction of Rewrap, Reencrypt and
+// MigratePlaintext when their options leave it zero.
+const DefaultBatchSize = 500
+
+// PrimaryVersion returns the KEK version new data keys are wrapped under:
+// what the primary provider's Describe reports or, for a provider that is
+// not a provider.Describer, the version of a throwaway key it wraps. It
+// records the version in the kek table.
+func (s *Store) PrimaryVersion(ctx context.Context) (KEKVersion, error) {
+	v, _, err := s.primary(ctx)
+	return v, err
+}
+
+func (s *Store) primary(ctx context.Context) (KEKVersion, int64, error) {
+	p := s.keyring.Primary()
+	ref := p.Ref()
+	v := KEKVersion{Provider: ref.Provider, KeyID: ref.KeyID}
+	if d, ok := p.(provider.Describer); ok {
+		st, err := d.Describe(ctx)
+		if err != nil {
+			return v, 0, fmt.Errorf("pgstore: primary key version: %w", err)
+		}
+		v.Version = st.PrimaryVersion
+	}
+	if v.Version == "" {
+		probe := make([]byte, 32)
+		if _, err := rand.Read(probe); err != nil {
+			return v, 0, fmt.Errorf("pgstore: primary key version: %w", err)
+		}
+		wk, err := p.Wrap(ctx, probe, []byte("keybroker/probe/v1"))
+		provider.Clear(probe)
+		if err != nil {
+			return v, 0, fmt.Errorf("pgstore: primary key version: %w", err)
+		}
+		v.Version = wk.Version
+	}
+	id, err := s.kekRowFor(ctx, s.pool, v.Provider, v.KeyID, v.Version)
+	return v, id, err
+}
+
+// RotateKEK makes a new version of the primary KEK (the provider must be a
+// provider.Rotator, else ErrNotSupported), records it in the kek table and
+// the audit trail, and returns it. New data keys are wrapped under it at
+// once; existing ones stay under their version until Rewrap.
+func (s *Store) RotateKEK(ctx context.Context) (KEKVersion, error) {
+	p := s.keyring.Primary()
+	ref := p.Ref()
+	r, ok := p.(provider.Rotator)
+	if !ok {
+		return KEKVersion{}, fmt.Errorf("%w: %s cannot rotate keys; rotate it in the key service, then rewrap", ErrNotSupported, ref)
+	}
+	ver, err := r.Rotate(ctx)
+	if err != nil {
+		return KEKVersion{}, fmt.Errorf("pgstore: rotate: %w", err)
+	}
+	v := KEKVersion{Provider: ref.Provider, KeyID: ref.KeyID, Version: ver}
+	id, err := s.kekRowFor(ctx, s.pool, v.Provider, v.KeyID, v.Version)
+	if err != nil {
+		return v, err
+	}
+	if err := s.event(ctx, s.pool, "kek.rotate", "", id, nil, 1, map[string]any{"version": v.String()}); err != nil {
+		return v, err
+	}
+	s.log.Info("pgstore: rotated KEK", "kek", v.String())
+	return v, nil
+}
+
+// RewrapOptions configures Rewrap.
+type RewrapOptions struct {
+	// BatchSize is the data keys rewrapped per transaction;
+	// DefaultBatchSize when zero.
+	BatchSize int
+	// DryRun counts what would be rewrapped and changes nothing.
+	DryRun bool
+	// Progress, when set, is called after each committed batch.
+	Progress func(RewrapProgress)
+}
+
+// RewrapProgress reports Rewrap's progress.
+type RewrapProgress struct {
+	Done  int64 // data keys this call has rewrapped so far
+	Total int64 // data keys that needed rewrapping when the call started
+}
+
+// VersionCount is a number of data keys under one KEK version.
+type VersionCount struct {
+	KEKVersion
+	DataKeys int64
+}
+
+// RewrapResult is what Rewrap did, or (DryRun) would do.
+type RewrapResult struct {
+	Primary   KEKVersion     // the version data keys were rewrapped to
+	Pending   []VersionCount // data keys not under Primary when the call started, by version
+	Rewrapped int64          // data keys rewrapped by this call (0 in a dry run)
+}
+
+// Rewrap rewraps every data key not wrapped under the primary KEK version
+// (an older version, or another provider of the keyring) to the primary,
+// with provider.Keyring.Rewrap: inside the key service when it can, else
+// by unwrapping and wrapping again. It changes only data_keys rows: secrets
+// are not touched, so the work is proportional to data keys, not secrets.
+//
+// Each batch is its own transaction and locks its rows with FOR NO KEY
+// UPDATE SKIP LOCKED, so several processes can share the work (each
+// skipping the others' rows), Puts and Gets are not blocked, and a crash
+// loses at most the uncommitted batch, which the next call redoes. Rewrap
+// needs a role that row-level security does not restrict.
+func (s *Store) Rewrap(ctx context.Context, opts RewrapOptions) (RewrapResult, error) {
+	var res RewrapResult
+	batch := opts.BatchSize
+	if batch == 0 {
+		batch = DefaultBatchSize
+	}
+	if batch < 1 {
+		return res, fmt.Errorf("%w: batch size %d", ErrInvalidArgument, batch)
+	}
+	primary, primaryID, err := s.primary(ctx)
+	if err != nil {
+		return res, err
+	}
+	res.Primary = primary
+	rows, err := s.pool.Query(ctx, `SELECT k.provider, k.key_id, k.key_version, count(*)
+FROM `+s.q+`.data_keys d JOIN `+s.q+`.kek k ON k.id = d.kek_id
+WHERE d.kek_id <> $1 GROUP BY 1, 2, 3 ORDER BY 1, 2, 3`, primaryID)
+	if err != nil {
+		return res, fmt.Errorf("pgstore: rewrap: %w", err)
+	}
+	var vc VersionCount
+	_, err = pgx.ForEachRow(rows, []any{&vc.Provider, &vc.KeyID, &vc.Version, &vc.DataKeys}, func() error {
+		res.Pending = append(res.Pending, vc)
+		return nil
+	})
+	if err != nil {
+		return res, fmt.Errorf("pgstore: rewrap: %w", err)
+	}
+	var total int64
+	for _, p := range res.Pending {
+		total += p.DataKeys
+	}
+	if opts.DryRun || total == 0 {
+		return res, nil
+	}
+	kekIDs := map[string]int64{primary.Version: primaryID}
+	for {
+		n, err := s.rewrapBatch(ctx, primary, primaryID, kekIDs, batch)
+		res.Rewrapped += n
+		if err != nil {
+			return res, err
+		}
+		if n == 0 {
+			break
+		}
+		s.log.Info("pgstore: rewrapped data keys", "count", n, "done", res.Rewrapped, "to", primary.String())
+		if opts.Progress != nil {
+			opts.Progress(RewrapProgress{Done: res.Rewrapped, Total: total})
+		}
+	}
+	return res, nil
+}
+
+// rewrapBatch rewraps up to batch data keys in one transaction and returns
+// how many it committed.
+func (s *Store) rewrapBatch(ctx context.Context, primary KEKVersion, primaryID int64, kekIDs map[string]int64, batch int) (int64, error) {
+	tx, err := s.pool.Begin(ctx)
+	if err != nil {
+		return 0, fmt.Errorf("pgstore: rewrap: %w", err)
+	}
+	defer tx.Rollback(context.WithoutCancel(ctx))
+	type row struct {
+		id      pgtype.UUID
+		project string
+		wk      provider.WrappedKey
+	}
+	rows, err := tx.Query(ctx, `SELECT d.id, d.project_id, d.wrapped_dek, k.provider, k.key_id, k.key_version
+FROM `+s.q+`.data_keys d JOIN `+s.q+`.kek k ON k.id = d.kek_id
+WHERE d.kek_id <> $1 ORDER BY d.id LIMIT $2 FOR NO KEY UPDATE OF d SKIP LOCKED`, primaryID, batch)
+	if err != nil {
+		return 0, fmt.Errorf("pgstore: rewrap: %w", err)
+	}
+	var r row
+	var todo []row
+	_, err = pgx.ForEachRow(rows, []any{&r.id, &r.project, &r.wk.Ciphertext, &r.wk.Provider, &r.wk.KeyID, &r.wk.Version}, func() error {
+		todo = append(todo, r)
+		return nil
+	})
+	if err != nil {
+		return 0, fmt.Errorf("pgstore: rewrap: %w", err)
+	}
+	if len(todo) == 0 {
+		return 0, nil
+	}
+	ids := make([]pgtype.UUID, len(todo))
+	wrapped := make([][]byte, len(todo))
+	keks := make([]int64, len(todo))
+	from := map[string]int64{}
+	for i := range todo {
+		t := &todo[i]
+		nwk, err := s.keyring.Rewrap(ctx, &t.wk, wrapAAD(t.project, t.id.Bytes))
+		if err != nil {
+			return 0, fmt.Errorf("pgstore: rewrap data key of project %q: %w", t.project, err)
+		}
+		if nwk.Provider != primary.Provider || nwk.KeyID != primary.KeyID {
+			return 0, fmt.Errorf("pgstore: rewrap: provider returned a key for %s, want %s:%s", nwk.Ref(), primary.Provider, primary.KeyID)
+		}
+		kid, ok := kekIDs[nwk.Version]
+		if !ok { // the primary rotated while we worked
+			if kid, err = s.kekRowFor(ctx, s.pool, nwk.Provider, nwk.KeyID, nwk.Version); err != nil {
+				return 0, err
+			}
+			kekIDs[nwk.Version] = kid
+		}
+		ids[i], wrapped[i], keks[i] = t.id, nwk.Ciphertext, kid
+		from[KEKVersion{Provider: t.wk.Provider, KeyID: t.wk.KeyID, Version: t.wk.Version}.String()]++
+	}
+	if _, err := tx.Exec(ctx, `UPDATE `+s.q+`.data_keys d SET wrapped_dek = u.w, kek_id = u.k, rewrapped_at = now()
+FROM unnest($1::uuid[], $2::bytea[], $3::bigint[]) AS u(id, w, k) WHERE d.id = u.id`, ids, wrapped, keks); err != nil {
+		return 0, fmt.Errorf("pgstore: rewrap: %w", err)
+	}
+	if err := s.event(ctx, tx, "kek.rewrap", "", primaryID, nil, int64(len(todo)), map[string]any{"to": primary.String(), "from": from}); err != nil {
+		return 0, err
+	}
+	if err := tx.Commit(ctx); err != nil {
+		return 0, fmt.Errorf("pgstore: rewrap: commit: %w", err)
+	}
+	return int64(len(todo)), nil
+}
+
+// RetireKEK retires KEK version v: refused with ErrPrimaryVersion for the
+// primary version, with ErrUnknownVersion if the kek table does not record
+// it, and with an *InUseError (matching ErrRetiredVersionInUse) while any
+// data key is still wrapped under it (Rewrap first). Otherwise, if the
+// keyring has a provider for v's key that is a provider.Retirer, it retires
+// the version in the key service, then marks the kek row retired and
+// records the event, in one transaction that holds the kek row locked so
+// no data key can be wrapped under it meanwhile. Retiring a retired
+// version again is harmless.
+func (s *Store) RetireKEK(ctx context.Context, v KEKVersion) error {
+	primary, _, err := s.primary(ctx)
+	if err != nil {
+		return err
+	}
+	if v == primary {
+		return fmt.Errorf("%w: %s", ErrPrimaryVersion, v)
+	}
+	tx, err := s.pool.Begin(ctx)
+	if err != nil {
+		return fmt.Errorf("pgstore: retire: %w", err)
+	}
+	defer tx.Rollback(context.WithoutCancel(ctx))
+	var id, inUse int64
+	err = tx.QueryRow(ctx, `SELECT id FROM `+s.q+`.kek WHERE provider = $1 AND key_id = $2 AND key_version = $3 FOR UPDATE`,
+		v.Provider, v.KeyID, v.Version).Scan(&id)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return fmt.Errorf("%w: %s", ErrUnknownVersion, v)
+	}
+	if err != nil {
+		return fmt.Errorf("pgstore: retire: %w", err)
+	}
+	if err := tx.QueryRow(ctx, `SELECT count(*) FROM `+s.q+`.data_keys WHERE kek_id = $1`, id).Scan(&inUse); err != nil {
+		return fmt.Errorf("pgstore: retire: %w", err)
+	}
+	if inUse > 0 {
+		return &InUseError{Provider: v.Provider, KeyID: v.KeyID, Version: v.Version, DataKeys: inUse}
+	}
+	for _, p := range s.keyring.Providers() {
+		if p.Ref() != (provider.KeyRef{Provider: v.Provider, KeyID: v.KeyID}) {
+			continue
+		}
+		if r, ok := p.(provider.Retirer); ok {
+			if err := r.Retire(ctx, v.Version); err != nil {
+				return fmt.Errorf("pgstore: retire %s: %w", v, err)
+			}
+		}
+	}
+	if _, err := tx.Exec(ctx, `UPDATE `+s.q+`.kek SET retired_at = coalesce(retired_at, now()) WHERE id = $1`, id); err != nil {
+		return fmt.Errorf("pgstore: retire: %w", err)
+	}
+	if err := s.event(ctx, tx, "kek.retire", "", id, nil, 1, map[string]any{"version": v.String()}); err != nil {
+		return err
+	}
+	if err := tx.Commit(ctx); err != nil {
+		return fmt.Errorf("pgstore: retire: commit: %w", err)
+	}
+	s.log.Info("pgstore: retired KEK version", "kek", v.String())
+	return nil
+}
+
+type execer interface {
+	Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
+}
+
+// event appends to the audit trail. detail must hold no secret material.
+func (s *Store) event(ctx context.Context, db execer, event, project string, kekID int64, dataKey *[16]byte, n int64, detail map[string]any) error {
+	d, err := json.Marshal(detail)
+	if err != nil {
+		return fmt.Errorf("pgstore: audit: %w", err)
+	}
+	var dk pgtype.UUID
+	if dataKey != nil {
+		dk = uuidParam(*dataKey)
+	}
+	_, err = db.Exec(ctx, `INSERT INTO `+s.q+`.key_events (event, project_id, kek_id, data_key_id, count, actor, detail)
+VALUES ($1, $2, $3, $4, $5, $6, $7)`, event, pgtype.Text{String: project, Valid: project != ""},
+		pgtype.Int8{Int64: kekID, Valid: kekID != 0}, dk, n, s.actorParam(), d)
+	if err != nil {
+		return fmt.Errorf("pgstore: audit: %w", err)
+	}
+	return nil
+}
