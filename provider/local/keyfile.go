@@ -135,6 +135,9 @@ func decodeKey(n uint32, raw json.RawMessage) ([]byte, error) {
 	return key[:m:m], nil
 }
 
+// maxDepth bounds JSON nesting; a keyring needs three levels.
+const maxDepth = 8
+
 // checkJSONShape requires exactly one JSON object and no duplicate member
 // names at any depth: encoding/json would silently keep the last of two
 // "primary" members.
@@ -171,16 +174,19 @@ func checkJSONShape(data []byte) error {
 		first = false
 		switch t := tok.(type) {
 		case json.Delim:
-			switch t {
-			case '{':
-				valueDone()
-				stack = append(stack, &frame{names: map[string]bool{}, expectName: true})
-			case '[':
-				valueDone()
-				stack = append(stack, &frame{})
-			default:
+			if t == '}' || t == ']' {
 				stack = stack[:len(stack)-1]
+				continue
 			}
+			if len(stack) >= maxDepth {
+				return errors.New("keyring JSON is nested too deeply")
+			}
+			valueDone()
+			f := &frame{}
+			if t == '{' {
+				f.names, f.expectName = map[string]bool{}, true
+			}
+			stack = append(stack, f)
 		case string:
 			if top := stack[len(stack)-1]; top.names != nil && top.expectName {
 				if top.names[t] {
@@ -197,7 +203,7 @@ func checkJSONShape(data []byte) error {
 	}
 }
 
-var fieldNameRE = regexp.MustCompile(`^[A-Za-z0-9_]{1,32}$`)
+var fieldNameRE = regexp.MustCompile(`^[A-Za-z0-9_.]{1,32}$`)
 
 // fieldName quotes a member name for an error only when it looks like a
 // field name; anything else could be misplaced key material.
@@ -219,7 +225,7 @@ func jsonError(err error) error {
 	case errors.As(err, &te) && te.Field == "":
 		return errors.New("keyring must be a JSON object")
 	case errors.As(err, &te):
-		return fmt.Errorf("field %s has the wrong type or is out of range", fieldName(strings.ReplaceAll(te.Field, ".", "_")))
+		return fmt.Errorf("field %s has the wrong type or is out of range", fieldName(te.Field))
 	case errors.As(err, &pe):
 		return errors.New("a created timestamp is not RFC 3339")
 	case errors.Is(err, io.ErrUnexpectedEOF):

@@ -128,7 +128,7 @@ func TestOpenFileMalformed(t *testing.T) {
 		{"unknown field named like a key", keyring(`{"id":"a","primary":1,"KEY2":1,"keys":[{"version":1,"key":"KEY1"}]}`), "unknown field (name not shown)"},
 		{"duplicate version", keyring(`{"id":"a","primary":1,"keys":[{"version":1,"key":"KEY1"},{"version":1,"key":"KEY2"}]}`), "version 1 appears twice"},
 		{"version 0", keyring(`{"id":"a","primary":1,"keys":[{"version":0,"key":"KEY1"}]}`), "versions start at 1"},
-		{"version negative", keyring(`{"id":"a","primary":1,"keys":[{"version":-1,"key":"KEY1"}]}`), `field "keys_version" has the wrong type or is out of range`},
+		{"version negative", keyring(`{"id":"a","primary":1,"keys":[{"version":-1,"key":"KEY1"}]}`), `field "keys.version" has the wrong type or is out of range`},
 		{"version too big", keyring(`{"id":"a","primary":1,"keys":[{"version":4294967296,"key":"KEY1"}]}`), "out of range"},
 		{"retired with key", keyring(`{"id":"a","primary":2,"keys":[{"version":1,"key":"KEY1","retired":true},{"version":2,"key":"KEY2"}]}`), "version 1 is retired but still has a key"},
 		{"no keys", `{"id":"a","primary":1,"keys":[]}`, "keyring has no keys"},
@@ -141,6 +141,7 @@ func TestOpenFileMalformed(t *testing.T) {
 		{"null", `null`, "keyring must be a JSON object"},
 		{"empty", ``, "keyring is empty"},
 		{"truncated", keyring(`{"id":"a","primary":1,"keys":[{"version":1,"key":"KEY1"`), "malformed JSON"},
+		{"deep nesting", `{"id":` + strings.Repeat("[", 100000) + strings.Repeat("]", 100000) + `}`, "nested too deeply"},
 		{"syntax error inside key", `{"id":"a","primary":1,"keys":[{"version":1,"key":"` + b641[:10] + "\x01" + b641[10:] + `"}]}`, "malformed JSON at byte"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
