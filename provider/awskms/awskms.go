@@ -74,9 +74,10 @@ type Provider struct {
 	arn     string
 	timeout time.Duration
 
-	mu        sync.Mutex
-	version   string    // key material Wrap labels with
-	versionAt time.Time // when version was read; zero forces a read
+	mu         sync.Mutex
+	version    string    // key material Wrap labels with
+	versionAt  time.Time // when version was read
+	refreshing bool      // a caller is reading it again
 }
 
 // Open opens the key that rawURL names:
@@ -102,7 +103,7 @@ type Provider struct {
 func Open(ctx context.Context, rawURL string) (*Provider, error) {
 	rest, ok := strings.CutPrefix(rawURL, Scheme+"://")
 	if !ok {
-		return nil, errors.New("awskms: malformed URL: want awskms://<key>?region=...")
+		return nil, errors.New("awskms: malformed URL: want awskms://<key>?region=<region>")
 	}
 	if strings.Contains(rest, "#") {
 		return nil, errors.New("awskms: malformed URL: fragment not allowed")
@@ -127,7 +128,7 @@ func openURL(ctx context.Context, u *url.URL) (*Provider, error) {
 		return nil, errors.New("awskms: malformed URL: user information not allowed (credentials come from the SDK's default chain)")
 	}
 	if u.Fragment != "" || u.Opaque != "" {
-		return nil, errors.New("awskms: malformed URL: want awskms://<key>?region=...")
+		return nil, errors.New("awskms: malformed URL: want awskms://<key>?region=<region>")
 	}
 	key, err := url.PathUnescape(u.Host + u.EscapedPath())
 	if err != nil {
@@ -394,9 +395,6 @@ func (p *Provider) Rotate(ctx context.Context) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	if before == DefaultVersion {
-		return "", &provider.Error{Provider: Scheme, Op: "rotate", Err: errors.New("key service reports no key material id, so a rotation could not be observed")}
-	}
 	opCtx, cancel := p.withTimeout(waitCtx)
 	_, err = p.client.RotateKeyOnDemand(opCtx, &kms.RotateKeyOnDemandInput{KeyId: aws.String(p.arn)})
 	cancel()
@@ -405,6 +403,9 @@ func (p *Provider) Rotate(ctx context.Context) (string, error) {
 			return "", &provider.Error{Provider: Scheme, Op: "rotate", Err: fmt.Errorf("the key service or key does not support RotateKeyOnDemand: %w", err)}
 		}
 		return "", p.fail(ctx, "rotate", err)
+	}
+	if before == DefaultVersion {
+		return "", &provider.Error{Provider: Scheme, Op: "rotate", Err: errors.New("key rotated, but the key service reports no key material id to tell versions apart")}
 	}
 	for delay := 50 * time.Millisecond; ; delay = min(2*delay, 2*time.Second) {
 		v, err := p.rotateDescribe(waitCtx, ctx)
@@ -488,14 +489,23 @@ func (p *Provider) setVersion(md *types.KeyMetadata) string {
 }
 
 // currentVersion returns the key material to label a new wrapped key with,
-// reading it again when the last reading is older than versionTTL.
+// reading it again when the last reading is older than versionTTL. While one
+// caller reads it, the others use the previous reading: an older label is
+// always safe (see Wrap).
 func (p *Provider) currentVersion(callCtx, ctx context.Context, op string) (string, error) {
 	p.mu.Lock()
 	v, at := p.version, p.versionAt
-	p.mu.Unlock()
-	if !at.IsZero() && time.Since(at) < versionTTL {
+	if p.refreshing || time.Since(at) < versionTTL {
+		p.mu.Unlock()
 		return v, nil
 	}
+	p.refreshing = true
+	p.mu.Unlock()
+	defer func() {
+		p.mu.Lock()
+		p.refreshing = false
+		p.mu.Unlock()
+	}()
 	return p.describeVersion(callCtx, ctx, op)
 }
 

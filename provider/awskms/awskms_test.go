@@ -345,6 +345,46 @@ func TestOpenErrors(t *testing.T) {
 	}
 }
 
+// TestDeadlines: against a server that accepts connections and never
+// answers, the operation timeout ends the call with ErrUnavailable (worth
+// retrying), and the caller's deadline ends it with the caller's error.
+func TestDeadlines(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	go func() {
+		var held []net.Conn // held open, unanswered, until the listener closes
+		defer func() {
+			for _, c := range held {
+				c.Close()
+			}
+		}()
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			held = append(held, c)
+		}
+	}()
+	silent := "http://" + l.Addr().String()
+	arn := "arn:aws:kms:" + region + ":111122223333:key/0b0b0b0b-1111-2222-3333-444444444444"
+
+	_, err = provider.Open(context.Background(), "awskms:///"+arn+"?endpoint="+silent+"&timeout=200ms")
+	if !errors.Is(err, provider.ErrUnavailable) || !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("operation timeout: %v, want ErrUnavailable and context.DeadlineExceeded", err)
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	_, err = provider.Open(ctx, "awskms:///"+arn+"?endpoint="+silent+"&timeout=5m&max_attempts=10")
+	if !errors.Is(err, context.DeadlineExceeded) || provider.IsRetryable(err) {
+		t.Errorf("caller's deadline: %v, want context.DeadlineExceeded, not retryable", err)
+	}
+}
+
 func TestDisabledKey(t *testing.T) {
 	ctx := context.Background()
 	arn := createKey(t)
