@@ -562,3 +562,11 @@ func TestRetries(t *testing.T) {
 		t.Fatalf("Wrap with an expired deadline: %v; want context.DeadlineExceeded, not retryable", err)
 	}
 }
+
+func TestOpenWithoutCredentials(t *testing.T) {
+	t.Setenv("GOOGLE_APPLICATION_CREDENTIALS", t.TempDir()+"/missing.json")
+	_, err := gcpkms.Open(context.Background(), ring+"/cryptoKeys/k")
+	if err == nil || !strings.Contains(err.Error(), "creating KMS client") || strings.Contains(err.Error(), "\n") {
+		t.Fatalf("Open without credentials = %v; want a one-line client creation error", err)
+	}
+}
