@@ -1,0 +1,91 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/url"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/moby/moby/client"
+	"github.com/testcontainers/testcontainers-go"
+	tclog "github.com/testcontainers/testcontainers-go/log"
+)
+
+// docker is the engine the containers run on; nil until TestMain found one.
+var docker *testcontainers.DockerClient
+
+func TestMain(m *testing.M) {
+	os.Exit(run(m))
+}
+
+func run(m *testing.M) int {
+	// Every container is terminated explicitly (t.Cleanup), so the reaper container, which
+	// would have to be pulled, is not needed.
+	if _, ok := os.LookupEnv("TESTCONTAINERS_RYUK_DISABLED"); !ok {
+		os.Setenv("TESTCONTAINERS_RYUK_DISABLED", "true")
+	}
+	// testcontainers logs each container's life; tests log what matters to them.
+	tclog.SetDefault(tclog.NewNoopLogger())
+
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	cli, err := connectDocker(ctx)
+	cancel()
+	if err != nil {
+		if os.Getenv("CI") != "" {
+			fmt.Fprintf(os.Stderr, "e2e: FAIL: CI is set, so the suite must run, but %v\n", err)
+			return 1
+		}
+		fmt.Fprintf(os.Stderr, "e2e: skipped: %v\n", err)
+		return 0
+	}
+	docker = cli
+	defer docker.Close()
+	return m.Run()
+}
+
+// connectDocker finds the Docker engine and makes the ports it publishes reachable.
+func connectDocker(ctx context.Context) (*testcontainers.DockerClient, error) {
+	cli, err := testcontainers.NewDockerClientWithOpts(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("no Docker engine: %w", err)
+	}
+	if _, err := cli.Ping(ctx, client.PingOptions{}); err != nil {
+		cli.Close()
+		return nil, fmt.Errorf("no Docker engine: %w", err)
+	}
+	if err := setHostOverride(ctx, cli); err != nil {
+		cli.Close()
+		return nil, err
+	}
+	return cli, nil
+}
+
+// setHostOverride handles a test process that runs on the engine's own host but sees a
+// /.dockerenv file (a VM image made from a container, as on this project's CI machine):
+// testcontainers then believes it runs inside a container and reaches published ports
+// through the default gateway, where nothing listens. The engine's bridge device being
+// visible here proves the process shares the engine's network namespace, where published
+// ports are on localhost. TESTCONTAINERS_HOST_OVERRIDE, when set, wins.
+func setHostOverride(ctx context.Context, cli *testcontainers.DockerClient) error {
+	if _, ok := os.LookupEnv("TESTCONTAINERS_HOST_OVERRIDE"); ok {
+		return nil
+	}
+	if u, err := url.Parse(cli.DaemonHost()); err != nil || u.Scheme != "unix" {
+		return nil
+	}
+	nw, err := cli.NetworkInspect(ctx, "bridge", client.NetworkInspectOptions{})
+	if err != nil {
+		return nil // no default bridge: testcontainers' own inference applies
+	}
+	dev := nw.Network.Options["com.docker.network.bridge.name"]
+	if dev == "" {
+		dev = "docker0"
+	}
+	if _, err := net.InterfaceByName(dev); err == nil {
+		os.Setenv("TESTCONTAINERS_HOST_OVERRIDE", "localhost")
+	}
+	return nil
+}
