@@ -154,7 +154,7 @@ Aliases:
 		_, err = admin.DescribeKey(ctx, &kms.DescribeKeyInput{KeyId: aws.String(seededARN)})
 		cancel()
 		if err == nil {
-			return stop, nil
+			break
 		}
 		if i == 50 {
 			stop()
@@ -162,6 +162,14 @@ Aliases:
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
+	// An unpatched local-kms (built before scripts/deps.sh applied the patch)
+	// would fail the tamper and rotation tests confusingly.
+	out, err := admin.DescribeKey(context.Background(), &kms.DescribeKeyInput{KeyId: aws.String(seededARN)})
+	if err != nil || out.KeyMetadata.CurrentKeyMaterialId == nil {
+		stop()
+		return nil, fmt.Errorf("%s lacks provider/awskms/testdata/local-kms.patch (no CurrentKeyMaterialId): run `make deps` to rebuild it", bin)
+	}
+	return stop, nil
 }
 
 func randomHex(n int) string {
@@ -209,16 +217,17 @@ func TestOpen(t *testing.T) {
 	ctx := context.Background()
 	arn := createKey(t)
 	id := arn[strings.LastIndex(arn, "/")+1:]
-	if _, err := admin.CreateAlias(ctx, &kms.CreateAliasInput{AliasName: aws.String("alias/keybroker-open-test"), TargetKeyId: aws.String(id)}); err != nil {
+	alias := "alias/keybroker-open-" + randomHex(4) // unique: the server outlives -count runs
+	if _, err := admin.CreateAlias(ctx, &kms.CreateAliasInput{AliasName: aws.String(alias), TargetKeyId: aws.String(id)}); err != nil {
 		t.Fatal(err)
 	}
-	aliasARN := fmt.Sprintf("arn:aws:kms:%s:111122223333:alias/keybroker-open-test", region)
+	aliasARN := fmt.Sprintf("arn:aws:kms:%s:111122223333:%s", region, alias)
 	q := "?region=" + region + "&endpoint=" + endpoint
 	for _, u := range []string{
 		"awskms:///" + arn + q,
 		"awskms://" + id + q,
-		"awskms://alias/keybroker-open-test" + q,
-		"awskms:///alias/keybroker-open-test" + q,
+		"awskms://" + alias + q,
+		"awskms:///" + alias + q,
 		"awskms:///" + aliasARN + "?endpoint=" + endpoint, // region from the ARN
 		"awskms:///" + arn + q + "&timeout=3s&max_attempts=5",
 	} {
@@ -238,7 +247,7 @@ func TestOpen(t *testing.T) {
 		"awskms://" + aliasARN + "?endpoint=" + endpoint,
 		"awskms://" + strings.ReplaceAll(arn, ":", "%3A") + q,
 		"awskms:///" + arn + q,
-		"awskms://alias/keybroker-open-test" + q,
+		"awskms://" + alias + q,
 	} {
 		p, err := awskms.Open(ctx, u)
 		if err != nil {
@@ -248,6 +257,12 @@ func TestOpen(t *testing.T) {
 		if p.Ref().KeyID != arn {
 			t.Errorf("awskms.Open(%s).Ref().KeyID = %s, want %s", u, p.Ref().KeyID, arn)
 		}
+	}
+
+	// The region may come from the SDK's configuration instead.
+	t.Setenv("AWS_REGION", region)
+	if p, err := provider.Open(ctx, "awskms://"+id+"?endpoint="+endpoint); err != nil || p.Ref().KeyID != arn {
+		t.Errorf("Open with the region from AWS_REGION: %v", err)
 	}
 
 	// A seeded alias resolves to its key too.

@@ -11,6 +11,11 @@
 // default chain (environment, shared config, web identity, container and
 // instance roles), never from the URL.
 //
+// The credentials need kms:DescribeKey (at open, and about once a minute to
+// read the current key material), kms:Encrypt, kms:Decrypt,
+// kms:ReEncryptFrom and kms:ReEncryptTo on the key, and kms:RotateKeyOnDemand
+// for Rotate.
+//
 // # Keys and versions
 //
 // The KEK is one symmetric encryption KMS key (SYMMETRIC_DEFAULT,
