@@ -1,0 +1,343 @@
+package pgstore
+
+import (
+	"context"
+	"crypto/subtle"
+	"errors"
+	"fmt"
+	"strings"
+	"unicode/utf8"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgtype"
+
+	"github.com/profullstack/keybroker/provider"
+)
+
+// PlaintextSource names an existing table of plaintext secrets to migrate.
+// Identifiers are taken literally (case-sensitive, quoted), never as SQL.
+type PlaintextSource struct {
+	// Table is "table" (found through the search_path) or "schema.table".
+	Table string
+	// KeyColumn orders the rows and lets a run resume: it must have a
+	// single-column unique index (a primary key, typically).
+	KeyColumn string
+	// ProjectColumn and NameColumn give each secret's project id and name
+	// (any type; converted to text).
+	ProjectColumn, NameColumn string
+	// ValueColumn holds the plaintext: bytea, or text/varchar (migrated as
+	// its UTF-8 bytes). NULL values are skipped: that is what
+	// ClearPlaintext leaves behind.
+	ValueColumn string
+}
+
+// MigrateOptions configures MigratePlaintext.
+type MigrateOptions struct {
+	// BatchSize is the rows per transaction; DefaultBatchSize when zero.
+	// Source rows of a batch stay locked until it commits.
+	BatchSize int
+	// ClearPlaintext sets ValueColumn to NULL, in the same transaction, for
+	// each row whose secret is stored and verified.
+	ClearPlaintext bool
+	// DryRun validates the source and counts rows, and changes nothing.
+	DryRun bool
+	// StartAfter resumes after this key (as text, from MigrateProgress).
+	// Optional: a run from the start is idempotent too, only slower.
+	StartAfter string
+	// Progress, when set, is called after each committed batch.
+	Progress func(MigrateProgress)
+}
+
+// MigrateProgress reports MigratePlaintext's progress.
+type MigrateProgress struct {
+	Done    int64  // source rows processed so far by this call
+	Total   int64  // source rows with a value when the call started
+	LastKey string // key (as text) of the last row committed
+}
+
+// MigrateResult is what MigratePlaintext did, or (DryRun) would do.
+type MigrateResult struct {
+	Pending        int64 // source rows with a value when the call started
+	Migrated       int64 // secrets written from source rows
+	AlreadyPresent int64 // source rows whose secret was already stored with the same value
+	Conflicts      int64 // source rows whose secret is stored with another value (or does not decrypt): left alone, plaintext kept
+	Cleared        int64 // source values set to NULL
+	LastKey        string
+}
+
+// MigratePlaintext encrypts the plaintext secrets of an existing table into
+// encrypted_secrets. It first checks that the table and columns exist, that
+// the value column's type is usable, the key column unique, and that no row
+// with a value lacks a valid project or name; any problem is one error
+// matching ErrSource, before any write.
+//
+// Rows are read in key order (keyset pagination, so the table is never
+// locked as a whole) in batches, each one transaction: encrypt each value
+// under its project's data key, insert (an existing secret is never
+// overwritten), read back what is stored and decrypt it, and only if it
+// equals the source bytes count the row as migrated (and, with
+// ClearPlaintext, NULL the source value). A mismatch on a row this batch
+// wrote aborts the batch with ErrVerify. Re-running is safe at any point:
+// rows already stored with the same value count as AlreadyPresent.
+//
+// MigratePlaintext writes to many projects, so it needs a role that
+// row-level security does not restrict.
+func (s *Store) MigratePlaintext(ctx context.Context, src PlaintextSource, opts MigrateOptions) (MigrateResult, error) {
+	var res MigrateResult
+	batch := opts.BatchSize
+	if batch == 0 {
+		batch = DefaultBatchSize
+	}
+	if batch < 1 {
+		return res, fmt.Errorf("%w: batch size %d", ErrInvalidArgument, batch)
+	}
+	m, err := s.plaintextSQL(ctx, src, opts.ClearPlaintext)
+	if err != nil {
+		return res, err
+	}
+	if err := s.pool.QueryRow(ctx, m.count).Scan(&res.Pending); err != nil {
+		return res, fmt.Errorf("pgstore: migrate plaintext: %w", err)
+	}
+	var badKey pgtype.Text
+	if err := s.pool.QueryRow(ctx, m.bad).Scan(&badKey); err != nil && !errors.Is(err, pgx.ErrNoRows) {
+		return res, fmt.Errorf("pgstore: migrate plaintext: %w", err)
+	}
+	if badKey.Valid {
+		return res, fmt.Errorf("%w: row with %s %q: project or name is NULL, empty or too long (%d, %d bytes at most), or value exceeds %d bytes",
+			ErrSource, src.KeyColumn, badKey.String, MaxProjectLen, MaxNameLen, MaxValueLen)
+	}
+	if opts.DryRun {
+		return res, nil
+	}
+	res.LastKey = opts.StartAfter
+	first := opts.StartAfter == ""
+	for {
+		n, err := s.migrateBatch(ctx, m, &res, first, batch, opts.ClearPlaintext)
+		if err != nil {
+			return res, err
+		}
+		if n == 0 {
+			break
+		}
+		first = false
+		done := res.Migrated + res.AlreadyPresent + res.Conflicts
+		s.log.Info("pgstore: migrated plaintext batch", "rows", n, "done", done, "last_key", res.LastKey)
+		if opts.Progress != nil {
+			opts.Progress(MigrateProgress{Done: done, Total: res.Pending, LastKey: res.LastKey})
+		}
+	}
+	if err := s.event(ctx, s.pool, "migrate.plaintext", "", 0, nil, res.Migrated, map[string]any{
+		"table": src.Table, "already_present": res.AlreadyPresent, "conflicts": res.Conflicts, "cleared": res.Cleared,
+	}); err != nil {
+		return res, err
+	}
+	return res, nil
+}
+
+// plaintextQueries are the statements for one validated source.
+type plaintextQueries struct {
+	count, bad           string
+	selectFirst, selNext string
+	clear                string
+}
+
+// plaintextSQL validates src against the catalog and builds the statements.
+func (s *Store) plaintextSQL(ctx context.Context, src PlaintextSource, clear bool) (*plaintextQueries, error) {
+	parts := strings.Split(src.Table, ".")
+	if len(parts) > 2 {
+		return nil, fmt.Errorf("%w: table %q: want table or schema.table", ErrSource, src.Table)
+	}
+	for _, name := range append(parts, src.KeyColumn, src.ProjectColumn, src.NameColumn, src.ValueColumn) {
+		if name == "" || len(name) > 63 || !utf8.ValidString(name) || strings.ContainsRune(name, 0) {
+			return nil, fmt.Errorf("%w: identifier %q must be 1..63 bytes of UTF-8 (table %q, columns key %q, project %q, name %q, value %q)",
+				ErrSource, name, src.Table, src.KeyColumn, src.ProjectColumn, src.NameColumn, src.ValueColumn)
+		}
+	}
+	table := pgx.Identifier(parts).Sanitize()
+	var oid pgtype.Uint32
+	if err := s.pool.QueryRow(ctx, `SELECT c.oid FROM pg_class c WHERE c.oid = to_regclass($1) AND c.relkind IN ('r', 'p')`, table).Scan(&oid); err != nil {
+		if errors.Is(err, pgx.ErrNoRows) {
+			return nil, fmt.Errorf("%w: table %q does not exist", ErrSource, src.Table)
+		}
+		return nil, fmt.Errorf("pgstore: migrate plaintext: %w", err)
+	}
+	type column struct {
+		typ    string // format_type, for casts
+		unique bool
+	}
+	cols := map[string]column{}
+	rows, err := s.pool.Query(ctx, `SELECT a.attname, format_type(a.atttypid, a.atttypmod),
+  EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = a.attrelid AND i.indisunique AND i.indnkeyatts = 1
+          AND i.indkey[0] = a.attnum AND i.indpred IS NULL)
+FROM pg_attribute a WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped`, oid)
+	if err != nil {
+		return nil, fmt.Errorf("pgstore: migrate plaintext: %w", err)
+	}
+	var name string
+	var c column
+	if _, err := pgx.ForEachRow(rows, []any{&name, &c.typ, &c.unique}, func() error { cols[name] = c; return nil }); err != nil {
+		return nil, fmt.Errorf("pgstore: migrate plaintext: %w", err)
+	}
+	for _, want := range []struct{ role, name string }{{"key", src.KeyColumn}, {"project", src.ProjectColumn}, {"name", src.NameColumn}, {"value", src.ValueColumn}} {
+		if _, ok := cols[want.name]; !ok {
+			return nil, fmt.Errorf("%w: table %q has no %s column %q", ErrSource, src.Table, want.role, want.name)
+		}
+	}
+	key, val := cols[src.KeyColumn], cols[src.ValueColumn]
+	if !key.unique {
+		return nil, fmt.Errorf("%w: key column %q of table %q needs a single-column unique index (for example the primary key)", ErrSource, src.KeyColumn, src.Table)
+	}
+	q := func(col string) string { return pgx.Identifier{col}.Sanitize() }
+	k, p, n, v := q(src.KeyColumn), q(src.ProjectColumn), q(src.NameColumn), q(src.ValueColumn)
+	var valueBytes string
+	switch {
+	case val.typ == "bytea":
+		valueBytes = v
+	case val.typ == "text" || strings.HasPrefix(val.typ, "character varying") || strings.HasPrefix(val.typ, "character("):
+		valueBytes = "convert_to(" + v + ", 'UTF8')"
+	default:
+		return nil, fmt.Errorf("%w: value column %q of table %q has type %s; want bytea or text", ErrSource, src.ValueColumn, src.Table, val.typ)
+	}
+	lock := "FOR SHARE"
+	if clear {
+		lock = "FOR NO KEY UPDATE"
+	}
+	// ORDER BY names src's column: a bare name would mean the text output.
+	sel := `SELECT ` + k + `::text, ` + p + `::text, ` + n + `::text, ` + valueBytes + ` FROM ` + table + ` AS src WHERE ` + v + ` IS NOT NULL`
+	tail := ` ORDER BY src.` + k + ` LIMIT $1 ` + lock
+	return &plaintextQueries{
+		count: `SELECT count(*) FROM ` + table + ` WHERE ` + v + ` IS NOT NULL`,
+		bad: fmt.Sprintf(`SELECT %[1]s::text FROM %[2]s AS src WHERE %[3]s IS NOT NULL AND (%[4]s IS NULL OR %[5]s IS NULL
+  OR octet_length(%[4]s::text) NOT BETWEEN 1 AND %[6]d OR octet_length(%[5]s::text) NOT BETWEEN 1 AND %[7]d
+  OR octet_length(%[3]s) > %[8]d) ORDER BY src.%[1]s LIMIT 1`, k, table, v, p, n, MaxProjectLen, MaxNameLen, MaxValueLen),
+		selectFirst: sel + tail,
+		selNext:     sel + ` AND src.` + k + ` > $2::` + key.typ + tail,
+		clear:       `UPDATE ` + table + ` SET ` + v + ` = NULL WHERE ` + k + ` = ANY($1::text[]::` + key.typ + `[])`,
+	}, nil
+}
+
+type secretID struct{ project, name string }
+
+// migrateBatch migrates the rows after res.LastKey (or from the start) in
+// one transaction and returns how many source rows it handled.
+func (s *Store) migrateBatch(ctx context.Context, m *plaintextQueries, res *MigrateResult, first bool, batch int, clear bool) (int, error) {
+	tx, err := s.pool.Begin(ctx)
+	if err != nil {
+		return 0, fmt.Errorf("pgstore: migrate plaintext: %w", err)
+	}
+	defer tx.Rollback(context.WithoutCancel(ctx))
+	var rows pgx.Rows
+	if first {
+		rows, err = tx.Query(ctx, m.selectFirst, batch)
+	} else {
+		rows, err = tx.Query(ctx, m.selNext, batch, res.LastKey)
+	}
+	if err != nil {
+		return 0, fmt.Errorf("pgstore: migrate plaintext: read source: %w", err)
+	}
+	var keys, projects, names []string
+	var values [][]byte
+	var key, project, name string
+	var value []byte
+	if _, err := pgx.ForEachRow(rows, []any{&key, &project, &name, &value}, func() error {
+		keys, projects, names, values = append(keys, key), append(projects, project), append(names, name), append(values, value)
+		value = nil
+		return nil
+	}); err != nil {
+		return 0, fmt.Errorf("pgstore: migrate plaintext: read source: %w", err)
+	}
+	defer func() {
+		for _, v := range values {
+			provider.Clear(v)
+		}
+	}()
+	if len(keys) == 0 {
+		return 0, nil
+	}
+	blobs := make([][]byte, len(keys))
+	nonces := make([][]byte, len(keys))
+	ids := make([]pgtype.UUID, len(keys))
+	for i := range keys {
+		id, blob, nonce, err := s.seal(ctx, projects[i], values[i], secretAAD(projects[i], names[i]))
+		if err != nil {
+			return 0, fmt.Errorf("pgstore: migrate plaintext: row %q: %w", keys[i], err)
+		}
+		blobs[i], nonces[i], ids[i] = blob, nonce, uuidParam(id)
+	}
+	inserted := map[secretID]bool{}
+	ins, err := tx.Query(ctx, `INSERT INTO `+s.q+`.encrypted_secrets (project_id, name, encrypted_data, nonce, data_key_id)
+SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bytea[], $5::uuid[])
+ON CONFLICT (project_id, name) DO NOTHING RETURNING project_id, name`, projects, names, blobs, nonces, ids)
+	if err != nil {
+		return 0, fmt.Errorf("pgstore: migrate plaintext: insert: %w", err)
+	}
+	if _, err := pgx.ForEachRow(ins, []any{&project, &name}, func() error { inserted[secretID{project, name}] = true; return nil }); err != nil {
+		return 0, fmt.Errorf("pgstore: migrate plaintext: insert: %w", err)
+	}
+	// Read back what is stored now (ours or an earlier value) and decrypt it.
+	type stored struct {
+		blob, nonce []byte
+		id          pgtype.UUID
+		wk          provider.WrappedKey
+	}
+	now := map[secretID]*stored{}
+	back, err := tx.Query(ctx, `SELECT s.project_id, s.name, s.encrypted_data, s.nonce, s.data_key_id, d.wrapped_dek, k.provider, k.key_id, k.key_version
+FROM unnest($1::text[], $2::text[]) AS u(p, n)
+JOIN `+s.q+`.encrypted_secrets s ON s.project_id = u.p AND s.name = u.n
+JOIN `+s.q+`.data_keys d ON d.id = s.data_key_id
+JOIN `+s.q+`.kek k ON k.id = d.kek_id`, projects, names)
+	if err != nil {
+		return 0, fmt.Errorf("pgstore: migrate plaintext: read back: %w", err)
+	}
+	var st stored
+	if _, err := pgx.ForEachRow(back, []any{&project, &name, &st.blob, &st.nonce, &st.id, &st.wk.Ciphertext, &st.wk.Provider, &st.wk.KeyID, &st.wk.Version}, func() error {
+		c := st
+		now[secretID{project, name}] = &c
+		return nil
+	}); err != nil {
+		return 0, fmt.Errorf("pgstore: migrate plaintext: read back: %w", err)
+	}
+	var clearKeys []string
+	var migrated, present, conflicts int64
+	for i := range keys {
+		sid := secretID{projects[i], names[i]}
+		cur := now[sid]
+		var same bool
+		if cur != nil {
+			pt, err := s.open(ctx, sid.project, cur.id.Bytes, &cur.wk, cur.blob, cur.nonce, secretAAD(sid.project, sid.name))
+			same = err == nil && len(pt) == len(values[i]) && subtle.ConstantTimeCompare(pt, values[i]) == 1
+			provider.Clear(pt)
+		}
+		switch {
+		case inserted[sid] && !same:
+			return 0, fmt.Errorf("%w: row %q: stored ciphertext does not decrypt to the source value; batch rolled back", ErrVerify, keys[i])
+		case inserted[sid]:
+			migrated++
+			delete(inserted, sid) // a duplicate (project, name) later in the batch compares as present
+		case same:
+			present++
+		default:
+			conflicts++
+			s.log.Warn("pgstore: migrate plaintext: secret already stored with another value; source row left alone", "key", keys[i], "project", sid.project, "name", sid.name)
+			continue
+		}
+		clearKeys = append(clearKeys, keys[i])
+	}
+	var cleared int64
+	if clear && len(clearKeys) > 0 {
+		ct, err := tx.Exec(ctx, m.clear, clearKeys)
+		if err != nil {
+			return 0, fmt.Errorf("pgstore: migrate plaintext: clear source: %w", err)
+		}
+		cleared = ct.RowsAffected()
+	}
+	if err := tx.Commit(ctx); err != nil {
+		return 0, fmt.Errorf("pgstore: migrate plaintext: commit: %w", err)
+	}
+	res.Migrated += migrated
+	res.AlreadyPresent += present
+	res.Conflicts += conflicts
+	res.Cleared += cleared
+	res.LastKey = keys[len(keys)-1]
+	return len(keys), nil
+}
