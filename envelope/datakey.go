@@ -297,7 +297,8 @@ func open(a cipher.AEAD, v *view, aad []byte) ([]byte, error) {
 // header and must be given again to OpenWithKey. It counts one message
 // against k's budget and returns ErrKeyExhausted when the budget is spent.
 func SealWithKeyID(k *DataKey, keyID, plaintext, aad []byte) ([]byte, error) {
-	ref, err := externalRef(keyID)
+	var buf [2 + MaxKeyIDLen]byte // keeps the reference off the heap
+	ref, err := appendExternalRef(buf[:0], keyID)
 	if err != nil {
 		return nil, err
 	}

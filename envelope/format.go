@@ -147,9 +147,9 @@ func (r *reader) u16(field string) int {
 func (r *reader) field(lenBytes, lo, hi int, name string) []byte {
 	var n int
 	if lenBytes == 1 {
-		n = r.u8(name + " length")
+		n = r.u8(name)
 	} else {
-		n = r.u16(name + " length")
+		n = r.u16(name)
 	}
 	if r.err == nil && (n < lo || n > hi) {
 		r.err = malformed("%s length %d out of range %d..%d", name, n, lo, hi)
@@ -267,7 +267,7 @@ func (m *Message) MarshalBinary() ([]byte, error) {
 	case m.WrappedKey != nil && m.KeyID == nil:
 		ref, err = inlineRef(m.WrappedKey)
 	case m.WrappedKey == nil && m.KeyID != nil:
-		ref, err = externalRef(m.KeyID)
+		ref, err = appendExternalRef(nil, m.KeyID)
 	default:
 		err = errors.New("envelope: marshal: exactly one of WrappedKey and KeyID must be set")
 	}
@@ -295,14 +295,13 @@ func inlineRef(wk *provider.WrappedKey) ([]byte, error) {
 	return append(b, wk.Ciphertext...), nil
 }
 
-// externalRef encodes the reference to an external DEK id.
-func externalRef(id []byte) ([]byte, error) {
+// appendExternalRef appends the reference to an external DEK id.
+func appendExternalRef(dst, id []byte) ([]byte, error) {
 	if len(id) == 0 || len(id) > MaxKeyIDLen {
 		return nil, fmt.Errorf("envelope: external key id length %d out of range 1..%d", len(id), MaxKeyIDLen)
 	}
-	b := make([]byte, 0, 2+len(id))
-	b = append(b, refExternal, byte(len(id)))
-	return append(b, id...), nil
+	dst = append(dst, refExternal, byte(len(id)))
+	return append(dst, id...), nil
 }
 
 func headerLen(ref []byte) int { return fixedLen - 1 + len(ref) + trailerLen }
