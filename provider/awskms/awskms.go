@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net/url"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -63,7 +64,11 @@ var (
 
 func init() {
 	provider.Register(Scheme, func(ctx context.Context, u *url.URL) (provider.KEKProvider, error) {
-		return openURL(ctx, u)
+		p, err := openURL(ctx, u)
+		if err != nil {
+			return nil, err // not a typed nil
+		}
+		return p, nil
 	})
 }
 
@@ -159,6 +164,9 @@ func open(ctx context.Context, key string, q url.Values) (*Provider, error) {
 		}
 		region = arnRegion
 	}
+	if region != "" && !regionRE.MatchString(region) {
+		return nil, errors.New("awskms: region is not an AWS Region name such as eu-west-1")
+	}
 	endpoint := q.Get("endpoint")
 	if endpoint != "" {
 		e, err := url.Parse(endpoint)
@@ -252,6 +260,8 @@ func checkKeyID(key string) error {
 	}
 	return nil
 }
+
+var regionRE = regexp.MustCompile(`^[a-z]{2}(-[a-z0-9]+)+$`)
 
 // regionOfARN returns the region field of arn:partition:kms:region:account:...
 func regionOfARN(key string) (string, bool) {

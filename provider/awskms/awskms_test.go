@@ -287,6 +287,8 @@ func TestOpenErrors(t *testing.T) {
 		{"awskms://a%zzb?region=" + region + ep, "percent-encoding", true},
 		{"awskms:///" + arn + "?region=us-east-1" + ep, "differs from the key ARN", false},
 		{"awskms:///" + arn + "?region=" + region + "&endpoint=ftp://x", "endpoint parameter", false},
+		{"awskms://" + id + "?region=EU%20WEST" + ep, "not an AWS Region", false},
+		{"awskms:///arn:aws:kms:eu_west:111122223333:key/" + id + "?endpoint=" + endpoint, "not an AWS Region", false},
 		{"awskms:///" + arn + "?region=" + region + "&endpoint=http://u:secret@127.0.0.1:1", "endpoint parameter", false},
 		{"awskms:///" + arn + "?region=" + region + ep + "&timeout=forever", "timeout parameter", false},
 		{"awskms:///" + arn + "?region=" + region + ep + "&timeout=-1s", "timeout parameter", false},
