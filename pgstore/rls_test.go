@@ -1,0 +1,102 @@
+package pgstore_test
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"testing"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/profullstack/keybroker/internal/pgtest"
+	"github.com/profullstack/keybroker/pgstore"
+)
+
+// A tenant role (not owner, not superuser) sees and changes only the rows
+// of the project its transaction names.
+func TestRowLevelSecurity(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t, pgstore.Config{})
+	putMany(t, e.store, 2, 3) // p0, p1
+	role, roleURL := pgtest.NewRole(t, e.url)
+	r := pgx.Identifier{role}.Sanitize()
+	if _, err := e.pool.Exec(ctx, `GRANT USAGE ON SCHEMA keybroker TO `+r+`;
+		GRANT SELECT ON keybroker.schema_version TO `+r+`;
+		GRANT SELECT, INSERT ON keybroker.kek, keybroker.key_events TO `+r+`;
+		GRANT SELECT, INSERT, UPDATE, DELETE ON keybroker.data_keys, keybroker.encrypted_secrets TO `+r); err != nil {
+		t.Fatal(err)
+	}
+	tenant := pgtest.PoolFor(t, roleURL)
+
+	countIn := func(pool *pgxpool.Pool, project, sql string) (n int64) {
+		t.Helper()
+		err := pgstore.WithProject(ctx, pool, project, func(tx pgx.Tx) error { return tx.QueryRow(ctx, sql).Scan(&n) })
+		if err != nil {
+			t.Fatalf("%s: %v", sql, err)
+		}
+		return n
+	}
+	if n := countIn(tenant, "p0", `SELECT count(*) FROM keybroker.encrypted_secrets`); n != 3 {
+		t.Fatalf("tenant in p0 sees %d secrets, want 3", n)
+	}
+	if n := countIn(tenant, "p0", `SELECT count(*) FROM keybroker.data_keys`); n != 1 {
+		t.Fatalf("tenant in p0 sees %d data keys, want 1", n)
+	}
+	// Without a project, nothing.
+	var n int64
+	if err := tenant.QueryRow(ctx, `SELECT count(*) FROM keybroker.encrypted_secrets`).Scan(&n); err != nil || n != 0 {
+		t.Fatalf("tenant without project sees %d (%v)", n, err)
+	}
+	before := snapshotSecrets(t, e)
+	// Changes to another project's rows touch nothing...
+	err := pgstore.WithProject(ctx, tenant, "p0", func(tx pgx.Tx) error {
+		for _, sql := range []string{
+			`UPDATE keybroker.encrypted_secrets SET updated_at = now() WHERE project_id = 'p1'`,
+			`DELETE FROM keybroker.encrypted_secrets WHERE project_id = 'p1'`,
+			`DELETE FROM keybroker.data_keys WHERE project_id = 'p1'`,
+		} {
+			ct, err := tx.Exec(ctx, sql)
+			if err != nil {
+				return err
+			}
+			if ct.RowsAffected() != 0 {
+				t.Errorf("%s: %d rows", sql, ct.RowsAffected())
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// ...and writing a row for another project is refused (and rolled back).
+	err = pgstore.WithProject(ctx, tenant, "p0", func(tx pgx.Tx) error {
+		_, err := tx.Exec(ctx, `UPDATE keybroker.encrypted_secrets SET project_id = 'p1', name = 'stolen' WHERE name = 's0'`)
+		return err
+	})
+	if err == nil || !strings.Contains(err.Error(), "row-level security") {
+		t.Fatalf("moving a row to another project: %v", err)
+	}
+	if snapshotSecrets(t, e) != before {
+		t.Fatal("tenant changed rows")
+	}
+	// A Store on the tenant role works within each call's project.
+	ts := newStore(t, tenant, pgstore.Config{KEK: e.kek})
+	if got, err := ts.Get(ctx, "p1", "s2"); err != nil || string(got) != "v1-2" {
+		t.Fatalf("tenant store get: %q, %v", got, err)
+	}
+	if err := ts.Put(ctx, "p2", "fresh", []byte("x")); err != nil { // creates a data key under RLS
+		t.Fatalf("tenant store put: %v", err)
+	}
+	if list, err := ts.List(ctx, "p2"); err != nil || len(list) != 1 {
+		t.Fatalf("tenant list: %v, %v", list, err)
+	}
+	// Key management across projects is for the owner: the tenant sees no
+	// data keys without a project.
+	if _, err := ts.Rewrap(ctx, pgstore.RewrapOptions{}); err != nil {
+		t.Fatalf("tenant rewrap (sees nothing to do): %v", err)
+	}
+	if err := pgstore.WithProject(ctx, tenant, "", nil); !errors.Is(err, pgstore.ErrInvalidArgument) {
+		t.Fatalf("empty project: %v", err)
+	}
+}

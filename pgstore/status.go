@@ -1,0 +1,86 @@
+package pgstore
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// Status summarises what the database holds. It reads only the database
+// (no key service), so it works when a provider is unreachable.
+type Status struct {
+	// Versions lists every KEK version the kek table records, oldest
+	// first, with the data keys wrapped under it and the secrets under
+	// those data keys.
+	Versions []VersionStatus
+	// OldestInUse is the oldest version still wrapping a data key; nil if
+	// there are no data keys.
+	OldestInUse *VersionStatus
+	// DataKeys counts data keys by state ("active", "spent", "retired").
+	DataKeys map[string]int64
+	Secrets  int64 // secrets in all projects
+	Projects int64 // projects with at least one data key
+	// Budget is this Store's per-data-key budget; MaxActiveUse is the
+	// highest budget use (data_keys.messages) among active data keys.
+	Budget       int64
+	MaxActiveUse int64
+}
+
+// VersionStatus is one KEK version's line in Status.
+type VersionStatus struct {
+	KEKVersion
+	CreatedAt time.Time
+	RetiredAt *time.Time // nil unless retired
+	DataKeys  int64
+	Secrets   int64
+}
+
+// Status reports counts of data keys and secrets per KEK version, data
+// keys by state, and budget use. It needs a role that row-level security
+// does not restrict to see every project.
+func (s *Store) Status(ctx context.Context) (*Status, error) {
+	st := &Status{DataKeys: map[string]int64{}, Budget: s.budget}
+	rows, err := s.pool.Query(ctx, `SELECT k.provider, k.key_id, k.key_version, k.created_at, k.retired_at,
+  count(d.id), coalesce(sum(sc.n), 0)::bigint
+FROM `+s.q+`.kek k
+LEFT JOIN `+s.q+`.data_keys d ON d.kek_id = k.id
+LEFT JOIN (SELECT data_key_id, count(*) AS n FROM `+s.q+`.encrypted_secrets GROUP BY 1) sc ON sc.data_key_id = d.id
+GROUP BY k.id ORDER BY k.created_at, k.id`)
+	if err != nil {
+		return nil, fmt.Errorf("pgstore: status: %w", err)
+	}
+	var v VersionStatus
+	if _, err := pgx.ForEachRow(rows, []any{&v.Provider, &v.KeyID, &v.Version, &v.CreatedAt, &v.RetiredAt, &v.DataKeys, &v.Secrets}, func() error {
+		st.Versions = append(st.Versions, v)
+		v.RetiredAt = nil
+		return nil
+	}); err != nil {
+		return nil, fmt.Errorf("pgstore: status: %w", err)
+	}
+	for i := range st.Versions {
+		if st.Versions[i].DataKeys > 0 {
+			st.OldestInUse = &st.Versions[i]
+			break
+		}
+	}
+	rows, err = s.pool.Query(ctx, `SELECT state, count(*), coalesce(max(messages) FILTER (WHERE state = 'active'), 0) FROM `+s.q+`.data_keys GROUP BY state`)
+	if err != nil {
+		return nil, fmt.Errorf("pgstore: status: %w", err)
+	}
+	var state string
+	var n, maxUse int64
+	if _, err := pgx.ForEachRow(rows, []any{&state, &n, &maxUse}, func() error {
+		st.DataKeys[state] = n
+		st.MaxActiveUse = max(st.MaxActiveUse, maxUse)
+		return nil
+	}); err != nil {
+		return nil, fmt.Errorf("pgstore: status: %w", err)
+	}
+	if err := s.pool.QueryRow(ctx, `SELECT (SELECT count(*) FROM `+s.q+`.encrypted_secrets), (SELECT count(DISTINCT project_id) FROM `+s.q+`.data_keys)`).
+		Scan(&st.Secrets, &st.Projects); err != nil {
+		return nil, fmt.Errorf("pgstore: status: %w", err)
+	}
+	return st, nil
+}
