@@ -77,6 +77,7 @@ type cryptoKey struct {
 }
 
 type keyVersion struct {
+	id   int
 	pb   *kmspb.CryptoKeyVersion
 	aead cipher.AEAD // nil once destroyed
 }
@@ -239,7 +240,7 @@ func (k *cryptoKey) newVersion() (int, error) {
 	}
 	id := len(k.versions) + 1
 	now := timestamppb.Now()
-	k.versions = append(k.versions, &keyVersion{aead: aead, pb: &kmspb.CryptoKeyVersion{
+	k.versions = append(k.versions, &keyVersion{id: id, aead: aead, pb: &kmspb.CryptoKeyVersion{
 		Name:            k.pb.Name + "/cryptoKeyVersions/" + strconv.Itoa(id),
 		State:           kmspb.CryptoKeyVersion_ENABLED,
 		ProtectionLevel: kmspb.ProtectionLevel_SOFTWARE,
@@ -437,32 +438,20 @@ func (s *Server) Encrypt(_ context.Context, req *kmspb.EncryptRequest) (*kmspb.E
 	}
 
 	s.mu.Lock()
+	v, err := s.encryptVersion(req.GetName())
 	var (
-		k   *cryptoKey
-		v   *keyVersion
-		err error
+		aead cipher.AEAD
+		name string
+		id   int
 	)
-	if strings.Contains(req.GetName(), "/cryptoKeyVersions/") {
-		k, v, err = s.version(req.GetName())
-	} else if k, err = s.key(req.GetName()); err == nil {
-		if v = k.version(k.primary); v == nil {
-			err = status.Errorf(codes.FailedPrecondition, "%s has no primary CryptoKeyVersion.", k.pb.Name)
-		}
-	}
-	if err == nil && v.pb.State != kmspb.CryptoKeyVersion_ENABLED {
-		err = notEnabled(v)
-	}
-	var aead cipher.AEAD
-	var name string
 	if err == nil {
-		aead, name = v.aead, v.pb.Name
+		aead, name, id = v.aead, v.pb.Name, v.id
 	}
 	s.mu.Unlock()
 	if err != nil {
 		return nil, err
 	}
 
-	id, _ := strconv.Atoi(name[strings.LastIndexByte(name, '/')+1:])
 	out := make([]byte, headerLen+nonceLen, headerLen+nonceLen+len(pt)+tagLen)
 	binary.BigEndian.PutUint32(out, uint32(id))
 	if _, err := rand.Read(out[headerLen:]); err != nil {
@@ -477,6 +466,31 @@ func (s *Server) Encrypt(_ context.Context, req *kmspb.EncryptRequest) (*kmspb.E
 		VerifiedAdditionalAuthenticatedDataCrc32C: req.GetAdditionalAuthenticatedDataCrc32C() != nil,
 		ProtectionLevel: kmspb.ProtectionLevel_SOFTWARE,
 	}, nil
+}
+
+// encryptVersion resolves Encrypt's name, a CryptoKey (its primary) or a
+// CryptoKeyVersion, to an ENABLED version; s.mu must be held.
+func (s *Server) encryptVersion(name string) (*keyVersion, error) {
+	var v *keyVersion
+	if strings.Contains(name, "/cryptoKeyVersions/") {
+		_, ver, err := s.version(name)
+		if err != nil {
+			return nil, err
+		}
+		v = ver
+	} else {
+		k, err := s.key(name)
+		if err != nil {
+			return nil, err
+		}
+		if v = k.version(k.primary); v == nil {
+			return nil, status.Errorf(codes.FailedPrecondition, "%s has no primary CryptoKeyVersion.", k.pb.Name)
+		}
+	}
+	if v.pb.State != kmspb.CryptoKeyVersion_ENABLED {
+		return nil, notEnabled(v)
+	}
+	return v, nil
 }
 
 var errDecrypt = status.Error(codes.InvalidArgument, "Decryption failed: verify that 'name' refers to the correct CryptoKey.")
