@@ -66,7 +66,7 @@ func NewKeyCache(maxEntries int, ttl time.Duration) *KeyCache {
 }
 
 // Get returns the key cached under id, leased, and its release function.
-// On a miss it calls load once, however many goroutines ask for id at the
+// On a miss it calls load (which must not be nil then) once, however many goroutines ask for id at the
 // same time; the others wait for that load (or their own ctx). A load
 // error is returned to the caller that ran it and to the waiters, except
 // that a waiter whose loader's ctx ended retries with its own. After Close,
@@ -96,6 +96,10 @@ func (c *KeyCache) Get(ctx context.Context, id string, load func(context.Context
 			e = nil
 		}
 		if e == nil {
+			if load == nil {
+				c.mu.Unlock()
+				return nil, nil, errors.New("envelope: key cache: miss with a nil load function")
+			}
 			e = &cacheEntry{done: make(chan struct{})}
 			c.entries[id] = e
 			c.misses.Add(1)

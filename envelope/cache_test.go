@@ -225,6 +225,9 @@ func TestCacheLoadPanic(t *testing.T) {
 	if _, _, err := c.Get(context.Background(), "b", func(context.Context) (*DataKey, error) { return nil, nil }); err == nil {
 		t.Fatal("a load returning no key and no error succeeded")
 	}
+	if _, _, err := c.Get(context.Background(), "b", nil); err == nil {
+		t.Fatal("a miss with a nil load succeeded")
+	}
 }
 
 // TestDecryptCoalesce: 64 goroutines decrypting with a cold cache cause one
