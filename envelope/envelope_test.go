@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"sync/atomic"
 	"testing"
 
 	"github.com/profullstack/keybroker/provider"
@@ -77,7 +78,8 @@ func headerLenOf(t testing.TB, blob []byte) int {
 func TestRoundTripExternal(t *testing.T) {
 	ctx := context.Background()
 	kek := goldenKEK(t)
-	k, wk, err := NewDataKey(ctx, kek, []byte("tenant-1"))
+	ckek := &countingKEK{KEKProvider: kek}
+	k, wk, err := NewDataKey(ctx, ckek, []byte("tenant-1"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -89,9 +91,15 @@ func TestRoundTripExternal(t *testing.T) {
 	if err != nil || string(h.KeyID) != "dek-42" || h.WrappedKey != nil {
 		t.Fatalf("ParseHeader = %+v, %v", h, err)
 	}
-	k2, err := UnwrapDataKey(ctx, kek, wk, []byte("tenant-1"))
+	k2, err := UnwrapDataKey(ctx, ckek, wk, []byte("tenant-1"))
 	if err != nil {
 		t.Fatal(err)
+	}
+	// The raw DEK is cleared once expanded, on both paths.
+	for what, p := range map[string]*atomic.Pointer[[]byte]{"Wrap": &ckek.given, "Unwrap": &ckek.returned} {
+		if dek := p.Load(); dek == nil || len(*dek) != DEKSize || !isZero(*dek) {
+			t.Fatalf("the DEK given to or returned by %s was not cleared", what)
+		}
 	}
 	got, err := OpenWithKey(k2, blob, []byte("p1/s1"))
 	if err != nil || string(got) != "hello" {

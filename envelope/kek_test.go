@@ -37,11 +37,13 @@ func newKEK(t testing.TB, id string) *local.Provider {
 }
 
 // countingKEK counts the calls that reach a real provider, and remembers
-// the DEK slices Unwrap returned so tests can check they were cleared.
+// the DEK slices passed to Wrap and returned by Unwrap so tests can check
+// they were cleared.
 type countingKEK struct {
 	provider.KEKProvider
 	wraps, unwraps atomic.Int64
-	returned       atomic.Pointer[[]byte]
+	returned       atomic.Pointer[[]byte] // the DEK the last Unwrap returned
+	given          atomic.Pointer[[]byte] // the DEK the last Wrap was given
 	fail           atomic.Pointer[error] // when set, calls fail with it
 	gate           chan struct{}         // when set, calls wait for it to close
 	entered        chan struct{}         // when set, calls send on it first
@@ -58,6 +60,7 @@ func (c *countingKEK) Wrap(ctx context.Context, dek, aad []byte) (*provider.Wrap
 	if e := c.fail.Load(); e != nil {
 		return nil, *e
 	}
+	c.given.Store(&dek)
 	return c.KEKProvider.Wrap(ctx, dek, aad)
 }
 
