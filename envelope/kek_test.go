@@ -44,9 +44,9 @@ type countingKEK struct {
 	wraps, unwraps atomic.Int64
 	returned       atomic.Pointer[[]byte] // the DEK the last Unwrap returned
 	given          atomic.Pointer[[]byte] // the DEK the last Wrap was given
-	fail           atomic.Pointer[error] // when set, calls fail with it
-	gate           chan struct{}         // when set, calls wait for it to close
-	entered        chan struct{}         // when set, calls send on it first
+	fail           atomic.Pointer[error]  // when set, calls fail with it
+	gate           chan struct{}          // when set, calls wait for it to close
+	entered        chan struct{}          // when set, calls send on it first
 }
 
 func (c *countingKEK) Wrap(ctx context.Context, dek, aad []byte) (*provider.WrappedKey, error) {
