@@ -38,7 +38,8 @@
 // Rotate (Rotator) creates a CryptoKeyVersion and makes it primary; the
 // real service propagates a primary change with some delay, and Wrap always
 // records the version it was actually given. Describe (Describer) reads the
-// primary version with GetCryptoKey. Retire (Retirer) disables a version
+// primary version with GetCryptoKey and lists the ENABLED versions (those
+// that can still unwrap) with ListCryptoKeyVersions. Retire (Retirer) disables a version
 // (UpdateCryptoKeyVersion, state DISABLED), which is reversible; destroying
 // it for good (DestroyCryptoKeyVersion, with Cloud KMS's scheduled-
 // destruction window) is left to an operator. Retire refuses the primary.
@@ -79,7 +80,7 @@
 // no kind. The gRPC status stays reachable: status.Code(err), or errors.As
 // with *apierror.APIError (github.com/googleapis/gax-go/v2/apierror).
 //
-// Idempotent RPCs (Encrypt, Decrypt, GetCryptoKey,
+// Idempotent RPCs (Encrypt, Decrypt, GetCryptoKey, ListCryptoKeyVersions,
 // UpdateCryptoKeyPrimaryVersion, UpdateCryptoKeyVersion) are retried by the
 // client library's gax call options on Unavailable, ResourceExhausted and
 // DeadlineExceeded, with jittered exponential backoff from 100 ms doubling

@@ -14,6 +14,7 @@ import (
 	kms "cloud.google.com/go/kms/apiv1"
 	"cloud.google.com/go/kms/apiv1/kmspb"
 	"github.com/googleapis/gax-go/v2"
+	"google.golang.org/api/iterator"
 	"google.golang.org/api/option"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -355,9 +356,13 @@ func (p *Provider) Rotate(ctx context.Context) (string, error) {
 	return id, nil
 }
 
-// Describe reads the CryptoKey (GetCryptoKey) and reports its primary
-// version id. Versions is left empty: listing them would need
-// ListCryptoKeyVersions and its pagination for no caller yet.
+// maxVersions bounds how many CryptoKeyVersions Describe reads.
+const maxVersions = 10000
+
+// Describe reads the CryptoKey (GetCryptoKey) and its versions
+// (ListCryptoKeyVersions). It reports the primary version id and, in
+// Versions, the ids of the ENABLED versions, in id order: those that can
+// still unwrap. A key with more than 10000 versions is an error.
 func (p *Provider) Describe(ctx context.Context) (provider.Status, error) {
 	k, err := p.client.GetCryptoKey(ctx, &kmspb.GetCryptoKeyRequest{Name: p.name}, retry...)
 	if err != nil {
@@ -370,7 +375,27 @@ func (p *Provider) Describe(ctx context.Context) (provider.Status, error) {
 	if err != nil {
 		return provider.Status{}, &provider.Error{Provider: Scheme, Op: "describe", Kind: provider.ErrKeyDisabled, Err: err}
 	}
-	return provider.Status{Ref: p.ref, PrimaryVersion: primary, Reachable: true}, nil
+	st := provider.Status{Ref: p.ref, PrimaryVersion: primary, Reachable: true}
+	it := p.client.ListCryptoKeyVersions(ctx, &kmspb.ListCryptoKeyVersionsRequest{Parent: p.name}, retry...)
+	for n := 0; ; n++ {
+		v, err := it.Next()
+		if errors.Is(err, iterator.Done) {
+			return st, nil
+		}
+		if err != nil {
+			return provider.Status{}, p.fail(ctx, "describe", err, nil)
+		}
+		if n == maxVersions {
+			return provider.Status{}, &provider.Error{Provider: Scheme, Op: "describe", Err: fmt.Errorf("key has more than %d versions", maxVersions)}
+		}
+		id, ok := strings.CutPrefix(v.GetName(), p.name+"/cryptoKeyVersions/")
+		if !ok || !versionRE.MatchString(id) {
+			return provider.Status{}, &provider.Error{Provider: Scheme, Op: "describe", Err: errors.New("service listed a version of another key")}
+		}
+		if v.GetState() == kmspb.CryptoKeyVersion_ENABLED {
+			st.Versions = append(st.Versions, id)
+		}
+	}
 }
 
 func (p *Provider) primary(k *kmspb.CryptoKey) (string, error) {

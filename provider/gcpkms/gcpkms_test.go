@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -281,6 +282,7 @@ func TestDisabledAndDestroyedVersions(t *testing.T) {
 	if err := p.Retire(ctx, wk.Version); err != nil {
 		t.Fatalf("Retire of a version already retired: %v", err)
 	}
+	checkVersions(t, p, "2", "2")
 	got, err := p.Unwrap(ctx, wk, nil)
 	if got != nil || !errors.Is(err, provider.ErrKeyDisabled) {
 		t.Fatalf("Unwrap under a disabled version = %v; want ErrKeyDisabled", err)
@@ -304,6 +306,7 @@ func TestDisabledAndDestroyedVersions(t *testing.T) {
 	if got, err := p.Unwrap(ctx, wk, nil); err != nil || !bytes.Equal(got, dek) {
 		t.Fatalf("Unwrap after re-enabling: %v", err)
 	}
+	checkVersions(t, p, "2", "1", "2")
 
 	if _, err := e.client.DestroyCryptoKeyVersion(ctx, &kmspb.DestroyCryptoKeyVersionRequest{Name: version}); err != nil {
 		t.Fatal(err)
@@ -319,6 +322,18 @@ func TestDisabledAndDestroyedVersions(t *testing.T) {
 	}
 	if err := p.Retire(ctx, "cryptoKeyVersions/1"); err == nil {
 		t.Fatal("Retire of a malformed version succeeded")
+	}
+}
+
+// checkVersions asserts what Describe reports.
+func checkVersions(t *testing.T, p *gcpkms.Provider, primary string, versions ...string) {
+	t.Helper()
+	st, err := p.Describe(context.Background())
+	if err != nil {
+		t.Fatalf("Describe: %v", err)
+	}
+	if st.PrimaryVersion != primary || !slices.Equal(st.Versions, versions) || !st.Reachable || st.Ref != p.Ref() {
+		t.Fatalf("Describe = %+v; want primary %q, versions %q", st, primary, versions)
 	}
 }
 

@@ -10,6 +10,7 @@
 // CreateKeyRing, CreateCryptoKey (symmetric ENCRYPT_DECRYPT keys, with an
 // initial primary version unless skip_initial_version_creation is set),
 // GetCryptoKey, CreateCryptoKeyVersion, UpdateCryptoKeyPrimaryVersion,
+// ListCryptoKeyVersions (paged, without filter or order_by),
 // GetCryptoKeyVersion, UpdateCryptoKeyVersion (state ENABLED/DISABLED only),
 // DestroyCryptoKeyVersion, Encrypt and Decrypt. Every other RPC answers
 // Unimplemented.
@@ -44,9 +45,9 @@
 //   - Scheduled destruction: destroying a version drops its key material
 //     at once; there is no RestoreCryptoKeyVersion, and destroy_time is
 //     only reported.
-//   - Automatic rotation (rotation_period), labels filtering, List*
-//     RPCs, long-running operations, etags and update masks other than
-//     "state".
+//   - Automatic rotation (rotation_period), List filters and ordering,
+//     the other List RPCs, long-running operations, etags and update masks
+//     other than "state".
 //   - Real latency, quotas (ResourceExhausted), regional outages and the
 //     eventual consistency of primary-version changes (up to a few hours
 //     on the real service; here immediate).

@@ -323,6 +323,53 @@ func (s *Server) CreateCryptoKeyVersion(_ context.Context, req *kmspb.CreateCryp
 	return proto.Clone(k.version(id).pb).(*kmspb.CryptoKeyVersion), nil
 }
 
+// Page sizes of ListCryptoKeyVersions: the default when page_size is 0,
+// and the cap on larger requests.
+const (
+	defaultPageSize = 100
+	maxPageSize     = 1000
+)
+
+// ListCryptoKeyVersions lists a key's versions in id order, a page at a
+// time. filter and order_by are not supported.
+func (s *Server) ListCryptoKeyVersions(_ context.Context, req *kmspb.ListCryptoKeyVersionsRequest) (*kmspb.ListCryptoKeyVersionsResponse, error) {
+	if req.GetFilter() != "" || req.GetOrderBy() != "" {
+		return nil, invalid("kmstest does not support filter or order_by")
+	}
+	size := int(req.GetPageSize())
+	switch {
+	case size < 0:
+		return nil, invalid("page_size must not be negative")
+	case size == 0:
+		size = defaultPageSize
+	case size > maxPageSize:
+		size = maxPageSize
+	}
+	start := 0
+	if tok := req.GetPageToken(); tok != "" {
+		n, err := strconv.Atoi(tok)
+		if err != nil || n < 1 {
+			return nil, invalid("invalid page_token")
+		}
+		start = n
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	k, err := s.key(req.GetParent())
+	if err != nil {
+		return nil, err
+	}
+	resp := &kmspb.ListCryptoKeyVersionsResponse{TotalSize: int32(len(k.versions))}
+	end := min(start+size, len(k.versions))
+	for _, v := range k.versions[min(start, end):end] {
+		resp.CryptoKeyVersions = append(resp.CryptoKeyVersions, proto.Clone(v.pb).(*kmspb.CryptoKeyVersion))
+	}
+	if end < len(k.versions) {
+		resp.NextPageToken = strconv.Itoa(end)
+	}
+	return resp, nil
+}
+
 // UpdateCryptoKeyPrimaryVersion makes an ENABLED version primary.
 func (s *Server) UpdateCryptoKeyPrimaryVersion(_ context.Context, req *kmspb.UpdateCryptoKeyPrimaryVersionRequest) (*kmspb.CryptoKey, error) {
 	s.mu.Lock()

@@ -3,10 +3,13 @@ package kmstest_test
 import (
 	"context"
 	"encoding/binary"
+	"errors"
+	"fmt"
 	"testing"
 
 	kms "cloud.google.com/go/kms/apiv1"
 	"cloud.google.com/go/kms/apiv1/kmspb"
+	"google.golang.org/api/iterator"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/fieldmaskpb"
@@ -142,4 +145,39 @@ func TestResourceErrors(t *testing.T) {
 	it := c.ListKeyRings(ctx, &kmspb.ListKeyRingsRequest{Parent: loc})
 	_, err = it.Next()
 	wantCode(t, "ListKeyRings", err, codes.Unimplemented)
+}
+
+func TestListCryptoKeyVersionsPages(t *testing.T) {
+	c := setup(t)
+	ctx := context.Background()
+	const n = 250 // more than two default pages
+	for range n - 1 {
+		if _, err := c.CreateCryptoKeyVersion(ctx, &kmspb.CreateCryptoKeyVersionRequest{Parent: key, CryptoKeyVersion: &kmspb.CryptoKeyVersion{}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	it := c.ListCryptoKeyVersions(ctx, &kmspb.ListCryptoKeyVersionsRequest{Parent: key})
+	for i := 1; ; i++ {
+		v, err := it.Next()
+		if errors.Is(err, iterator.Done) {
+			if i != n+1 {
+				t.Fatalf("listed %d versions, want %d", i-1, n)
+			}
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := fmt.Sprintf("%s/cryptoKeyVersions/%d", key, i); v.Name != want {
+			t.Fatalf("version %d is %q, want %q", i, v.Name, want)
+		}
+	}
+	resp, err := c.ListCryptoKeyVersions(ctx, &kmspb.ListCryptoKeyVersionsRequest{Parent: key, PageSize: 7}).Next()
+	if err != nil || resp.Name != key+"/cryptoKeyVersions/1" {
+		t.Fatalf("first of a 7-version page: %v %v", resp, err)
+	}
+	_, err = c.ListCryptoKeyVersions(ctx, &kmspb.ListCryptoKeyVersionsRequest{Parent: key, Filter: "state=ENABLED"}).Next()
+	wantCode(t, "List with a filter", err, codes.InvalidArgument)
+	_, err = c.ListCryptoKeyVersions(ctx, &kmspb.ListCryptoKeyVersionsRequest{Parent: key, PageToken: "x"}).Next()
+	wantCode(t, "List with a bad page token", err, codes.InvalidArgument)
 }
