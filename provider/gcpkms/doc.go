@@ -39,10 +39,11 @@
 // real service propagates a primary change with some delay, and Wrap always
 // records the version it was actually given. Describe (Describer) reads the
 // primary version with GetCryptoKey and lists the ENABLED versions (those
-// that can still unwrap) with ListCryptoKeyVersions. Retire (Retirer) disables a version
-// (UpdateCryptoKeyVersion, state DISABLED), which is reversible; destroying
-// it for good (DestroyCryptoKeyVersion, with Cloud KMS's scheduled-
-// destruction window) is left to an operator. Retire refuses the primary.
+// that can still unwrap) with ListCryptoKeyVersions. Retire (Retirer)
+// disables a version (UpdateCryptoKeyVersion, state DISABLED), which is
+// reversible; destroying it for good (DestroyCryptoKeyVersion, with Cloud
+// KMS's scheduled-destruction window) is left to an operator. Retire
+// refuses the primary.
 //
 // # Rewrap
 //
@@ -80,10 +81,10 @@
 // no kind. The gRPC status stays reachable: status.Code(err), or errors.As
 // with *apierror.APIError (github.com/googleapis/gax-go/v2/apierror).
 //
-// Idempotent RPCs (Encrypt, Decrypt, GetCryptoKey, ListCryptoKeyVersions,
-// UpdateCryptoKeyPrimaryVersion, UpdateCryptoKeyVersion) are retried by the
-// client library's gax call options on Unavailable, ResourceExhausted and
-// DeadlineExceeded, with jittered exponential backoff from 100 ms doubling
+// Idempotent RPCs (Encrypt, Decrypt, GetCryptoKey, GetCryptoKeyVersion,
+// ListCryptoKeyVersions, UpdateCryptoKeyPrimaryVersion,
+// UpdateCryptoKeyVersion) are retried by the client library's gax call
+// options on Unavailable, ResourceExhausted and DeadlineExceeded, with jittered exponential backoff from 100 ms doubling
 // to 5 s; CreateCryptoKeyVersion is not retried, as a retry could create a
 // second version. Retries continue until the caller's context ends (or
 // gax's 60 s per-call default when the context has no deadline). A

@@ -414,11 +414,11 @@ func (p *Provider) primary(k *kmspb.CryptoKey) (string, error) {
 // reversible (re-enable the version in Cloud KMS); destroying it for good
 // is left to an operator (gcloud kms keys versions destroy) once nothing
 // needs it. Retire refuses the primary version: rotate first. Retiring a
-// version already disabled succeeds; one scheduled for destruction fails
-// with ErrKeyDisabled.
+// version that is already disabled, scheduled for destruction or destroyed
+// succeeds; a malformed or unknown version is ErrKeyNotFound.
 func (p *Provider) Retire(ctx context.Context, version string) error {
 	if !versionRE.MatchString(version) {
-		return &provider.Error{Provider: Scheme, Op: "retire", Err: errors.New("version is not a CryptoKeyVersion id")}
+		return &provider.Error{Provider: Scheme, Op: "retire", Kind: provider.ErrKeyNotFound, Err: errors.New("version is not a CryptoKeyVersion id")}
 	}
 	k, err := p.client.GetCryptoKey(ctx, &kmspb.GetCryptoKeyRequest{Name: p.name}, retry...)
 	if err != nil {
@@ -427,13 +427,18 @@ func (p *Provider) Retire(ctx context.Context, version string) error {
 	if primary, err := p.primary(k); err == nil && primary == version {
 		return &provider.Error{Provider: Scheme, Op: "retire", Err: fmt.Errorf("version %s is the primary version; rotate first", version)}
 	}
+	name := p.name + "/cryptoKeyVersions/" + version
 	_, err = p.client.UpdateCryptoKeyVersion(ctx, &kmspb.UpdateCryptoKeyVersionRequest{
-		CryptoKeyVersion: &kmspb.CryptoKeyVersion{
-			Name:  p.name + "/cryptoKeyVersions/" + version,
-			State: kmspb.CryptoKeyVersion_DISABLED,
-		},
-		UpdateMask: &fieldmaskpb.FieldMask{Paths: []string{"state"}},
+		CryptoKeyVersion: &kmspb.CryptoKeyVersion{Name: name, State: kmspb.CryptoKeyVersion_DISABLED},
+		UpdateMask:       &fieldmaskpb.FieldMask{Paths: []string{"state"}},
 	}, retry...)
+	if status.Code(err) == codes.FailedPrecondition {
+		// Its state cannot change: fine if it is on its way out already.
+		v, gerr := p.client.GetCryptoKeyVersion(ctx, &kmspb.GetCryptoKeyVersionRequest{Name: name}, retry...)
+		if st := v.GetState(); gerr == nil && (st == kmspb.CryptoKeyVersion_DESTROY_SCHEDULED || st == kmspb.CryptoKeyVersion_DESTROYED) {
+			return nil
+		}
+	}
 	if err != nil {
 		return p.fail(ctx, "retire", err, nil)
 	}
