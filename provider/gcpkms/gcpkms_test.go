@@ -585,3 +585,25 @@ func TestOpenWithoutCredentials(t *testing.T) {
 		t.Fatalf("Open without credentials = %v; want a one-line client creation error", err)
 	}
 }
+
+func TestAADLimit(t *testing.T) {
+	e := newEnv(t)
+	p := e.newKey(t)
+	ctx := context.Background()
+	dek := newDEK(t)
+	big := bytes.Repeat([]byte{'a'}, gcpkms.MaxAADLen)
+	wk, err := p.Wrap(ctx, dek, big)
+	if err != nil {
+		t.Fatalf("Wrap with %d bytes of aad: %v", len(big), err)
+	}
+	if got, err := p.Unwrap(ctx, wk, big); err != nil || !bytes.Equal(got, dek) {
+		t.Fatalf("Unwrap with %d bytes of aad: %v", len(big), err)
+	}
+	over := append(big, 'a')
+	if _, err := p.Wrap(ctx, dek, over); err == nil || !strings.Contains(err.Error(), "aad length 65537 exceeds 65536") {
+		t.Fatalf("Wrap with %d bytes of aad = %v; want a length error", len(over), err)
+	}
+	if _, err := p.Unwrap(ctx, wk, over); !errors.Is(err, provider.ErrInvalidCiphertext) {
+		t.Fatalf("Unwrap with %d bytes of aad = %v; want ErrInvalidCiphertext", len(over), err)
+	}
+}
