@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"crypto/rand"
+	"crypto/subtle"
 	"encoding/hex"
 	"fmt"
 	"io"
@@ -72,6 +73,11 @@ says what to install.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if rows < 1 || rows > 1_000_000 || projects < 1 || projects > rows || extra < 0 || extra > 100_000 {
 				return usageErrorf("demo: want 1 <= --projects <= --rows <= 1000000 and 0 <= --put <= 100000")
+			}
+			// The summary is the demo's output: logs only for problems,
+			// unless a level is configured.
+			if err := a.setLogger("warn"); err != nil {
+				return err
 			}
 			return a.demo(cmd.Context(), rows, projects, extra)
 		},
@@ -199,7 +205,93 @@ func randHex(n int) string {
 	return hex.EncodeToString(b)
 }
 
-// demoStore is the part of the demo that goes through pgstore.
+// demoStore is the part of the demo that goes through pgstore: import the
+// plaintext table, store more secrets, rotate, rewrap, retire the old
+// version, and check every secret against the value it started as.
 func (a *app) demoStore(ctx context.Context, pool *pgxpool.Pool, kek *local.Provider, rows []legacyRow, extra int, sum *demoSummary) error {
-	return nil
+	st, err := pgstore.New(ctx, pool, pgstore.Config{Schema: sum.Schema, KEK: kek, Actor: "keybroker-demo", Logger: a.log})
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	s := &session{pool: pool, store: st}
+
+	want := make(map[secretKey]string, len(rows)+extra)
+	for _, r := range rows {
+		want[secretKey{r.ProjectID, r.Name}] = r.Secret
+	}
+	if err := sum.step("import-plaintext", func() error {
+		res, err := a.importPlaintext(ctx, s, importSpec{
+			Table: sum.Schema + ".legacy_webhooks", Column: "secret", KeyColumn: "id",
+			ProjectColumn: "project_id", NameColumn: "name", Clear: true,
+		}, false)
+		if err != nil {
+			return err
+		}
+		sum.Imported = res.Imported
+		return nil
+	}); err != nil {
+		return err
+	}
+
+	if err := sum.step("put", func() error {
+		extraRows, err := demoRows(extra, sum.Projects)
+		if err != nil {
+			return err
+		}
+		for _, r := range extraRows {
+			name := "api_key_" + r.Name[len("webhook_"):]
+			if err := st.Put(ctx, r.ProjectID, name, []byte(r.Secret)); err != nil {
+				return err
+			}
+			want[secretKey{r.ProjectID, name}] = r.Secret
+			sum.Stored++
+		}
+		return nil
+	}); err != nil {
+		return err
+	}
+
+	var prev, next pgstore.KEKVersion
+	if err := sum.step("rotate kek", func() (err error) {
+		if prev, err = st.PrimaryVersion(ctx); err != nil {
+			return err
+		}
+		next, err = st.RotateKEK(ctx)
+		return err
+	}); err != nil {
+		return err
+	}
+	sum.KEKVersions = [2]string{prev.Version, next.Version}
+	if err := sum.step("rewrap", func() error {
+		res, err := a.rewrap(ctx, s, 0, false)
+		if err != nil {
+			return err
+		}
+		sum.Rewrapped = res.Rewrapped
+		return nil
+	}); err != nil {
+		return err
+	}
+	if err := sum.step("retire old version", func() error { return st.RetireKEK(ctx, prev) }); err != nil {
+		return err
+	}
+
+	return sum.step("verify", func() error {
+		res, err := a.verifyAll(ctx, s, "verify", func(project, name string, value []byte) error {
+			w, ok := want[secretKey{project, name}]
+			if !ok || subtle.ConstantTimeCompare([]byte(w), value) != 1 {
+				return errMismatch
+			}
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+		sum.Verified, sum.Failed = res.OK, int64(len(res.Failures))
+		if missing := int64(len(want)) - res.Total; missing != 0 {
+			return fmt.Errorf("demo: %d secrets missing from the store", missing)
+		}
+		return nil
+	})
 }

@@ -61,6 +61,7 @@ type app struct {
 
 	cfg     config
 	log     *slog.Logger
+	logOut  *logWriter // the logger's writer: stderr
 	json    bool
 	started bool // set once flags and arguments were accepted
 }
@@ -72,6 +73,7 @@ func run(args []string) int {
 		stdout:    os.Stdout,
 		stderr:    os.Stderr,
 		stdoutTTY: term.IsTerminal(int(os.Stdout.Fd())),
+		logOut:    &logWriter{w: os.Stderr},
 	}
 	root := newRootCmd(a)
 	root.SetArgs(args)
@@ -137,18 +139,28 @@ func (a *app) setup(cmd *cobra.Command) error {
 		return err
 	}
 	a.cfg = cfg
+	return a.setLogger("info")
+}
+
+// setLogger builds the stderr logger at the configured level, or at def
+// when none is configured.
+func (a *app) setLogger(def string) error {
+	name := a.cfg.LogLevel
+	if name == "" {
+		name = def
+	}
 	var level slog.Level
-	if err := level.UnmarshalText([]byte(cfg.LogLevel)); err != nil {
-		return usageErrorf("log level %q: want debug, info, warn or error", cfg.LogLevel)
+	if err := level.UnmarshalText([]byte(name)); err != nil {
+		return usageErrorf("log level %q: want debug, info, warn or error", name)
 	}
 	opts := &slog.HandlerOptions{Level: level}
-	switch strings.ToLower(cfg.LogFormat) {
+	switch strings.ToLower(a.cfg.LogFormat) {
 	case "text":
-		a.log = slog.New(slog.NewTextHandler(a.stderr, opts))
+		a.log = slog.New(slog.NewTextHandler(a.logOut, opts))
 	case "json":
-		a.log = slog.New(slog.NewJSONHandler(a.stderr, opts))
+		a.log = slog.New(slog.NewJSONHandler(a.logOut, opts))
 	default:
-		return usageErrorf("log format %q: want text or json", cfg.LogFormat)
+		return usageErrorf("log format %q: want text or json", a.cfg.LogFormat)
 	}
 	return nil
 }

@@ -1,0 +1,169 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"slices"
+	"text/tabwriter"
+
+	"github.com/profullstack/keybroker/provider"
+	"github.com/spf13/cobra"
+)
+
+type providerStatus struct {
+	Provider       string `json:"provider"`
+	KeyID          string `json:"key_id"`
+	Role           string `json:"role"` // "primary" or "decrypt-only"
+	PrimaryVersion string `json:"primary_version,omitempty"`
+	Reachable      bool   `json:"reachable"`
+	Error          string `json:"error,omitempty"`
+}
+
+type versionStatus struct {
+	Provider string `json:"provider"`
+	KeyID    string `json:"key_id"`
+	Version  string `json:"version"`
+	// State: "primary" (wraps new data keys), "active" (still unwraps),
+	// "retired" (retired in keybroker or the key service), "unconfigured"
+	// (no configured provider serves the key).
+	State    string `json:"state"`
+	DataKeys int64  `json:"data_keys"`
+	Secrets  int64  `json:"secrets"`
+}
+
+type statusResult struct {
+	Providers    []providerStatus `json:"providers"`
+	Versions     []versionStatus  `json:"versions"`
+	RetiredInUse int64            `json:"retired_in_use"` // data keys under retired versions
+	Unconfigured int64            `json:"unconfigured"`   // data keys no configured provider can unwrap
+	Secrets      int64            `json:"secrets"`
+	Projects     int64            `json:"projects"`
+	DataKeys     map[string]int64 `json:"data_keys"` // by state: active, spent, retired
+	Budget       int64            `json:"budget"`    // encryptions allowed per data key
+	MaxBudgetUse int64            `json:"max_budget_use"`
+}
+
+// status reports every KEK version the database records, with the data
+// keys and secrets under it, and what the configured providers say of it.
+// It only reads.
+func (a *app) status(ctx context.Context, s *session) (*statusResult, error) {
+	res := &statusResult{Providers: []providerStatus{}, Versions: []versionStatus{}}
+	type desc struct {
+		st provider.Status
+		ok bool
+	}
+	described := map[provider.KeyRef]desc{}
+	var unreachable error
+	for i, p := range s.store.Keyring().Providers() {
+		ref := p.Ref()
+		ps := providerStatus{Provider: ref.Provider, KeyID: ref.KeyID, Role: "decrypt-only", Reachable: true}
+		if i == 0 {
+			ps.Role = "primary"
+		}
+		if d, ok := p.(provider.Describer); ok {
+			st, err := d.Describe(ctx)
+			if err != nil {
+				ps.Reachable, ps.Error = false, err.Error()
+				if unreachable == nil {
+					unreachable = err
+				}
+			} else {
+				ps.PrimaryVersion = st.PrimaryVersion
+				described[ref] = desc{st, true}
+			}
+		}
+		res.Providers = append(res.Providers, ps)
+	}
+
+	st, err := s.store.Status(ctx)
+	if err != nil {
+		return nil, err
+	}
+	res.Secrets, res.Projects, res.DataKeys = st.Secrets, st.Projects, st.DataKeys
+	res.Budget, res.MaxBudgetUse = st.Budget, st.MaxActiveUse
+	seenPrimary := map[provider.KeyRef]bool{}
+	for _, sv := range st.Versions {
+		v := versionStatus{Provider: sv.Provider, KeyID: sv.KeyID, Version: sv.Version, DataKeys: sv.DataKeys, Secrets: sv.Secrets}
+		ref := provider.KeyRef{Provider: v.Provider, KeyID: v.KeyID}
+		d := described[ref]
+		configured := slices.ContainsFunc(res.Providers, func(p providerStatus) bool { return p.Provider == ref.Provider && p.KeyID == ref.KeyID })
+		switch {
+		case sv.RetiredAt != nil || (d.ok && len(d.st.Versions) > 0 && !slices.Contains(d.st.Versions, v.Version)):
+			v.State = "retired"
+			res.RetiredInUse += v.DataKeys
+		case !configured:
+			v.State = "unconfigured"
+			res.Unconfigured += v.DataKeys
+		case d.ok && v.Version == d.st.PrimaryVersion:
+			v.State = "primary"
+			seenPrimary[ref] = true
+		default:
+			v.State = "active"
+		}
+		res.Versions = append(res.Versions, v)
+	}
+	// A primary version that has wrapped nothing yet is still worth showing.
+	for _, p := range res.Providers {
+		ref := provider.KeyRef{Provider: p.Provider, KeyID: p.KeyID}
+		if p.PrimaryVersion != "" && !seenPrimary[ref] {
+			res.Versions = append(res.Versions, versionStatus{Provider: p.Provider, KeyID: p.KeyID, Version: p.PrimaryVersion, State: "primary"})
+		}
+	}
+	return res, unreachable
+}
+
+func newStatusCmd(a *app) *cobra.Command {
+	return &cobra.Command{
+		Use:   "status",
+		Short: "Report data keys and secrets per KEK provider and version",
+		Long: `status lists each configured KEK provider (primary first, then the
+decrypt-only ones) and every KEK version the database records, with how
+many data keys and secrets depend on it and its state: primary, active,
+retired, or unconfigured (no configured provider serves it). It only reads.
+
+Exit status 3 when a retired version still wraps data keys (run rewrap with
+a provider that can still unwrap them); 1 when a key service is unreachable.`,
+		Args: args(cobra.NoArgs),
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			s, err := a.openStore(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer s.close()
+			res, err := a.status(cmd.Context(), s)
+			if res == nil {
+				return err
+			}
+			if e := a.emit(res, res.print); e != nil {
+				return e
+			}
+			switch {
+			case err != nil:
+				return fmt.Errorf("status: %w", err)
+			case res.RetiredInUse > 0:
+				return &codeError{code: exitRetiredUsed, err: fmt.Errorf("status: %d data keys are still wrapped under retired KEK versions: rewrap them", res.RetiredInUse)}
+			}
+			return nil
+		},
+	}
+}
+
+func (r *statusResult) print(w io.Writer) {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "PROVIDER\tKEY\tROLE\tPRIMARY VERSION\tREACHABLE")
+	for _, p := range r.Providers {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%t\n", p.Provider, p.KeyID, p.Role, p.PrimaryVersion, p.Reachable)
+	}
+	fmt.Fprintln(tw)
+	fmt.Fprintln(tw, "PROVIDER\tKEY\tVERSION\tSTATE\tDATA KEYS\tSECRETS")
+	for _, v := range r.Versions {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%d\n", v.Provider, v.KeyID, v.Version, v.State, v.DataKeys, v.Secrets)
+	}
+	tw.Flush()
+	fmt.Fprintf(w, "\n%d secrets in %d projects; data keys: %d active, %d spent, %d retired; busiest active key used %d of %d encryptions\n",
+		r.Secrets, r.Projects, r.DataKeys["active"], r.DataKeys["spent"], r.DataKeys["retired"], r.MaxBudgetUse, r.Budget)
+	if r.Unconfigured > 0 {
+		fmt.Fprintf(w, "warning: %d data keys are under keys no configured provider serves\n", r.Unconfigured)
+	}
+}
