@@ -1,22 +1,97 @@
-// Package pgstore keeps secrets envelope-encrypted in PostgreSQL, with
-// per-project data keys wrapped by a KEK provider, KEK rotation and rewrap,
-// data-key rotation (re-encryption), migration of plaintext secrets, status
-// reporting and row-level security for multi-tenant deployments.
+// Package pgstore keeps secrets envelope-encrypted in PostgreSQL (through
+// pgx/v5), with per-project data keys wrapped by a KEK provider, KEK
+// rotation and rewrap, data-key rotation (re-encryption), migration of
+// plaintext secrets, status reporting and row-level security for
+// multi-tenant deployments.
+//
+// Set up once per database (any process, any number of times), then open a
+// Store:
+//
+//	err := pgstore.Migrate(ctx, pool, "keybroker")
+//	s, err := pgstore.New(ctx, pool, pgstore.Config{KEK: kek, Actor: "meshhook"})
+//	err = s.Put(ctx, projectID, "stripe-key", value)
+//	value, err := s.Get(ctx, projectID, "stripe-key")
 //
 // # Schema
 //
-// Migrate creates a schema (default "keybroker") holding four tables,
-// versioned with jackc/tern migrations embedded in the binary and recorded
-// in <schema>.schema_version:
+// Migrate creates a schema (default "keybroker"; lower-case letters,
+// digits and underscores, always quoted in SQL) holding four tables,
+// versioned by jackc/tern migrations embedded in the binary and recorded in
+// <schema>.schema_version. Concurrent Migrate calls serialise on advisory
+// locks; each migration is one transaction. New refuses a schema at another
+// version (ErrSchemaVersion).
 //
 //   - kek: one row per KEK provider, key id and key version that has wrapped
-//     a data key, with when it was first seen and retired. Metadata only.
+//     a data key, with when it was first seen and when it was retired.
 //   - data_keys: each project's data keys in wrapped form, the kek row that
-//     wrapped them, their budget use and state.
-//   - encrypted_secrets: one envelope blob per (project id, name), the nonce
-//     and data key id its header carries.
-//   - key_events: an audit trail of key management; never secret material.
+//     wrapped them, how many encryptions have been reserved under them
+//     (messages) and their state: active (at most one per project, used for
+//     new writes), spent (budget used up) or retired (awaiting
+//     re-encryption).
+//   - encrypted_secrets: one envelope per (project id, name) in
+//     encrypted_data, the nonce its header carries, and the data key id it
+//     names.
+//   - key_events: the audit trail of key management (dek.create, kek.rotate,
+//     kek.rewrap, kek.retire, dek.retire, dek.reencrypt, dek.destroy,
+//     migrate.plaintext) with counts and Config.Actor.
 //
 // Foreign keys are ON DELETE RESTRICT: a data key any secret needs, or a kek
-// row any data key needs, cannot be deleted.
+// row any data key needs, cannot be deleted; a secret can only reference a
+// data key of its own project (composite key).
+//
+// # Security
+//
+// What the database holds: ciphertexts, nonces, wrapped data keys and KEK
+// metadata (provider name, key id, version). Never plaintext values,
+// unwrapped data keys or KEK material: a copy of the database (a backup, a
+// replica, a leaked dump) is useless without the key service. Errors and
+// logs carry project ids, secret names and counts, never values or keys.
+//
+// Associated data. Each secret is sealed by envelope.SealWithKeyID with
+// associated data "keybroker/secret/v1", project id and name, each
+// length-prefixed, so a ciphertext copied to another row, name or project
+// fails to decrypt (envelope.ErrDecrypt), as does a row whose nonce or data
+// key id columns disagree with its envelope header. Each data key is wrapped
+// with associated data "keybroker/dek/v1", project id and data key id, so a
+// wrapped key moved to another row or project fails to unwrap. The purpose
+// strings keep the two uses, and future layouts, apart.
+//
+// Data keys and nonces. Each project has one active data key (a random
+// 256-bit AES-GCM key), reused for up to Config.Budget encryptions and then
+// replaced. The budget is counted in data_keys.messages: processes reserve
+// Config.ReserveChunk encryptions at a time with a conditional UPDATE ...
+// RETURNING, so together they never exceed it (unused reservations are
+// lost, never reused). Nonces are random 96-bit values made by envelope;
+// the default budget of 2^24 keeps the chance of a nonce collision under
+// one key below 2^-49. Unwrapped data keys are kept in an envelope.KeyCache
+// (bounded by entries and TTL, destroyed on eviction and Close).
+//
+// Rotation. RotateKEK makes a new KEK version and Rewrap rewraps data keys
+// to it (or from another provider of a provider.Keyring to its primary),
+// touching data_keys only. RetireKEK refuses a version still in use. When
+// a data key may be exposed, Reencrypt moves a project's secrets to a fresh
+// data key, verifying each row, then deletes the old data key's row, which
+// crypto-shreds whatever it encrypted; the foreign key makes that delete
+// fail rather than orphan a secret written concurrently.
+//
+// # Row-level security
+//
+// The second migration enables row-level security on data_keys,
+// encrypted_secrets and key_events with a policy admitting only rows whose
+// project_id equals the setting keybroker.project_id. It binds roles that
+// are neither superuser, BYPASSRLS, nor the tables' owner, so give each
+// tenant-facing service such a role, with USAGE on the schema, SELECT on
+// schema_version, SELECT and INSERT on kek and key_events, and SELECT,
+// INSERT, UPDATE, DELETE on data_keys and encrypted_secrets. The owner is
+// exempt unless you also run ALTER TABLE ... FORCE ROW LEVEL SECURITY
+// (optional; the key-management calls Rewrap, RetireKEK, Status and
+// MigratePlaintext span projects and need an exempt role).
+//
+// New detects whether the policies bind its pool's role
+// (row_security_active). If so, each Store call sets keybroker.project_id
+// to its project for its own transaction only (set_config(..., true),
+// sent in the same round trip). Application queries on these tables can do
+// the same with WithProject. The policies are a second line of defence
+// against a query that forgets its WHERE project_id: the setting is chosen
+// by the application, not authenticated by the database.
 package pgstore

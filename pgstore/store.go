@@ -85,6 +85,9 @@ type Store struct {
 	cache   *envelope.KeyCache
 	actor   string
 	log     *slog.Logger
+	// rls: row-level security applies to the pool's role, so statements
+	// must name their project (see scoped).
+	rls bool
 
 	mu       sync.Mutex
 	projects map[string]*projectKey
@@ -150,7 +153,12 @@ func New(ctx context.Context, pool *pgxpool.Pool, cfg Config) (*Store, error) {
 	if err := checkVersion(ctx, pool, cfg.Schema); err != nil {
 		return nil, err
 	}
+	var rls bool
+	if err := pool.QueryRow(ctx, `SELECT row_security_active($1::regclass)`, pgx.Identifier{cfg.Schema, "encrypted_secrets"}.Sanitize()).Scan(&rls); err != nil {
+		return nil, fmt.Errorf("pgstore: check row-level security: %w", err)
+	}
 	return &Store{
+		rls:      rls,
 		pool:     pool,
 		schema:   cfg.Schema,
 		q:        pgx.Identifier{cfg.Schema}.Sanitize(),
@@ -215,11 +223,14 @@ func cacheID(id [16]byte) string { return string(id[:]) }
 // the project for row-level security, for the current transaction only.
 const setProject = "SELECT set_config('keybroker.project_id', $1, true)"
 
-// scoped runs fn's statements after setProject in one batch: one round trip
-// and one implicit transaction.
+// scoped runs queue's statements in one batch: one round trip and one
+// implicit transaction. When row-level security applies to the Store's
+// role, setProject comes first; otherwise it is left out, saving its cost.
 func (s *Store) scoped(ctx context.Context, project string, queue func(b *pgx.Batch)) error {
 	b := &pgx.Batch{}
-	b.Queue(setProject, project)
+	if s.rls {
+		b.Queue(setProject, project)
+	}
 	queue(b)
 	return s.pool.SendBatch(ctx, b).Close()
 }
@@ -297,16 +308,13 @@ func (s *Store) Get(ctx context.Context, project, name string) ([]byte, error) {
 	var (
 		blob, nonce []byte
 		id          pgtype.UUID
-		wk          provider.WrappedKey
 		found       bool
 	)
+	// The data key's wrapped form is read only on a cache miss (open).
 	err := s.scoped(ctx, project, func(b *pgx.Batch) {
-		b.Queue(`SELECT s.encrypted_data, s.nonce, s.data_key_id, d.wrapped_dek, k.provider, k.key_id, k.key_version
-FROM `+s.q+`.encrypted_secrets s
-JOIN `+s.q+`.data_keys d ON d.id = s.data_key_id
-JOIN `+s.q+`.kek k ON k.id = d.kek_id
-WHERE s.project_id = $1 AND s.name = $2`, project, name).QueryRow(func(r pgx.Row) error {
-			err := r.Scan(&blob, &nonce, &id, &wk.Ciphertext, &wk.Provider, &wk.KeyID, &wk.Version)
+		b.Queue(`SELECT encrypted_data, nonce, data_key_id FROM `+s.q+`.encrypted_secrets WHERE project_id = $1 AND name = $2`,
+			project, name).QueryRow(func(r pgx.Row) error {
+			err := r.Scan(&blob, &nonce, &id)
 			if errors.Is(err, pgx.ErrNoRows) {
 				return nil
 			}
@@ -320,7 +328,7 @@ WHERE s.project_id = $1 AND s.name = $2`, project, name).QueryRow(func(r pgx.Row
 	if !found {
 		return nil, fmt.Errorf("%w: %q in project %q", ErrNotFound, name, project)
 	}
-	pt, err := s.open(ctx, project, id.Bytes, &wk, blob, nonce, secretAAD(project, name))
+	pt, err := s.open(ctx, project, id.Bytes, nil, blob, nonce, secretAAD(project, name))
 	if err != nil {
 		return nil, fmt.Errorf("pgstore: get %q: %w", name, err)
 	}

@@ -1,0 +1,236 @@
+package pgstore_test
+
+import (
+	"context"
+	"crypto/rand"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/profullstack/keybroker/pgstore"
+)
+
+// Each benchmark has a baseline sub-benchmark doing the same database work
+// on plaintext, in the same run, on the same server.
+
+const benchValueSize = 1024
+
+func benchValue(b *testing.B) []byte {
+	v := make([]byte, benchValueSize)
+	if _, err := rand.Read(v); err != nil {
+		b.Fatal(err)
+	}
+	return v
+}
+
+func plainTable(b *testing.B, e *env) {
+	b.Helper()
+	if _, err := e.pool.Exec(context.Background(), `CREATE TABLE plain_secrets (project_id text, name text, value bytea NOT NULL,
+		created_at timestamptz NOT NULL DEFAULT now(), updated_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (project_id, name))`); err != nil {
+		b.Fatal(err)
+	}
+}
+
+const plainUpsert = `INSERT INTO plain_secrets (project_id, name, value) VALUES ($1, $2, $3)
+ON CONFLICT (project_id, name) DO UPDATE SET value = EXCLUDED.value, updated_at = now()`
+
+// paired runs plain and encrypted alternately, one of each per iteration,
+// so that load on the machine affects both alike, and reports each one's
+// time per operation and the encrypted rate relative to the plain one
+// (the target is at least 0.8).
+func paired(b *testing.B, plain, encrypted func(i int) error) {
+	b.SetBytes(2 * benchValueSize)
+	var tp, te time.Duration
+	i := 0
+	for b.Loop() {
+		t0 := time.Now()
+		if err := plain(i); err != nil {
+			b.Fatal(err)
+		}
+		t1 := time.Now()
+		if err := encrypted(i); err != nil {
+			b.Fatal(err)
+		}
+		te += time.Since(t1)
+		tp += t1.Sub(t0)
+		i++
+	}
+	b.ReportMetric(float64(tp.Nanoseconds())/float64(i), "plain-ns/op")
+	b.ReportMetric(float64(te.Nanoseconds())/float64(i), "encrypted-ns/op")
+	b.ReportMetric(float64(tp)/float64(te), "rate-vs-plain")
+}
+
+func BenchmarkPut(b *testing.B) {
+	ctx := context.Background()
+	e := newEnv(b, pgstore.Config{})
+	plainTable(b, e)
+	v := benchValue(b)
+	paired(b, func(i int) error {
+		_, err := e.pool.Exec(ctx, plainUpsert, "p", fmt.Sprint("s", i%1000), v)
+		return err
+	}, func(i int) error {
+		return e.store.Put(ctx, "p", fmt.Sprint("s", i%1000), v)
+	})
+}
+
+func BenchmarkGet(b *testing.B) {
+	ctx := context.Background()
+	e := newEnv(b, pgstore.Config{})
+	plainTable(b, e)
+	v := benchValue(b)
+	for i := range 1000 {
+		name := fmt.Sprint("s", i)
+		if _, err := e.pool.Exec(ctx, plainUpsert, "p", name, v); err != nil {
+			b.Fatal(err)
+		}
+		if err := e.store.Put(ctx, "p", name, v); err != nil {
+			b.Fatal(err)
+		}
+	}
+	var got []byte
+	paired(b, func(i int) error {
+		return e.pool.QueryRow(ctx, `SELECT value FROM plain_secrets WHERE project_id = $1 AND name = $2`, "p", fmt.Sprint("s", i%1000)).Scan(&got)
+	}, func(i int) error {
+		_, err := e.store.Get(ctx, "p", fmt.Sprint("s", i%1000))
+		return err
+	})
+}
+
+const migrateRows = 100_000
+
+// fillLegacy (re)creates legacy_secrets with migrateRows rows of 100-byte
+// values over 100 projects, and empties encrypted_secrets.
+func fillLegacy(b *testing.B, e *env) {
+	b.Helper()
+	ctx := context.Background()
+	if _, err := e.pool.Exec(ctx, `DROP TABLE IF EXISTS legacy_secrets, plain_copy;
+		TRUNCATE keybroker.encrypted_secrets;
+		CREATE TABLE legacy_secrets (id bigint PRIMARY KEY, project text NOT NULL, secret_name text NOT NULL, value bytea);
+		CREATE TABLE plain_copy (project_id text, name text, value bytea NOT NULL, PRIMARY KEY (project_id, name));
+		INSERT INTO legacy_secrets SELECT g, 'proj' || (g % 100), 'name' || g, convert_to(rpad('value-' || g, 100, '*'), 'UTF8')
+		FROM generate_series(1, `+fmt.Sprint(migrateRows)+`) g;
+		ANALYZE legacy_secrets`); err != nil {
+		b.Fatal(err)
+	}
+}
+
+func BenchmarkMigratePlaintext(b *testing.B) {
+	ctx := context.Background()
+	e := newEnv(b, pgstore.Config{})
+	// The baseline moves the same rows in the same batches, without
+	// encryption: read a keyset batch FOR NO KEY UPDATE, insert it, read it
+	// back, clear the source.
+	b.Run("plain", func(b *testing.B) {
+		var elapsed time.Duration
+		for b.Loop() {
+			b.StopTimer()
+			fillLegacy(b, e)
+			b.StartTimer()
+			t0 := time.Now()
+			last := int64(0)
+			for {
+				tx, err := e.pool.Begin(ctx)
+				if err != nil {
+					b.Fatal(err)
+				}
+				rows, _ := tx.Query(ctx, `SELECT id, project, secret_name, value FROM legacy_secrets src WHERE value IS NOT NULL AND id > $1 ORDER BY src.id LIMIT $2 FOR NO KEY UPDATE`, last, pgstore.DefaultBatchSize)
+				var ids []int64
+				var ps, ns []string
+				var vs [][]byte
+				var id int64
+				var p, n string
+				var v []byte
+				if _, err := pgx.ForEachRow(rows, []any{&id, &p, &n, &v}, func() error {
+					ids, ps, ns, vs = append(ids, id), append(ps, p), append(ns, n), append(vs, v)
+					return nil
+				}); err != nil {
+					b.Fatal(err)
+				}
+				if len(ids) == 0 {
+					tx.Rollback(ctx)
+					break
+				}
+				if _, err := tx.Exec(ctx, `INSERT INTO plain_copy SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[]) ON CONFLICT DO NOTHING`, ps, ns, vs); err != nil {
+					b.Fatal(err)
+				}
+				back, _ := tx.Query(ctx, `SELECT c.value FROM unnest($1::text[], $2::text[]) u(p, n) JOIN plain_copy c ON c.project_id = u.p AND c.name = u.n`, ps, ns)
+				if _, err := pgx.ForEachRow(back, []any{&v}, func() error { return nil }); err != nil {
+					b.Fatal(err)
+				}
+				if _, err := tx.Exec(ctx, `UPDATE legacy_secrets SET value = NULL WHERE id = ANY($1)`, ids); err != nil {
+					b.Fatal(err)
+				}
+				if err := tx.Commit(ctx); err != nil {
+					b.Fatal(err)
+				}
+				last = ids[len(ids)-1]
+			}
+			elapsed += time.Since(t0)
+		}
+		b.ReportMetric(float64(migrateRows*b.N)/elapsed.Seconds(), "rows/s")
+	})
+	b.Run("encrypted", func(b *testing.B) {
+		var elapsed time.Duration
+		for b.Loop() {
+			b.StopTimer()
+			fillLegacy(b, e)
+			b.StartTimer()
+			t0 := time.Now()
+			res, err := e.store.MigratePlaintext(ctx, legacySource, pgstore.MigrateOptions{ClearPlaintext: true})
+			if err != nil || res.Migrated != migrateRows {
+				b.Fatalf("%+v, %v", res, err)
+			}
+			elapsed += time.Since(t0)
+		}
+		b.ReportMetric(float64(migrateRows*b.N)/elapsed.Seconds(), "rows/s")
+	})
+}
+
+// BenchmarkRewrap rewraps 100 data keys after a rotation, once with no
+// secrets and once with 100,000 secrets under those keys: the time should
+// not depend on the secrets.
+func BenchmarkRewrap(b *testing.B) {
+	ctx := context.Background()
+	for _, secrets := range []int{0, migrateRows} {
+		b.Run(fmt.Sprintf("datakeys=100/secrets=%d", secrets), func(b *testing.B) {
+			e := newEnv(b, pgstore.Config{})
+			if secrets == 0 {
+				for p := range 100 {
+					if err := e.store.Put(ctx, fmt.Sprint("proj", p), "only", []byte("v")); err != nil {
+						b.Fatal(err)
+					}
+					if err := e.store.Delete(ctx, fmt.Sprint("proj", p), "only"); err != nil {
+						b.Fatal(err)
+					}
+				}
+			} else {
+				fillLegacy(b, e)
+				if _, err := e.store.MigratePlaintext(ctx, legacySource, pgstore.MigrateOptions{}); err != nil {
+					b.Fatal(err)
+				}
+			}
+			if n := count(b, e.pool, `SELECT count(*) FROM keybroker.data_keys`); n != 100 {
+				b.Fatalf("%d data keys", n)
+			}
+			var elapsed time.Duration
+			var keys int64
+			for b.Loop() {
+				b.StopTimer()
+				if _, err := e.store.RotateKEK(ctx); err != nil {
+					b.Fatal(err)
+				}
+				b.StartTimer()
+				t0 := time.Now()
+				res, err := e.store.Rewrap(ctx, pgstore.RewrapOptions{})
+				if err != nil || res.Rewrapped != 100 {
+					b.Fatalf("%+v, %v", res, err)
+				}
+				elapsed += time.Since(t0)
+				keys += res.Rewrapped
+			}
+			b.ReportMetric(float64(keys)/elapsed.Seconds(), "datakeys/s")
+		})
+	}
+}
