@@ -1,25 +1,66 @@
 package envelope
 
 import (
+	"cmp"
 	"context"
 	"errors"
+	"slices"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 )
 
-// fakeClock is an injectable clock that moves only when told to.
-type fakeClock struct{ ns atomic.Int64 }
-
-func newFakeClock() *fakeClock {
-	c := &fakeClock{}
-	c.ns.Store(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC).UnixNano())
-	return c
+// fakeClock is a clock whose timers fire, in order, only when Advance
+// moves it past them, in the goroutine that calls Advance.
+type fakeClock struct {
+	mu     sync.Mutex
+	now    time.Duration
+	timers []*fakeTimer
 }
 
-func (c *fakeClock) Now() time.Time          { return time.Unix(0, c.ns.Load()) }
-func (c *fakeClock) Advance(d time.Duration) { c.ns.Add(int64(d)) }
+type fakeTimer struct {
+	at   time.Duration
+	f    func()
+	done bool // fired or stopped; guarded by fakeClock.mu
+}
+
+func newFakeClock() *fakeClock { return &fakeClock{} }
+
+func (c *fakeClock) AfterFunc(d time.Duration, f func()) func() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	t := &fakeTimer{at: c.now + d, f: f}
+	c.timers = append(c.timers, t)
+	return func() bool {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		stopped := !t.done
+		t.done = true
+		return stopped
+	}
+}
+
+func (c *fakeClock) Advance(d time.Duration) {
+	c.mu.Lock()
+	c.now += d
+	var due, pending []*fakeTimer
+	for _, t := range c.timers {
+		switch {
+		case t.done:
+		case t.at <= c.now:
+			t.done = true
+			due = append(due, t)
+		default:
+			pending = append(pending, t)
+		}
+	}
+	c.timers = pending
+	c.mu.Unlock()
+	slices.SortStableFunc(due, func(a, b *fakeTimer) int { return cmp.Compare(a.at, b.at) })
+	for _, t := range due {
+		t.f()
+	}
+}
 
 // wrappedCiphertext returns the wrapped DEK an inline envelope carries.
 func wrappedCiphertext(t *testing.T, blob []byte) string {
@@ -99,7 +140,7 @@ func TestBudgetConcurrent(t *testing.T) {
 func TestBudgetAge(t *testing.T) {
 	clock := newFakeClock()
 	kek := &countingKEK{KEKProvider: newKEK(t, "age")}
-	e := newTestEnvelope(t, kek, WithMaxAge(time.Hour), withClock(clock.Now))
+	e := newTestEnvelope(t, kek, WithMaxAge(time.Hour), withClock(clock))
 	first := mustEncrypt(t, e, []byte("m"), nil)
 	clock.Advance(time.Hour - time.Nanosecond)
 	second := mustEncrypt(t, e, []byte("m"), nil)
@@ -116,7 +157,7 @@ func TestBudgetAge(t *testing.T) {
 func TestDataKeyBudget(t *testing.T) {
 	clock := newFakeClock()
 	ctx := context.Background()
-	k, _, err := NewDataKey(ctx, newKEK(t, "dk"), nil, WithMaxMessages(2), WithMaxAge(time.Minute), withClock(clock.Now))
+	k, _, err := NewDataKey(ctx, newKEK(t, "dk"), nil, WithMaxMessages(2), WithMaxAge(time.Minute), withClock(clock))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -129,7 +170,7 @@ func TestDataKeyBudget(t *testing.T) {
 		t.Fatalf("message 3 of 2: %v, want ErrKeyExhausted", err)
 	}
 
-	k, _, err = NewDataKey(ctx, newKEK(t, "dk"), nil, WithMaxAge(time.Minute), withClock(clock.Now))
+	k, _, err = NewDataKey(ctx, newKEK(t, "dk"), nil, WithMaxAge(time.Minute), withClock(clock))
 	if err != nil {
 		t.Fatal(err)
 	}

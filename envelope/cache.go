@@ -19,14 +19,14 @@ import (
 // with the key; the key is dropped (see DataKey.Destroy) when its entry has
 // left the cache and no lease is outstanding.
 //
-// An entry lives for ttl after it was loaded, however often it is used.
-// When a load makes the cache exceed maxEntries, expired entries are
-// dropped, then the least recently used ones. Expired entries are also
-// dropped when Get meets them; there is no background goroutine.
+// An entry is dropped ttl after it was loaded, however often it is used,
+// by a timer (time.AfterFunc), so idle keys do not linger. When a load makes
+// the cache exceed maxEntries, the least recently used entry is dropped.
 type KeyCache struct {
-	max int
-	ttl time.Duration
-	now func() time.Time
+	max   int
+	ttl   time.Duration
+	clock clock
+	tick  atomic.Int64 // recency counter for LRU
 
 	mu      sync.RWMutex
 	entries map[string]*cacheEntry
@@ -37,13 +37,13 @@ type KeyCache struct {
 }
 
 type cacheEntry struct {
-	// key, expires and err are written under KeyCache.mu (write) before
-	// done is closed; key is nil while the entry is loading.
-	key     *DataKey
-	expires time.Time
-	err     error
-	done    chan struct{}
-	used    atomic.Int64 // clock of the last hit, UnixNano, for LRU
+	// key, stop and err are written under KeyCache.mu (write) before done
+	// is closed; key is nil while the entry is loading.
+	key  *DataKey
+	stop func() bool // cancels the TTL timer
+	err  error
+	done chan struct{}
+	used atomic.Int64 // KeyCache.tick at the last use, for LRU
 }
 
 // CacheStats counts a KeyCache's activity. Evictions counts entries dropped
@@ -62,7 +62,7 @@ func NewKeyCache(maxEntries int, ttl time.Duration) *KeyCache {
 	if ttl <= 0 {
 		ttl = time.Minute
 	}
-	return &KeyCache{max: maxEntries, ttl: ttl, now: time.Now, entries: map[string]*cacheEntry{}}
+	return &KeyCache{max: maxEntries, ttl: ttl, clock: realClock{}, entries: map[string]*cacheEntry{}}
 }
 
 // Get returns the key cached under id, leased, and its release function.
@@ -91,8 +91,7 @@ func (c *KeyCache) Get(ctx context.Context, id string, load func(context.Context
 				c.mu.Unlock()
 				return k, release, nil
 			}
-			c.dropLocked(id, e) // expired, or destroyed behind the cache's back
-			c.evictions.Add(1)
+			c.dropLocked(id, e) // destroyed behind the cache's back
 			e = nil
 		}
 		if e == nil {
@@ -127,16 +126,12 @@ func (c *KeyCache) lookup(id []byte) (*DataKey, func(), bool) {
 	return k, release, ok
 }
 
-// hit leases e's key if e is loaded and fresh. c.mu must be held.
+// hit leases e's key if e is loaded. c.mu must be held.
 func (c *KeyCache) hit(e *cacheEntry) (*DataKey, func(), bool) {
-	if e == nil || e.key == nil {
+	if e == nil || e.key == nil || !e.key.lease() {
 		return nil, nil, false
 	}
-	now := c.now()
-	if !now.Before(e.expires) || !e.key.lease() {
-		return nil, nil, false
-	}
-	e.used.Store(now.UnixNano())
+	e.used.Store(c.tick.Add(1))
 	c.hits.Add(1)
 	return e.key, e.key.releaseFn, true
 }
@@ -183,24 +178,27 @@ func (c *KeyCache) finish(id string, e *cacheEntry, k *DataKey, err error) (*Dat
 		}
 		return k, k.releaseFn, nil
 	}
-	now := c.now()
-	e.key, e.expires = k, now.Add(c.ttl)
-	e.used.Store(now.UnixNano())
+	e.key = k
+	e.used.Store(c.tick.Add(1))
+	e.stop = c.clock.AfterFunc(c.ttl, func() { c.expire(id, e) })
 	c.ready++
 	c.evictLocked(e)
 	return k, k.releaseFn, nil
 }
 
-// evictLocked drops expired entries, then least recently used ones until
-// the cache is within its bound. keep (the entry just loaded) stays.
-func (c *KeyCache) evictLocked(keep *cacheEntry) {
-	now := c.now()
-	for id, e := range c.entries {
-		if e != keep && e.key != nil && !now.Before(e.expires) {
-			c.dropLocked(id, e)
-			c.evictions.Add(1)
-		}
+// expire is e's TTL timer.
+func (c *KeyCache) expire(id string, e *cacheEntry) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.entries[id] == e && e.key != nil {
+		c.dropLocked(id, e)
+		c.evictions.Add(1)
 	}
+}
+
+// evictLocked drops least recently used entries until the cache is within
+// its bound. keep (the entry just loaded) stays.
+func (c *KeyCache) evictLocked(keep *cacheEntry) {
 	for c.ready > c.max {
 		var oldID string
 		var old *cacheEntry
@@ -220,6 +218,7 @@ func (c *KeyCache) evictLocked(keep *cacheEntry) {
 func (c *KeyCache) dropLocked(id string, e *cacheEntry) {
 	delete(c.entries, id)
 	c.ready--
+	e.stop()
 	e.key.Destroy()
 }
 

@@ -24,7 +24,7 @@ func newCacheKey(t testing.TB) *DataKey {
 func cacheWithClock(n int, ttl time.Duration) (*KeyCache, *fakeClock) {
 	c := NewKeyCache(n, ttl)
 	clock := newFakeClock()
-	c.now = clock.Now
+	c.clock = clock
 	return c, clock
 }
 
@@ -68,30 +68,38 @@ func TestCacheBound(t *testing.T) {
 	}
 }
 
+// TestCacheTTL: an entry is dropped at its TTL by its timer, whether or
+// not anyone asks for it.
 func TestCacheTTL(t *testing.T) {
 	c, clock := cacheWithClock(10, time.Minute)
 	var loads atomic.Int64
 	a := get(t, c, "a", &loads)
 	clock.Advance(time.Minute - time.Nanosecond)
-	if get(t, c, "a", &loads) != a || loads.Load() != 1 {
+	if get(t, c, "a", &loads) != a || loads.Load() != 1 || destroyed(a) {
 		t.Fatal("entry expired before its TTL")
 	}
 	clock.Advance(time.Nanosecond)
-	if get(t, c, "a", &loads) == a || loads.Load() != 2 {
-		t.Fatal("entry served at its TTL")
-	}
 	if !destroyed(a) {
-		t.Fatal("expired key not destroyed")
+		t.Fatal("key not destroyed at its TTL")
 	}
-	// An expired entry is also dropped when another key is loaded.
-	b := get(t, c, "b", &loads)
-	clock.Advance(time.Minute)
-	get(t, c, "c", &loads)
+	if s := c.Stats(); s.Evictions != 1 || s.Entries != 0 {
+		t.Fatalf("stats %+v, want 1 eviction, 0 entries", s)
+	}
+	if get(t, c, "a", &loads) == a || loads.Load() != 2 {
+		t.Fatal("expired entry served")
+	}
+	// Removing an entry stops its timer: a later entry under the same id
+	// keeps its own TTL.
+	c.Remove("a")
+	clock.Advance(30 * time.Second)
+	b := get(t, c, "a", &loads)
+	clock.Advance(59 * time.Second)
+	if destroyed(b) {
+		t.Fatal("a removed entry's timer dropped its successor")
+	}
+	clock.Advance(time.Second)
 	if !destroyed(b) {
-		t.Fatal("expired key not destroyed by the next load")
-	}
-	if s := c.Stats(); s.Evictions != 3 || s.Entries != 1 {
-		t.Fatalf("stats %+v, want 3 evictions, 1 entry", s)
+		t.Fatal("key not destroyed at its TTL")
 	}
 }
 

@@ -56,11 +56,12 @@ type DataKey struct {
 	// state holds destroyedBit and the number of outstanding KeyCache
 	// leases; the key is dropped when destroyed with no lease left.
 	state atomic.Uint64
-	// sealed counts budget reservations.
+	// sealed counts budget reservations; expired is set by a timer at the
+	// key's maximum age.
 	sealed      atomic.Uint64
 	maxMessages uint64
-	notAfter    time.Time // zero: no age limit
-	now         func() time.Time
+	expired     atomic.Bool
+	stopTimer   func() bool // nil: no age limit
 
 	releaseFn func() // k.release, made once so leases do not allocate
 }
@@ -121,12 +122,12 @@ func newDataKey(dek []byte, cfg *config) (*DataKey, error) {
 	if err != nil {
 		return nil, err
 	}
-	k := &DataKey{maxMessages: cfg.maxMessages, now: cfg.now}
-	if cfg.maxAge > 0 {
-		k.notAfter = cfg.now().Add(cfg.maxAge)
-	}
+	k := &DataKey{maxMessages: cfg.maxMessages}
 	k.aead.Store(&gcm{a})
 	k.releaseFn = k.release
+	if cfg.maxAge > 0 {
+		k.stopTimer = cfg.clock.AfterFunc(cfg.maxAge, func() { k.expired.Store(true) })
+	}
 	return k, nil
 }
 
@@ -196,7 +197,14 @@ func unwrapDataKey(ctx context.Context, kek provider.KEKProvider, wk *provider.W
 // doc.go, section Key material in memory, for what dropping can and cannot
 // erase.
 func (k *DataKey) Destroy() {
-	if old := k.state.Or(destroyedBit); old == 0 {
+	old := k.state.Or(destroyedBit)
+	if old&destroyedBit != 0 {
+		return
+	}
+	if k.stopTimer != nil {
+		k.stopTimer()
+	}
+	if old == 0 {
 		k.aead.Store(nil)
 	}
 }
@@ -221,13 +229,10 @@ func (k *DataKey) release() {
 }
 
 // reserve counts one message against the budget. It reports false when the
-// budget is spent; the count then stays above the limit, so every later
-// reservation fails too.
+// budget is spent (the count then stays above the limit, so every later
+// reservation fails too) or the key has reached its maximum age.
 func (k *DataKey) reserve() bool {
-	if k.sealed.Add(1) > k.maxMessages {
-		return false
-	}
-	return k.notAfter.IsZero() || k.now().Before(k.notAfter)
+	return k.sealed.Add(1) <= k.maxMessages && !k.expired.Load()
 }
 
 // aadPool holds scratch buffers for the GCM associated data

@@ -62,7 +62,11 @@
 // counted with one atomic increment per message and is never exceeded: a
 // DataKey refuses the message that would exceed it (SealWithKeyID returns
 // [ErrKeyExhausted]) and an Envelope makes and wraps a fresh DEK. At 2^24
-// the cost is one KEK call per 16.7 million messages.
+// the cost is one KEK call per 16.7 million messages. The age limit is set
+// by a timer when the key is made (so no message pays for reading the
+// clock); a message sealed within the timer's latency of the deadline may
+// still use the old DEK, which is harmless: age limits bound exposure, the
+// count bounds nonce reuse.
 //
 // The budget counts messages sealed by one DataKey value in this process. A
 // store that reloads a DEK with UnwrapDataKey and keeps sealing under it must
@@ -73,6 +77,7 @@
 // Envelope and DataKey are safe for concurrent use with no lock on the
 // encrypt or decrypt path: the active DEK sits behind an atomic pointer,
 // the budget is an atomic counter, and a KeyCache hit takes a read lock.
+// Cache entries expire by timer, so a hit does not read the clock either.
 // When a DEK must be made, one caller wraps it and the others wait for it
 // (or for their ctx): a burst of first uses is one provider call. Cache
 // misses for one DEK are coalesced the same way.

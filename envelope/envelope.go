@@ -25,7 +25,7 @@ type config struct {
 	cacheEntries int
 	cacheTTL     time.Duration
 	wrapAAD      []byte
-	now          func() time.Time
+	clock        clock
 }
 
 func newConfig(opts []Option) (*config, error) {
@@ -34,7 +34,7 @@ func newConfig(opts []Option) (*config, error) {
 		maxAge:       DefaultMaxAge,
 		cacheEntries: DefaultCacheEntries,
 		cacheTTL:     DefaultCacheTTL,
-		now:          time.Now,
+		clock:        realClock{},
 	}
 	for _, o := range opts {
 		if err := o(c); err != nil {
@@ -104,9 +104,10 @@ func WithWrapAAD(aad []byte) Option {
 	}
 }
 
-// withClock replaces time.Now, for tests of the age budget and cache TTL.
-func withClock(now func() time.Time) Option {
-	return func(c *config) error { c.now = now; return nil }
+// withClock replaces the real clock, for tests of the age budget and cache
+// TTL.
+func withClock(clk clock) Option {
+	return func(c *config) error { c.clock = clk; return nil }
 }
 
 // Envelope encrypts payloads into self-contained envelopes: each carries
@@ -116,8 +117,9 @@ func withClock(now func() time.Time) Option {
 // are cached for decryption (WithCacheEntries, WithCacheTTL). Safe for
 // concurrent use.
 type Envelope struct {
-	kek provider.KEKProvider
-	cfg *config
+	kek     provider.KEKProvider
+	cfg     *config
+	openCfg *config // cfg without a max age: cached DEKs only open
 
 	active atomic.Pointer[activeKey]
 	// rotate is a one-slot semaphore held while a DEK is made: concurrent
@@ -143,8 +145,10 @@ func New(kek provider.KEKProvider, opts ...Option) (*Envelope, error) {
 		return nil, err
 	}
 	c := NewKeyCache(cfg.cacheEntries, cfg.cacheTTL)
-	c.now = cfg.now
-	return &Envelope{kek: kek, cfg: cfg, rotate: make(chan struct{}, 1), cache: c}, nil
+	c.clock = cfg.clock
+	openCfg := *cfg
+	openCfg.maxAge = 0
+	return &Envelope{kek: kek, cfg: cfg, openCfg: &openCfg, rotate: make(chan struct{}, 1), cache: c}, nil
 }
 
 // Encrypt seals plaintext (at most MaxPlaintextLen bytes) with aad (at most
@@ -236,7 +240,7 @@ func (e *Envelope) load(ctx context.Context, v *view) (*DataKey, func(), error) 
 		Ciphertext: append([]byte(nil), v.wrapped...),
 	}
 	k, release, err := e.cache.Get(ctx, string(v.ref), func(ctx context.Context) (*DataKey, error) {
-		return unwrapDataKey(ctx, e.kek, wk, e.cfg.wrapAAD, e.cfg)
+		return unwrapDataKey(ctx, e.kek, wk, e.cfg.wrapAAD, e.openCfg)
 	})
 	if err != nil {
 		switch {
