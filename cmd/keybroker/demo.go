@@ -25,6 +25,7 @@ type demoSummary struct {
 	Rows        int          `json:"rows"`
 	Projects    int          `json:"projects"`
 	Imported    int64        `json:"imported"`
+	Cleared     int64        `json:"plaintext_cleared"`
 	Stored      int64        `json:"stored"`
 	Rewrapped   int64        `json:"rewrapped"`
 	Verified    int64        `json:"verified"`
@@ -187,9 +188,9 @@ func (a *app) demo(ctx context.Context, nrows, projects, extra int) (err error) 
 func (s *demoSummary) print(w io.Writer) {
 	fmt.Fprintf(w, "keybroker demo: %s PostgreSQL, schema %s\n", s.Database, s.Schema)
 	fmt.Fprintf(w, "  legacy rows     %d across %d projects\n", s.Rows, s.Projects)
-	fmt.Fprintf(w, "  imported        %d\n", s.Imported)
+	fmt.Fprintf(w, "  imported        %d (plaintext cleared: %d)\n", s.Imported, s.Cleared)
 	fmt.Fprintf(w, "  stored (put)    %d\n", s.Stored)
-	fmt.Fprintf(w, "  KEK rotated     version %s -> %s\n", s.KEKVersions[0], s.KEKVersions[1])
+	fmt.Fprintf(w, "  KEK rotated     version %s -> %s (version %s retired)\n", s.KEKVersions[0], s.KEKVersions[1], s.KEKVersions[0])
 	fmt.Fprintf(w, "  rewrapped       %d data keys\n", s.Rewrapped)
 	fmt.Fprintf(w, "  verified        %d ok, %d failed\n", s.Verified, s.Failed)
 	fmt.Fprintln(w, "  timings:")
@@ -228,7 +229,7 @@ func (a *app) demoStore(ctx context.Context, pool *pgxpool.Pool, kek *local.Prov
 		if err != nil {
 			return err
 		}
-		sum.Imported = res.Imported
+		sum.Imported, sum.Cleared = res.Imported, res.Cleared
 		return nil
 	}); err != nil {
 		return err

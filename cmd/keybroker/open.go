@@ -48,7 +48,11 @@ func (a *app) openKeyring(ctx context.Context) (*provider.Keyring, error) {
 		}
 		others = append(others, p)
 	}
-	return provider.NewKeyring(primary, others...)
+	kr, err := provider.NewKeyring(primary, others...)
+	if err != nil {
+		return nil, &codeError{code: exitUsage, err: err}
+	}
+	return kr, nil
 }
 
 func openProvider(ctx context.Context, rawURL string) (provider.KEKProvider, error) {
