@@ -13,3 +13,10 @@ test: deps
 
 lint:
 	bash scripts/lint.sh
+
+# bench: keybroker against Tink, go-kms-wrapping, localsecrets, per-secret
+# key-service calls and pgcrypto; writes docs/BENCHMARKS.md (section
+# Contenders) and docs/benchmarks.svg. BENCHFLAGS=-quick for a short run.
+.PHONY: bench
+bench: deps
+	cd bench && go run ./cmd/kbbench $(BENCHFLAGS)

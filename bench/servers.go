@@ -1,0 +1,339 @@
+package bench
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// FindBinary returns the path of a server binary that `make deps` builds:
+// $KEYBROKER_<NAME>_BIN, else $KEYBROKER_CACHE/bin (default
+// ~/.cache/keybroker/bin), else $PATH. It is internal/testbin.Find, which
+// this module cannot import.
+func FindBinary(name string) (string, error) {
+	env := "KEYBROKER_" + strings.ToUpper(strings.ReplaceAll(name, "-", "_")) + "_BIN"
+	if p := os.Getenv(env); p != "" {
+		if _, err := os.Stat(p); err != nil {
+			return "", fmt.Errorf("bench: %s: %w", env, err)
+		}
+		return p, nil
+	}
+	dir := filepath.Join(os.Getenv("KEYBROKER_CACHE"), "bin")
+	if os.Getenv("KEYBROKER_CACHE") == "" {
+		home, err := os.UserHomeDir()
+		if err != nil {
+			home = os.TempDir()
+		}
+		dir = filepath.Join(home, ".cache", "keybroker", "bin")
+	}
+	if p := filepath.Join(dir, name); isFile(p) {
+		return p, nil
+	}
+	if p, err := exec.LookPath(name); err == nil {
+		return p, nil
+	}
+	return "", fmt.Errorf("bench: %s not found in %s or $PATH: run `make deps` (scripts/deps.sh) to build it", name, dir)
+}
+
+func isFile(p string) bool {
+	st, err := os.Stat(p)
+	return err == nil && !st.IsDir()
+}
+
+// Process is a server started for the benchmarks. Stop kills it and
+// removes its directory.
+type Process struct {
+	Addr   string // http://127.0.0.1:<port>
+	cmd    *exec.Cmd
+	dir    string
+	log    *syncBuffer
+	exited chan struct{}
+}
+
+// Stop kills the process, waits for it and removes its directory.
+func (p *Process) Stop() {
+	if p == nil {
+		return
+	}
+	p.cmd.Process.Kill()
+	<-p.exited
+	os.RemoveAll(p.dir)
+}
+
+func (p *Process) logTail() string {
+	b := p.log.Bytes()
+	if len(b) > 1500 {
+		b = b[len(b)-1500:]
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// syncBuffer collects a process's output, written by exec's copier while
+// logTail may read it.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) Bytes() []byte {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return bytes.Clone(s.b.Bytes())
+}
+
+func start(cmd *exec.Cmd, dir string) (*Process, error) {
+	p := &Process{cmd: cmd, dir: dir, log: &syncBuffer{}, exited: make(chan struct{})}
+	if cmd.Stdout == nil {
+		cmd.Stdout, cmd.Stderr = p.log, p.log
+	}
+	if err := cmd.Start(); err != nil {
+		os.RemoveAll(dir)
+		return nil, fmt.Errorf("bench: start %s: %w", filepath.Base(cmd.Path), err)
+	}
+	go func() { cmd.Wait(); close(p.exited) }()
+	return p, nil
+}
+
+// StartVault starts `vault server -dev` on a free loopback port with a
+// random root token, and waits until it is healthy. It returns the process
+// and the root token.
+func StartVault(ctx context.Context) (*Process, string, error) {
+	bin, err := FindBinary("vault")
+	if err != nil {
+		return nil, "", err
+	}
+	var last error
+	for range 3 { // a port lost to a race is retried on another
+		port, err := freePortPair()
+		if err != nil {
+			return nil, "", err
+		}
+		dir, err := os.MkdirTemp("", "kbbench-vault-")
+		if err != nil {
+			return nil, "", err
+		}
+		token := "root-" + randHex(16)
+		cmd := exec.Command(bin, "server", "-dev", "-dev-no-store-token", "-log-level=warn")
+		cmd.Env = []string{
+			"HOME=" + dir,
+			"PATH=" + os.Getenv("PATH"),
+			"VAULT_DEV_ROOT_TOKEN_ID=" + token,
+			"VAULT_DEV_LISTEN_ADDRESS=127.0.0.1:" + strconv.Itoa(port),
+		}
+		p, err := start(cmd, dir)
+		if err != nil {
+			return nil, "", err
+		}
+		p.Addr = "http://127.0.0.1:" + strconv.Itoa(port)
+		if last = p.waitHTTP(ctx, p.Addr+"/v1/sys/health"); last == nil {
+			return p, token, nil
+		}
+		p.Stop()
+	}
+	return nil, "", last
+}
+
+// waitHTTP polls url until it answers 200, the process exits or a minute
+// passes.
+func (p *Process) waitHTTP(ctx context.Context, url string) error {
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	hc := &http.Client{Timeout: 2 * time.Second}
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		resp, err := hc.Get(url)
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return nil
+			}
+		}
+		select {
+		case <-p.exited:
+			return fmt.Errorf("bench: %s exited during start-up: %s", filepath.Base(p.cmd.Path), p.logTail())
+		case <-ctx.Done():
+			return fmt.Errorf("bench: %s not healthy: %w: %s", filepath.Base(p.cmd.Path), ctx.Err(), p.logTail())
+		case <-tick.C:
+		}
+	}
+}
+
+// StartLocalKMS starts local-kms on a port it picks (PORT=0) in region
+// KMSRegion, and returns once it has logged the port.
+func StartLocalKMS() (*Process, error) {
+	bin, err := FindBinary("local-kms")
+	if err != nil {
+		return nil, err
+	}
+	dir, err := os.MkdirTemp("", "kbbench-kms-")
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(bin)
+	cmd.Env = append(os.Environ(), "PORT=0", "KMS_REGION="+KMSRegion,
+		"KMS_DATA_PATH="+filepath.Join(dir, "data"), "KMS_SEED_PATH="+filepath.Join(dir, "none.yaml"))
+	logs, err := cmd.StderrPipe()
+	if err != nil {
+		return nil, err
+	}
+	cmd.Stdout = cmd.Stderr
+	p, err := start(cmd, dir)
+	if err != nil {
+		return nil, err
+	}
+	portRE := regexp.MustCompile(`Local KMS started on [^ ]*:(\d+)`)
+	sc := bufio.NewScanner(logs)
+	for sc.Scan() {
+		p.log.Write([]byte(sc.Text() + "\n"))
+		if m := portRE.FindStringSubmatch(sc.Text()); m != nil {
+			p.Addr = "http://127.0.0.1:" + m[1]
+			break
+		}
+	}
+	if p.Addr == "" {
+		p.Stop()
+		return nil, fmt.Errorf("bench: local-kms exited before listening: %s", p.logTail())
+	}
+	go io.Copy(io.Discard, logs) // keep draining so it never blocks
+	return p, nil
+}
+
+// StartPostgres starts a throwaway PostgreSQL server with scripts/pg.sh
+// and returns its superuser URL and a function that stops and removes it.
+func StartPostgres(ctx context.Context) (string, func(), error) {
+	script, err := findScript("scripts/pg.sh")
+	if err != nil {
+		return "", nil, err
+	}
+	dir, err := os.MkdirTemp("", "kbbench-pg-")
+	if err != nil {
+		return "", nil, err
+	}
+	os.Chmod(dir, 0o755) // the server may run as the postgres user
+	var stderr bytes.Buffer
+	cmd := exec.CommandContext(ctx, "bash", script, "start", dir)
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	stop := func() { exec.Command("bash", script, "stop", dir).Run(); os.RemoveAll(dir) }
+	if err != nil {
+		stop()
+		return "", nil, fmt.Errorf("bench: %s start: %w: %s", script, err, strings.TrimSpace(stderr.String()))
+	}
+	return strings.TrimSpace(string(out)), stop, nil
+}
+
+// findScript looks for rel in the working directory and its parents (the
+// command runs in bench/, the repository root is its parent).
+func findScript(rel string) (string, error) {
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	for {
+		if p := filepath.Join(dir, rel); isFile(p) {
+			return p, nil
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return "", fmt.Errorf("bench: %s not found above the working directory", rel)
+		}
+		dir = parent
+	}
+}
+
+// CountingProxy is a loopback reverse proxy that counts the requests it
+// forwards: the key-service requests that really reach the server,
+// whatever client library sent them.
+type CountingProxy struct {
+	Addr string
+	n    atomic.Int64
+	srv  *http.Server
+}
+
+// NewCountingProxy forwards to target (http://host:port).
+func NewCountingProxy(target string) (*CountingProxy, error) {
+	u, err := url.Parse(target)
+	if err != nil {
+		return nil, err
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	p := &CountingProxy{Addr: "http://" + l.Addr().String()}
+	rp := httputil.NewSingleHostReverseProxy(u)
+	p.srv = &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		p.n.Add(1)
+		rp.ServeHTTP(w, r)
+	})}
+	go p.srv.Serve(l)
+	return p, nil
+}
+
+// Requests returns how many requests were forwarded so far.
+func (p *CountingProxy) Requests() int64 { return p.n.Load() }
+
+// Close stops the proxy.
+func (p *CountingProxy) Close() { p.srv.Close() }
+
+func freePortPair() (int, error) {
+	for range 20 {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return 0, err
+		}
+		port := l.Addr().(*net.TCPAddr).Port
+		// dev-mode Vault also listens on port+1 (cluster)
+		l2, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(port+1))
+		l.Close()
+		if err == nil {
+			l2.Close()
+			return port, nil
+		}
+	}
+	return 0, errors.New("bench: no free pair of loopback ports")
+}
+
+func randHex(n int) string {
+	b := make([]byte, n)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// sleepCtx waits ms milliseconds or until ctx is done: a bounded pause
+// between start-up polls of a server, never a synchronisation.
+func sleepCtx(ctx context.Context, ms int) error {
+	t := time.NewTimer(time.Duration(ms) * time.Millisecond)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
