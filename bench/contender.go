@@ -85,9 +85,9 @@ func NewRaw() (*Contender, error) {
 		return nil, err
 	}
 	return &Contender{
-		Name: NameRaw,
-		Seal: func(_ context.Context, pt []byte) ([]byte, error) { return g.Seal(nil, nil, pt, AAD), nil },
-		Open: func(_ context.Context, ct []byte) ([]byte, error) { return g.Open(nil, nil, ct, AAD) },
+		Name:  NameRaw,
+		Seal:  func(_ context.Context, pt []byte) ([]byte, error) { return g.Seal(nil, nil, pt, AAD), nil },
+		Open:  func(_ context.Context, ct []byte) ([]byte, error) { return g.Open(nil, nil, ct, AAD) },
 		Close: noClose,
 	}, nil
 }

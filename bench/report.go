@@ -432,4 +432,3 @@ func RepoRoot() (string, error) {
 	}
 	return filepath.Dir(filepath.Dir(p)), nil
 }
-
