@@ -51,7 +51,9 @@
 //
 // Nonces are 96 bits from crypto/rand, drawn inside the package for every
 // message; no exported function accepts a nonce ([NewNonce] exposes the
-// same source). With q random nonces under one key, the probability that
+// same source). They are read from the kernel per message, never buffered
+// in the process, so a restored VM snapshot or a copied process image does
+// not replay them. With q random nonces under one key, the probability that
 // any two are equal is at most q(q-1)/2 / 2^96 < q^2 / 2^97. NIST SP
 // 800-38D (section 8.3) requires this to stay below 2^-32, which allows
 // q = 2^32 messages per key. Each DEK here has a message budget,
