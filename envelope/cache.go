@@ -21,7 +21,9 @@ import (
 //
 // An entry is dropped ttl after it was loaded, however often it is used,
 // by a timer (time.AfterFunc), so idle keys do not linger. When a load makes
-// the cache exceed maxEntries, the least recently used entry is dropped.
+// the cache exceed maxEntries, the least recently used entry is dropped;
+// finding it scans the entries, a cost paid only by loads (which call a key
+// service) once the cache is full.
 type KeyCache struct {
 	max   int
 	ttl   time.Duration

@@ -209,7 +209,7 @@ func (k *DataKey) Destroy() {
 	}
 }
 
-// lease keeps k's key until release; it fails once k is dropped.
+// lease keeps k's key until release; it fails once k is destroyed.
 func (k *DataKey) lease() bool {
 	for {
 		s := k.state.Load()
