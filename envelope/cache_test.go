@@ -293,3 +293,50 @@ func TestDecryptErrors(t *testing.T) {
 		t.Fatalf("Decrypt after the outage: %v", err)
 	}
 }
+
+// TestCacheRemoveCloseWhileLoading: a load that finishes after Remove hands
+// its key to its caller without caching it; one that finishes after Close
+// destroys its key and returns ErrClosed.
+func TestCacheRemoveCloseWhileLoading(t *testing.T) {
+	for _, closing := range []bool{false, true} {
+		c, _ := cacheWithClock(10, time.Hour)
+		entered, gate := make(chan struct{}), make(chan struct{})
+		var loaded *DataKey
+		type result struct {
+			k       *DataKey
+			release func()
+			err     error
+		}
+		res := make(chan result)
+		go func() {
+			k, release, err := c.Get(context.Background(), "a", func(context.Context) (*DataKey, error) {
+				close(entered)
+				<-gate
+				loaded = newCacheKey(t)
+				return loaded, nil
+			})
+			res <- result{k, release, err}
+		}()
+		<-entered
+		if closing {
+			c.Close()
+		} else {
+			c.Remove("a")
+		}
+		close(gate)
+		r := <-res
+		if closing {
+			if r.err != ErrClosed || !destroyed(loaded) {
+				t.Fatalf("load finishing after Close: %v, key destroyed %v", r.err, destroyed(loaded))
+			}
+			continue
+		}
+		if r.err != nil || destroyed(r.k) {
+			t.Fatalf("load finishing after Remove: %v", r.err)
+		}
+		r.release()
+		if !destroyed(r.k) || c.Stats().Entries != 0 {
+			t.Fatal("a key loaded across Remove was cached or not destroyed on release")
+		}
+	}
+}
