@@ -208,3 +208,34 @@ func TestClose(t *testing.T) {
 		t.Fatalf("Decrypt after Close = %v", err)
 	}
 }
+
+// TestBadKeys: a DEK of the wrong length or a missing provider is a clear
+// error, and an Envelope treats a wrong-length DEK as a failed decryption.
+func TestBadKeys(t *testing.T) {
+	ctx := context.Background()
+	kek := newKEK(t, "bad")
+	wk, err := kek.Wrap(ctx, make([]byte, 16), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := UnwrapDataKey(ctx, kek, wk, nil); err == nil || err.Error() != "envelope: data key length 16, want 32" {
+		t.Fatalf("UnwrapDataKey of a 16-byte DEK: %v", err)
+	}
+	if _, _, err := NewDataKey(ctx, nil, nil); err == nil {
+		t.Fatal("NewDataKey with a nil provider succeeded")
+	}
+	if _, err := UnwrapDataKey(ctx, nil, wk, nil); err == nil {
+		t.Fatal("UnwrapDataKey with a nil provider succeeded")
+	}
+	if _, _, err := NewDataKey(ctx, kek, nil, WithMaxMessages(0)); err == nil {
+		t.Fatal("NewDataKey accepted a zero budget")
+	}
+	m := &Message{Header: Header{Version: Version, Algorithm: AES256GCM, WrappedKey: wk, Nonce: make([]byte, NonceSize)}, Ciphertext: make([]byte, TagSize)}
+	blob, err := m.MarshalBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := newTestEnvelope(t, kek).Decrypt(ctx, blob, nil); err != ErrDecrypt {
+		t.Fatalf("Decrypt with a 16-byte inline DEK: %v", err)
+	}
+}
