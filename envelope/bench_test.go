@@ -165,6 +165,7 @@ func BenchmarkParallel(b *testing.B) {
 		e, report := benchEnvelope(b)
 		b.SetBytes(2 * 1024)
 		b.ReportAllocs()
+		cpu := cpuTimer(b)
 		b.RunParallel(func(pb *testing.PB) {
 			for pb.Next() {
 				blob, err := e.Encrypt(ctx, pt, benchAAD)
@@ -178,12 +179,14 @@ func BenchmarkParallel(b *testing.B) {
 				}
 			}
 		})
+		cpu()
 		report()
 	})
 	b.Run("1KiB/raw", func(b *testing.B) {
 		a := rawGCM(b)
 		b.SetBytes(2 * 1024)
 		b.ReportAllocs()
+		cpu := cpuTimer(b)
 		b.RunParallel(func(pb *testing.PB) {
 			nonce := make([]byte, NonceSize)
 			for pb.Next() {
@@ -194,5 +197,6 @@ func BenchmarkParallel(b *testing.B) {
 				}
 			}
 		})
+		cpu()
 	})
 }
