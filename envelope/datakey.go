@@ -134,7 +134,8 @@ func newDataKey(dek []byte, cfg *config) (*DataKey, error) {
 // NewDataKey makes a fresh DEK from crypto/rand and wraps it under kek with
 // wrapAAD. It honours WithMaxMessages and WithMaxAge (defaults
 // DefaultMaxMessages and DefaultMaxAge) and ignores other options. Store the
-// WrappedKey; the DataKey never leaves the process.
+// WrappedKey; the DataKey never leaves the process. Call Destroy when done
+// with it: that also stops the timer that enforces its maximum age.
 func NewDataKey(ctx context.Context, kek provider.KEKProvider, wrapAAD []byte, opts ...Option) (*DataKey, *provider.WrappedKey, error) {
 	cfg, err := newConfig(opts)
 	if err != nil {
