@@ -56,7 +56,7 @@ func postgres(tb testing.TB) string {
 				return
 			}
 		}
-		pgURL, pgStop, pgErr = StartPostgres(context.Background())
+		pgURL, _, pgStop, pgErr = StartPostgres(context.Background())
 	})
 	if pgErr != nil {
 		tb.Fatal(pgErr)
@@ -154,7 +154,7 @@ func TestDatabaseRoundTrip(t *testing.T) {
 	if bytes.Contains(stored, v[:64]) {
 		t.Error("pgcrypto row holds the plaintext")
 	}
-	rs, err := MeasureDB(ctx, db.Contenders(), 30, 1<<10, 3, 1, nil)
+	rs, err := MeasureDB(ctx, db.Contenders(), 30, 1<<10, 3, 1, CPUMeter{}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -165,6 +165,9 @@ type DBResult struct {
 	NsPerRow  float64
 	Rounds    []float64
 	Rows      int // rows written or read in all rounds
+	// ClientCPU and ServerCPU are CPU time per row over all rounds, of
+	// this process and of the PostgreSQL server (-1: server not measured).
+	ClientCPU, ServerCPU time.Duration
 }
 
 // RowsPerSec is the throughput.
@@ -175,7 +178,10 @@ func (r DBResult) RowsPerSec() float64 { return 1e9 / r.NsPerRow }
 // secrets per contender, contenders in rotating order, from parallel
 // goroutines (testing.B.RunParallel at the given parallelism). Every value
 // read is compared with the value written.
-func MeasureDB(ctx context.Context, cs []*DBContender, rows, size, rounds, parallelism int, progress func(string)) ([]DBResult, error) {
+//
+// meter measures the CPU time each contender costs this process and the
+// server.
+func MeasureDB(ctx context.Context, cs []*DBContender, rows, size, rounds, parallelism int, meter CPUMeter, progress func(string)) ([]DBResult, error) {
 	value := Payload(size)
 	per := rows / rounds
 	written := make([]atomic.Int64, len(cs))
@@ -190,6 +196,7 @@ func MeasureDB(ctx context.Context, cs []*DBContender, rows, size, rounds, paral
 				j := (i + r) % len(cs)
 				c := cs[j]
 				var next atomic.Int64
+				c0, s0 := meter.Sample()
 				br := runBenchmark(fmt.Sprintf("%dx", per), func(b *testing.B) {
 					b.SetParallelism(parallelism)
 					b.RunParallel(func(pb *testing.PB) {
@@ -214,12 +221,19 @@ func MeasureDB(ctx context.Context, cs []*DBContender, rows, size, rounds, paral
 						}
 					})
 				})
+				c1, s1 := meter.Sample()
 				if p := firstErr.Load(); p != nil {
 					return *p
 				}
 				k := c.Name + "/" + op
 				if res[k] == nil {
 					res[k] = &DBResult{Contender: c.Name, Op: op}
+				}
+				res[k].ClientCPU += c1 - c0
+				if s0 < 0 || res[k].ServerCPU < 0 {
+					res[k].ServerCPU = -1
+				} else {
+					res[k].ServerCPU += s1 - s0
 				}
 				res[k].Rounds = append(res[k].Rounds, float64(br.T.Nanoseconds())/float64(br.N))
 				res[k].Rows += br.N
@@ -241,6 +255,11 @@ func MeasureDB(ctx context.Context, cs []*DBContender, rows, size, rounds, paral
 		for _, c := range cs {
 			r := res[c.Name+"/"+op]
 			r.NsPerRow = median(r.Rounds)
+			// testing.Benchmark runs one op before the N asked for.
+			r.ClientCPU /= time.Duration(r.Rows + rounds)
+			if r.ServerCPU > 0 {
+				r.ServerCPU /= time.Duration(r.Rows + rounds)
+			}
 			out = append(out, *r)
 		}
 	}

@@ -33,6 +33,7 @@ type Result struct {
 	Rounds    []float64 // ns/op of each round
 	Allocs    int64     // allocations per operation (median round)
 	Bytes     int64     // bytes allocated per operation (median round)
+	Overhead  int       // bytes the ciphertext adds to the plaintext
 }
 
 // MBps is the throughput in MB/s (10^6 bytes).
@@ -143,7 +144,9 @@ func Measure(ctx context.Context, cs []*Contender, sizes []int, rounds int, benc
 	for _, c := range cs {
 		for _, op := range []Op{Encrypt, Decrypt} {
 			for _, n := range sizes {
-				out = append(out, summarize(c.Name, op, n, samples[key{c.Name, op, n}]))
+				r := summarize(c.Name, op, n, samples[key{c.Name, op, n}])
+				r.Overhead = len(cts[key{c.Name, Decrypt, n}]) - n
+				out = append(out, r)
 			}
 		}
 	}

@@ -164,14 +164,14 @@ func opTable(b *strings.Builder, rs []Result, op Op, base []Result) {
 	for _, s := range ss {
 		fmt.Fprintf(b, " %s |", SizeName(s))
 	}
-	b.WriteString(" allocs/op (1 KiB) |\n|---|")
+	b.WriteString(" allocs/op (1 KiB) | bytes added |\n|---|")
 	for range ss {
 		b.WriteString("---:|")
 	}
-	b.WriteString("---:|\n")
+	b.WriteString("---:|---:|\n")
 	for _, n := range names(rs) {
 		fmt.Fprintf(b, "| %s |", n)
-		allocs := "–"
+		allocs, added := "–", "–"
 		for _, s := range ss {
 			r, ok := Find(rs, n, op, s)
 			if !ok {
@@ -183,11 +183,11 @@ func opTable(b *strings.Builder, rs []Result, op Op, base []Result) {
 				ratio = fmt.Sprintf(" · **%.2f×**", r.NsPerOp/raw.NsPerOp)
 			}
 			fmt.Fprintf(b, " %s · %s%s |", fmtNs(r.NsPerOp), fmtMBps(r.MBps()), ratio)
-			if s == 1<<10 {
-				allocs = fmt.Sprint(r.Allocs)
+			if s == 1<<10 || len(ss) == 1 {
+				allocs, added = fmt.Sprint(r.Allocs), fmt.Sprint(r.Overhead)
 			}
 		}
-		fmt.Fprintf(b, " %s |\n", allocs)
+		fmt.Fprintf(b, " %s | %s |\n", allocs, added)
 	}
 }
 
@@ -264,17 +264,23 @@ func (rep *Report) Markdown() string {
 			"*plain bytea* is an upsert/select of the plaintext (the floor); pgstore encrypts in process (one cached data key) and sends one "+
 			"statement batch per secret; pgcrypto gets the plaintext and a passphrase as parameters and runs `pgp_sym_encrypt_bytea(v, pass, '%s')` / "+
 			"`pgp_sym_decrypt_bytea` in the server.\n\n", rep.DBRows, SizeName(rep.DBSize), rep.DBParallel, rep.DBConns, rep.Rounds, pgcryptoOptions)
-		b.WriteString("| contender | put: µs/row · rows/s · ×plain | get: µs/row · rows/s · ×plain |\n|---|---:|---:|\n")
+		b.WriteString("Wall time per row is the median round's elapsed time over its rows (rows are handled concurrently, so it is the inverse of throughput); " +
+			"CPU per row is this process's and the server's (postmaster and backends, read from /proc) over all rounds.\n\n")
+		b.WriteString("| contender | put: µs/row · rows/s · ×plain | put CPU µs/row: client · server | get: µs/row · rows/s · ×plain | get CPU µs/row: client · server |\n|---|---:|---:|---:|---:|\n")
 		for _, c := range []string{NamePlain, NamePgstore, NamePgcrypto} {
 			fmt.Fprintf(&b, "| %s |", c)
 			for _, op := range []string{"put", "get"} {
 				r, ok := findDB(rep.DB, c, op)
 				pl, _ := findDB(rep.DB, NamePlain, op)
 				if !ok {
-					b.WriteString(" – |")
+					b.WriteString(" – | – |")
 					continue
 				}
-				fmt.Fprintf(&b, " %.1f · %.0f · **%.2f×** |", r.NsPerRow/1e3, r.RowsPerSec(), r.NsPerRow/pl.NsPerRow)
+				server := "–"
+				if r.ServerCPU >= 0 {
+					server = fmt.Sprintf("%.1f", float64(r.ServerCPU)/1e3)
+				}
+				fmt.Fprintf(&b, " %.1f · %.0f · **%.2f×** | %.1f · %s |", r.NsPerRow/1e3, r.RowsPerSec(), r.NsPerRow/pl.NsPerRow, float64(r.ClientCPU)/1e3, server)
 			}
 			b.WriteString("\n")
 		}
@@ -343,6 +349,20 @@ func (rep *Report) losses() string {
 			"pgcrypto adds %s of S2K and encryption per row, so even a scheme that cost nothing over a plain insert would be only about %.1f× faster. "+
 			"The issue's 20× compares in-SQL costs (%s against %s), which leaves out the round trip every client pays.",
 			fmtNs(ps.NsPerRow), fmtNs(float64(rep.SQLIns)), fmtNs(float64(rep.SQLEnc)), bound, fmtNs(float64(rep.SQLEnc)), fmtNs(float64(rep.SQLIns))))
+	}
+	for _, op := range []string{"put", "get"} {
+		ps, ok1 := findDB(rep.DB, NamePgstore, op)
+		pl, ok2 := findDB(rep.DB, NamePlain, op)
+		if !ok1 || !ok2 || ps.NsPerRow <= 1.25*pl.NsPerRow || ps.ServerCPU < 0 {
+			continue
+		}
+		what := map[string]string{
+			"put": "a second statement in the same round trip (set_config naming the project for row-level security), the row-security check, the foreign-key lookup of the data key, a second index (data_key_id) and a row larger by the envelope header, nonce and key id",
+			"get": "a second statement in the same round trip (set_config for row-level security), the row-security filter and a join with data_keys and kek for the wrapped data key",
+		}[op]
+		lines = append(lines, fmt.Sprintf("- pgstore %s costs %.1f µs of server CPU and %.1f µs of client CPU per row, against %.1f µs and %.1f µs for a plain bytea %s: "+
+			"the server does more for each row (%s), and on this 2-core machine client and server share the CPUs, so CPU per row is what bounds throughput.",
+			op, float64(ps.ServerCPU)/1e3, float64(ps.ClientCPU)/1e3, float64(pl.ServerCPU)/1e3, float64(pl.ClientCPU)/1e3, map[string]string{"put": "INSERT", "get": "SELECT"}[op], what))
 	}
 	if len(lines) == 0 && len(rep.Profiles) == 0 {
 		return ""

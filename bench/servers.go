@@ -224,27 +224,28 @@ func StartLocalKMS() (*Process, error) {
 }
 
 // StartPostgres starts a throwaway PostgreSQL server with scripts/pg.sh
-// and returns its superuser URL and a function that stops and removes it.
-func StartPostgres(ctx context.Context) (string, func(), error) {
+// and returns its superuser URL, its data directory and a function that
+// stops and removes it.
+func StartPostgres(ctx context.Context) (url, dataDir string, stop func(), err error) {
 	script, err := findScript("scripts/pg.sh")
 	if err != nil {
-		return "", nil, err
+		return "", "", nil, err
 	}
 	dir, err := os.MkdirTemp("", "kbbench-pg-")
 	if err != nil {
-		return "", nil, err
+		return "", "", nil, err
 	}
 	os.Chmod(dir, 0o755) // the server may run as the postgres user
 	var stderr bytes.Buffer
 	cmd := exec.CommandContext(ctx, "bash", script, "start", dir)
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()
-	stop := func() { exec.Command("bash", script, "stop", dir).Run(); os.RemoveAll(dir) }
+	stop = func() { exec.Command("bash", script, "stop", dir).Run(); os.RemoveAll(dir) }
 	if err != nil {
 		stop()
-		return "", nil, fmt.Errorf("bench: %s start: %w: %s", script, err, strings.TrimSpace(stderr.String()))
+		return "", "", nil, fmt.Errorf("bench: %s start: %w: %s", script, err, strings.TrimSpace(stderr.String()))
 	}
-	return strings.TrimSpace(string(out)), stop, nil
+	return strings.TrimSpace(string(out)), filepath.Join(dir, "data"), stop, nil
 }
 
 // findScript looks for rel in the working directory and its parents (the

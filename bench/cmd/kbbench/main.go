@@ -120,14 +120,25 @@ func run() int {
 	if rep.InProcess, err = bench.Measure(ctx, cs, bench.Sizes, *rounds, *benchtime, progress); err != nil {
 		return fail(err)
 	}
-	kb := cs[1]
-	pt := bench.Payload(1 << 10)
+	// Profile keybroker's encrypt where it is furthest behind raw AES-GCM.
+	kb, worst, ratio := cs[1], bench.Sizes[0], 0.0
+	for _, n := range bench.Sizes {
+		k, _ := bench.Find(rep.InProcess, bench.NameKeybroker, bench.Encrypt, n)
+		r, _ := bench.Find(rep.InProcess, bench.NameRaw, bench.Encrypt, n)
+		if k.NsPerOp/r.NsPerOp > ratio {
+			worst, ratio = n, k.NsPerOp/r.NsPerOp
+		}
+	}
+	pt := bench.Payload(worst)
+	progress("profiling keybroker encrypt of " + bench.SizeName(worst))
 	lines, raw, err := bench.Profile(ctx, 3*time.Second, 12, func() error { _, err := kb.Seal(ctx, pt); return err })
 	if err != nil {
 		return fail(err)
 	}
-	rep.Profiles = append(rep.Profiles, bench.ProfileSection{Title: "CPU profile of keybroker encrypt, 1 KiB (3 s, top functions by own time):", Lines: lines})
-	saveProfile(*profDir, "keybroker-encrypt-1k.pprof", raw)
+	rep.Profiles = append(rep.Profiles, bench.ProfileSection{
+		Title: fmt.Sprintf("CPU profile of keybroker encrypt of %s, its worst ratio to raw AES-GCM (%.2f×); 3 s, top functions by own time:", bench.SizeName(worst), ratio),
+		Lines: lines})
+	saveProfile(*profDir, "keybroker-encrypt.pprof", raw)
 	done()
 
 	// Key services.
@@ -209,14 +220,18 @@ func keyServices(ctx context.Context, rep *bench.Report, rounds int, benchtime t
 
 func database(ctx context.Context, rep *bench.Report, rows, rounds int, profDir string, progress func(string)) error {
 	url := os.Getenv("KEYBROKER_BENCH_DATABASE_URL")
+	var meter bench.CPUMeter
 	if url == "" {
 		progress("starting PostgreSQL (scripts/pg.sh)")
-		u, stop, err := bench.StartPostgres(ctx)
+		u, dataDir, stop, err := bench.StartPostgres(ctx)
 		if err != nil {
 			return err
 		}
 		atExit(stop)
 		url = u
+		if meter.Postmaster, err = bench.PostmasterPID(dataDir); err != nil {
+			return err
+		}
 	}
 	const conns, parallelism = 8, 4 // goroutines = parallelism × GOMAXPROCS
 	db, err := bench.OpenDB(ctx, url, conns)
@@ -226,7 +241,7 @@ func database(ctx context.Context, rep *bench.Report, rows, rounds int, profDir 
 	atExit(db.Close)
 	rep.DBRows, rep.DBSize, rep.DBConns, rep.DBParallel = rows, 1<<10, conns, parallelism*runtime.GOMAXPROCS(0)
 	cs := db.Contenders()
-	if rep.DB, err = bench.MeasureDB(ctx, cs, rows, rep.DBSize, rounds, parallelism, progress); err != nil {
+	if rep.DB, err = bench.MeasureDB(ctx, cs, rows, rep.DBSize, rounds, parallelism, meter, progress); err != nil {
 		return err
 	}
 	progress("server-side pgcrypto cost")
