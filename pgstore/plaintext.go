@@ -264,38 +264,48 @@ func (s *Store) migrateBatch(ctx context.Context, m *plaintextQueries, res *Migr
 		}
 		blobs[i], nonces[i], ids[i] = blob, nonce, uuidParam(id)
 	}
-	inserted := map[secretID]bool{}
-	ins, err := tx.Query(ctx, `INSERT INTO `+s.q+`.encrypted_secrets (project_id, name, encrypted_data, nonce, data_key_id)
-SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bytea[], $5::uuid[])
-ON CONFLICT (project_id, name) DO NOTHING RETURNING project_id, name`, projects, names, blobs, nonces, ids)
-	if err != nil {
-		return 0, fmt.Errorf("pgstore: migrate plaintext: insert: %w", err)
-	}
-	if _, err := pgx.ForEachRow(ins, []any{&project, &name}, func() error { inserted[secretID{project, name}] = true; return nil }); err != nil {
-		return 0, fmt.Errorf("pgstore: migrate plaintext: insert: %w", err)
-	}
-	// Read back what is stored now (ours or an earlier value) and decrypt it.
+	// RETURNING gives back each inserted row as stored; rows that were
+	// already there (or duplicates within the batch) are read afterwards.
 	type stored struct {
 		blob, nonce []byte
 		id          pgtype.UUID
-		wk          provider.WrappedKey
 	}
+	inserted := map[secretID]bool{}
 	now := map[secretID]*stored{}
-	back, err := tx.Query(ctx, `SELECT s.project_id, s.name, s.encrypted_data, s.nonce, s.data_key_id, d.wrapped_dek, k.provider, k.key_id, k.key_version
-FROM unnest($1::text[], $2::text[]) AS u(p, n)
-JOIN `+s.q+`.encrypted_secrets s ON s.project_id = u.p AND s.name = u.n
-JOIN `+s.q+`.data_keys d ON d.id = s.data_key_id
-JOIN `+s.q+`.kek k ON k.id = d.kek_id`, projects, names)
-	if err != nil {
-		return 0, fmt.Errorf("pgstore: migrate plaintext: read back: %w", err)
-	}
 	var st stored
-	if _, err := pgx.ForEachRow(back, []any{&project, &name, &st.blob, &st.nonce, &st.id, &st.wk.Ciphertext, &st.wk.Provider, &st.wk.KeyID, &st.wk.Version}, func() error {
+	scan := func() error {
 		c := st
 		now[secretID{project, name}] = &c
 		return nil
-	}); err != nil {
-		return 0, fmt.Errorf("pgstore: migrate plaintext: read back: %w", err)
+	}
+	ins, err := tx.Query(ctx, `INSERT INTO `+s.q+`.encrypted_secrets (project_id, name, encrypted_data, nonce, data_key_id)
+SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bytea[], $5::uuid[])
+ON CONFLICT (project_id, name) DO NOTHING RETURNING project_id, name, encrypted_data, nonce, data_key_id`, projects, names, blobs, nonces, ids)
+	if err != nil {
+		return 0, fmt.Errorf("pgstore: migrate plaintext: insert: %w", err)
+	}
+	if _, err := pgx.ForEachRow(ins, []any{&project, &name, &st.blob, &st.nonce, &st.id}, scan); err != nil {
+		return 0, fmt.Errorf("pgstore: migrate plaintext: insert: %w", err)
+	}
+	for sid := range now {
+		inserted[sid] = true
+	}
+	if len(inserted) < len(keys) {
+		var ps, ns []string
+		for i := range keys {
+			if sid := (secretID{projects[i], names[i]}); !inserted[sid] {
+				ps, ns = append(ps, sid.project), append(ns, sid.name)
+			}
+		}
+		back, err := tx.Query(ctx, `SELECT s.project_id, s.name, s.encrypted_data, s.nonce, s.data_key_id
+FROM unnest($1::text[], $2::text[]) AS u(p, n)
+JOIN `+s.q+`.encrypted_secrets s ON s.project_id = u.p AND s.name = u.n`, ps, ns)
+		if err != nil {
+			return 0, fmt.Errorf("pgstore: migrate plaintext: read existing: %w", err)
+		}
+		if _, err := pgx.ForEachRow(back, []any{&project, &name, &st.blob, &st.nonce, &st.id}, scan); err != nil {
+			return 0, fmt.Errorf("pgstore: migrate plaintext: read existing: %w", err)
+		}
 	}
 	var clearKeys []string
 	var migrated, present, conflicts int64
@@ -304,7 +314,7 @@ JOIN `+s.q+`.kek k ON k.id = d.kek_id`, projects, names)
 		cur := now[sid]
 		var same bool
 		if cur != nil {
-			pt, err := s.open(ctx, sid.project, cur.id.Bytes, &cur.wk, cur.blob, cur.nonce, secretAAD(sid.project, sid.name))
+			pt, err := s.open(ctx, sid.project, cur.id.Bytes, nil, cur.blob, cur.nonce, secretAAD(sid.project, sid.name))
 			same = err == nil && len(pt) == len(values[i]) && subtle.ConstantTimeCompare(pt, values[i]) == 1
 			provider.Clear(pt)
 		}

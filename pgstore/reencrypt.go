@@ -214,7 +214,7 @@ func (s *Store) destroyRetired(ctx context.Context, project string) (destroyed, 
 		var gone []pgtype.UUID
 		err = WithProject(ctx, s.pool, project, func(tx pgx.Tx) error {
 			rows, err := tx.Query(ctx, `DELETE FROM `+s.q+`.data_keys d WHERE project_id = $1 AND state = 'retired'
-AND NOT EXISTS (SELECT 1 FROM `+s.q+`.encrypted_secrets s WHERE s.data_key_id = d.id) RETURNING id`, project)
+AND NOT EXISTS (SELECT 1 FROM `+s.q+`.encrypted_secrets s WHERE s.project_id = d.project_id AND s.data_key_id = d.id) RETURNING id`, project)
 			if err != nil {
 				return err
 			}

@@ -29,7 +29,7 @@ var ErrNotSupported = errors.New("pgstore: not supported by the provider")
 
 // DefaultBatchSize is the rows per transaction of Rewrap, Reencrypt and
 // MigratePlaintext when their options leave it zero.
-const DefaultBatchSize = 500
+const DefaultBatchSize = 1000
 
 // PrimaryVersion returns the KEK version new data keys are wrapped under:
 // what the primary provider's Describe reports or, for a provider that is
