@@ -296,3 +296,31 @@ func snapshotSecrets(t testing.TB, e *env) string {
 	}
 	return s
 }
+
+// A process holding a reservation on a data key that another process's
+// Reencrypt destroyed gets a foreign-key refusal on its next Put, and
+// retries under the project's new key: no write is lost.
+func TestPutAfterConcurrentReencrypt(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t, pgstore.Config{})
+	a := e.store
+	b := newStore(t, e.pool, pgstore.Config{KEK: e.kek})
+	if err := a.Put(ctx, "p", "one", []byte("1")); err != nil { // a reserves a chunk of the key
+		t.Fatal(err)
+	}
+	res, err := b.Reencrypt(ctx, "p", pgstore.ReencryptOptions{})
+	if err != nil || res.DestroyedKeys != 1 {
+		t.Fatalf("reencrypt: %+v, %v", res, err)
+	}
+	if err := a.Put(ctx, "p", "two", []byte("2")); err != nil {
+		t.Fatalf("put after the key was destroyed: %v", err)
+	}
+	if n := count(t, e.pool, `SELECT count(*) FROM keybroker.data_keys WHERE project_id = 'p'`); n != 1 {
+		t.Fatalf("%d data keys", n)
+	}
+	for name, want := range map[string]string{"one": "1", "two": "2"} {
+		if got, err := a.Get(ctx, "p", name); err != nil || string(got) != want {
+			t.Fatalf("%s: %q, %v", name, got, err)
+		}
+	}
+}
