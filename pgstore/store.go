@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
 	"time"
 	"unicode/utf8"
@@ -202,14 +203,7 @@ func checkName(name string) error {
 	return nil
 }
 
-func hasNUL(s string) bool {
-	for i := 0; i < len(s); i++ {
-		if s[i] == 0 {
-			return true
-		}
-	}
-	return false
-}
+func hasNUL(s string) bool { return strings.IndexByte(s, 0) >= 0 }
 
 // dataKeyOpts lifts envelope's per-process budget: the database counts
 // every encryption under a data key (Config.Budget), across processes.
@@ -450,6 +444,9 @@ func WithProject(ctx context.Context, pool *pgxpool.Pool, project string, fn fun
 	if err := checkProject(project); err != nil {
 		return err
 	}
+	if pool == nil || fn == nil {
+		return fmt.Errorf("%w: nil pool or function", ErrInvalidArgument)
+	}
 	return pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
 		if _, err := tx.Exec(ctx, setProject, project); err != nil {
 			return fmt.Errorf("pgstore: set project: %w", err)
@@ -478,6 +475,7 @@ func (s *Store) forget(project string, id [16]byte) {
 		pk.valid = false
 	}
 	pk.mu.Unlock()
+	s.cache.Remove(cacheID(id))
 }
 
 // reserve takes one encryption from the budget of project's active data
