@@ -56,4 +56,3 @@ func pgCode(err error) string {
 }
 
 func isUndefinedTable(err error) bool  { return pgCode(err) == "42P01" || pgCode(err) == "3F000" }
-func isUniqueViolation(err error) bool { return pgCode(err) == "23505" }
