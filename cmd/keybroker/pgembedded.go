@@ -14,6 +14,10 @@ import (
 	embeddedpostgres "github.com/fergusstrange/embedded-postgres"
 )
 
+// embeddedRepo overrides embedded-postgres's download repository (tests
+// point it at a closed port); empty means its default.
+var embeddedRepo = ""
+
 // startEmbeddedPG is the last resort when the machine has no PostgreSQL
 // binaries: embedded-postgres, which uses binaries from its cache or
 // downloads them (so it fails on a machine without network access). Like
@@ -38,6 +42,9 @@ func startEmbeddedPG(ctx context.Context, log *slog.Logger) (*pgServer, error) {
 		DataPath(filepath.Join(dir, "data")).
 		StartTimeout(60 * time.Second).
 		Logger(io.Discard)
+	if embeddedRepo != "" {
+		cfg = cfg.BinaryRepositoryURL(embeddedRepo)
+	}
 	db := embeddedpostgres.NewDatabase(cfg)
 	log.Info("starting embedded-postgres", "dir", dir)
 	started := make(chan error, 1)

@@ -31,10 +31,13 @@ type pgServer struct {
 
 const installHint = "no PostgreSQL server binaries found (initdb, pg_ctl): install them (apt-get install postgresql) or set KEYBROKER_DATABASE_URL"
 
+// pgBinGlob is where Debian and Ubuntu install PostgreSQL's server binaries.
+var pgBinGlob = "/usr/lib/postgresql/*/bin"
+
 // findPGBinDir returns the directory holding initdb and pg_ctl: the newest
-// /usr/lib/postgresql/*/bin, else the directory of postgres on $PATH.
+// pgBinGlob match, else the directory of postgres on $PATH.
 func findPGBinDir() (string, bool) {
-	dirs, _ := filepath.Glob("/usr/lib/postgresql/*/bin")
+	dirs, _ := filepath.Glob(pgBinGlob)
 	sort.Slice(dirs, func(i, j int) bool { return pgMajor(dirs[i]) > pgMajor(dirs[j]) })
 	if p, err := exec.LookPath("postgres"); err == nil {
 		dirs = append(dirs, filepath.Dir(p))
