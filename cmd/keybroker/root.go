@@ -34,11 +34,12 @@ Configuration (highest precedence first):
   4. defaults            log level info, log format text
 
 Provider URLs:
-  local:///path/keyring.json                    (keybroker keygen makes one)
-  awskms://<key id or alias>?region=...
-  gcpkms://projects/.../cryptoKeys/...
-  vault://<transit mount>/keys/<name>
-URLs are never logged with their credentials or query values.
+  local:///path/keyring.json   or local://env/VARNAME   (keybroker keygen makes one)
+  awskms://alias/<name>?region=eu-west-1   or awskms:///arn:aws:kms:...
+  gcpkms://projects/P/locations/L/keyRings/R/cryptoKeys/K
+  vault://<transit mount>/keys/<name>?addr=https://vault:8200   (token: VAULT_TOKEN)
+Each backend's package documentation lists its query parameters. Errors and
+logs never echo a provider URL.
 
 Output: results go to stdout (--json for machine-readable output); logs go to
 stderr (log/slog, --log-level debug|info|warn|error, --log-format text|json);
@@ -69,6 +70,9 @@ type app struct {
 func run(args []string) int {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	// After the first signal the command winds down (rolls back, stops the
+	// demo's server); a second one gets the default behaviour: exit now.
+	go func() { <-ctx.Done(); stop() }()
 	a := &app{
 		stdout:    os.Stdout,
 		stderr:    os.Stderr,
