@@ -55,10 +55,12 @@ func newDemoCmd(a *app) *cobra.Command {
 		Use:   "demo",
 		Short: "Run the whole job on a throwaway database and keyring, and summarise",
 		Long: `demo runs keybroker's main job end to end and prints counts and timings:
-it generates a local keyring in a temporary directory, applies the schema,
+it generates a local keyring in a temporary directory (any configured KEK is
+not used, nor changed), applies the schema,
 creates a plaintext table legacy_webhooks(id, project_id, name, secret) with
---rows rows, imports it, stores --put more secrets, rotates the KEK, rewraps
-every data key, and decrypts and checks every secret.
+--rows rows, imports it (clearing the plaintext), stores --put more secrets,
+rotates the KEK, rewraps every data key, retires the old KEK version, and
+decrypts every secret and compares it with the value it started as.
 
 The database is KEYBROKER_DATABASE_URL (or --database-url) when set; demo
 then works in a fresh schema kb_demo_<random> and drops it at the end.

@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"os/user"
 
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -37,6 +39,9 @@ func (a *app) openStore(ctx context.Context) (*session, error) {
 	})
 	if err != nil {
 		pool.Close()
+		if errors.Is(err, pgstore.ErrSchemaVersion) {
+			err = fmt.Errorf("%w (keybroker migrate)", err)
+		}
 		return nil, err
 	}
 	return &session{pool: pool, store: st}, nil
