@@ -169,21 +169,23 @@ func BenchmarkMigratePlaintext(b *testing.B) {
 		}
 		b.ReportMetric(float64(migrateRows*b.N)/elapsed.Seconds(), "rows/s")
 	})
-	b.Run("encrypted", func(b *testing.B) {
-		var elapsed time.Duration
-		for b.Loop() {
-			b.StopTimer()
-			fillLegacy(b, e)
-			b.StartTimer()
-			t0 := time.Now()
-			res, err := e.store.MigratePlaintext(ctx, legacySource, pgstore.MigrateOptions{ClearPlaintext: true})
-			if err != nil || res.Migrated != migrateRows {
-				b.Fatalf("%+v, %v", res, err)
+	for _, workers := range []int{1, 2} {
+		b.Run(fmt.Sprintf("encrypted/workers=%d", workers), func(b *testing.B) {
+			var elapsed time.Duration
+			for b.Loop() {
+				b.StopTimer()
+				fillLegacy(b, e)
+				b.StartTimer()
+				t0 := time.Now()
+				res, err := e.store.MigratePlaintext(ctx, legacySource, pgstore.MigrateOptions{ClearPlaintext: true, Workers: workers})
+				if err != nil || res.Migrated != migrateRows {
+					b.Fatalf("%+v, %v", res, err)
+				}
+				elapsed += time.Since(t0)
 			}
-			elapsed += time.Since(t0)
-		}
-		b.ReportMetric(float64(migrateRows*b.N)/elapsed.Seconds(), "rows/s")
-	})
+			b.ReportMetric(float64(migrateRows*b.N)/elapsed.Seconds(), "rows/s")
+		})
+	}
 }
 
 // BenchmarkRewrap rewraps 100 data keys after a rotation, once with no

@@ -6,10 +6,12 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 	"unicode/utf8"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgtype"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/profullstack/keybroker/provider"
 )
@@ -44,6 +46,10 @@ type MigrateOptions struct {
 	// StartAfter resumes after this key (as text, from MigrateProgress).
 	// Optional: a run from the start is idempotent too, only slower.
 	StartAfter string
+	// Workers is how many batches run at once, each worker on its own
+	// range of keys (split evenly when the call starts); 1 when zero.
+	// With more than one, LastKey is not reported.
+	Workers int
 	// Progress, when set, is called after each committed batch.
 	Progress func(MigrateProgress)
 }
@@ -52,17 +58,17 @@ type MigrateOptions struct {
 type MigrateProgress struct {
 	Done    int64  // source rows processed so far by this call
 	Total   int64  // source rows with a value when the call started
-	LastKey string // key (as text) of the last row committed
+	LastKey string // key (as text) of the last row committed; empty with Workers > 1
 }
 
 // MigrateResult is what MigratePlaintext did, or (DryRun) would do.
 type MigrateResult struct {
-	Pending        int64 // source rows with a value when the call started
-	Migrated       int64 // secrets written from source rows
-	AlreadyPresent int64 // source rows whose secret was already stored with the same value
-	Conflicts      int64 // source rows whose secret is stored with another value (or does not decrypt): left alone, plaintext kept
-	Cleared        int64 // source values set to NULL
-	LastKey        string
+	Pending        int64  // source rows with a value when the call started
+	Migrated       int64  // secrets written from source rows
+	AlreadyPresent int64  // source rows whose secret was already stored with the same value
+	Conflicts      int64  // source rows whose secret is stored with another value (or does not decrypt): left alone, plaintext kept
+	Cleared        int64  // source values set to NULL
+	LastKey        string // key (as text) of the last row handled; empty with Workers > 1
 }
 
 // MigratePlaintext encrypts the plaintext secrets of an existing table into
@@ -88,8 +94,8 @@ func (s *Store) MigratePlaintext(ctx context.Context, src PlaintextSource, opts 
 	if batch == 0 {
 		batch = DefaultBatchSize
 	}
-	if batch < 1 {
-		return res, fmt.Errorf("%w: batch size %d", ErrInvalidArgument, batch)
+	if batch < 1 || opts.Workers < 0 {
+		return res, fmt.Errorf("%w: batch size %d, workers %d", ErrInvalidArgument, batch, opts.Workers)
 	}
 	m, err := s.plaintextSQL(ctx, src, opts.ClearPlaintext)
 	if err != nil {
@@ -109,22 +115,41 @@ func (s *Store) MigratePlaintext(ctx context.Context, src PlaintextSource, opts 
 	if opts.DryRun {
 		return res, nil
 	}
-	res.LastKey = opts.StartAfter
-	first := opts.StartAfter == ""
-	for {
-		n, err := s.migrateBatch(ctx, m, &res, first, batch, opts.ClearPlaintext)
-		if err != nil {
+	ranges := []keyRange{{lo: opts.StartAfter, hasLo: opts.StartAfter != ""}}
+	if opts.Workers > 1 {
+		if ranges, err = s.splitKeys(ctx, m, ranges[0], opts.Workers); err != nil {
 			return res, err
 		}
-		if n == 0 {
-			break
-		}
-		first = false
-		done := res.Migrated + res.AlreadyPresent + res.Conflicts
-		s.log.Info("pgstore: migrated plaintext batch", "rows", n, "done", done, "last_key", res.LastKey)
-		if opts.Progress != nil {
-			opts.Progress(MigrateProgress{Done: done, Total: res.Pending, LastKey: res.LastKey})
-		}
+	}
+	var mu sync.Mutex
+	g, gctx := errgroup.WithContext(ctx)
+	for _, r := range ranges {
+		g.Go(func() error {
+			for {
+				br, err := s.migrateBatch(gctx, m, r, batch, opts.ClearPlaintext)
+				if err != nil || br.n == 0 {
+					return err
+				}
+				r.lo, r.hasLo = br.last, true
+				mu.Lock()
+				res.Migrated += br.migrated
+				res.AlreadyPresent += br.present
+				res.Conflicts += br.conflicts
+				res.Cleared += br.cleared
+				if len(ranges) == 1 {
+					res.LastKey = br.last
+				}
+				p := MigrateProgress{Done: res.Migrated + res.AlreadyPresent + res.Conflicts, Total: res.Pending, LastKey: res.LastKey}
+				s.log.Info("pgstore: migrated plaintext batch", "rows", br.n, "done", p.Done, "last_key", p.LastKey)
+				if opts.Progress != nil {
+					opts.Progress(p)
+				}
+				mu.Unlock()
+			}
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return res, err
 	}
 	if err := s.event(ctx, s.pool, "migrate.plaintext", "", 0, nil, res.Migrated, map[string]any{
 		"table": src.Table, "already_present": res.AlreadyPresent, "conflicts": res.Conflicts, "cleared": res.Cleared,
@@ -136,9 +161,59 @@ func (s *Store) MigratePlaintext(ctx context.Context, src PlaintextSource, opts 
 
 // plaintextQueries are the statements for one validated source.
 type plaintextQueries struct {
-	count, bad           string
-	selectFirst, selNext string
-	clear                string
+	count, bad string
+	// sel reads rows with a value; selectSQL adds key bounds and tail.
+	sel, key, keyType, tail string
+	// split has a %s for an optional lower bound ($2).
+	split string
+	clear string
+}
+
+// keyRange is a range of source keys (as text): (lo, hi], each bound
+// optional.
+type keyRange struct {
+	lo, hi       string
+	hasLo, hasHi bool
+}
+
+// selectSQL returns the batch query for r and its arguments: the limit
+// (args[0], for the caller to set), then lo and hi when present.
+func (m *plaintextQueries) selectSQL(r keyRange) (string, []any) {
+	q, args := m.sel, []any{nil}
+	if r.hasLo {
+		args = append(args, r.lo)
+		q += fmt.Sprintf(` AND src.%s > $%d::%s`, m.key, len(args), m.keyType)
+	}
+	if r.hasHi {
+		args = append(args, r.hi)
+		q += fmt.Sprintf(` AND src.%s <= $%d::%s`, m.key, len(args), m.keyType)
+	}
+	return q + m.tail, args
+}
+
+// splitKeys divides r (unbounded above) into up to n ranges holding about
+// as many rows with a value each. The last stays unbounded above, so rows
+// added meanwhile are not missed.
+func (s *Store) splitKeys(ctx context.Context, m *plaintextQueries, r keyRange, n int) ([]keyRange, error) {
+	sql, args := fmt.Sprintf(m.split, ""), []any{n}
+	if r.hasLo {
+		sql, args = fmt.Sprintf(m.split, fmt.Sprintf(` AND src.%s > $2::%s`, m.key, m.keyType)), append(args, r.lo)
+	}
+	rows, err := s.pool.Query(ctx, sql, args...)
+	if err != nil {
+		return nil, fmt.Errorf("pgstore: migrate plaintext: split keys: %w", err)
+	}
+	bounds, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return nil, fmt.Errorf("pgstore: migrate plaintext: split keys: %w", err)
+	}
+	var out []keyRange
+	for _, b := range bounds[:max(len(bounds)-1, 0)] {
+		r.hi, r.hasHi = b, true
+		out = append(out, r)
+		r = keyRange{lo: b, hasLo: true}
+	}
+	return append(out, r), nil
 }
 
 // plaintextSQL validates src against the catalog and builds the statements.
@@ -210,30 +285,38 @@ FROM pg_attribute a WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdroppe
 		bad: fmt.Sprintf(`SELECT %[1]s::text FROM %[2]s AS src WHERE %[3]s IS NOT NULL AND (%[4]s IS NULL OR %[5]s IS NULL
   OR octet_length(%[4]s::text) NOT BETWEEN 1 AND %[6]d OR octet_length(%[5]s::text) NOT BETWEEN 1 AND %[7]d
   OR octet_length(%[3]s) > %[8]d) ORDER BY src.%[1]s LIMIT 1`, k, table, v, p, n, MaxProjectLen, MaxNameLen, MaxValueLen),
-		selectFirst: sel + tail,
-		selNext:     sel + ` AND src.` + k + ` > $2::` + key.typ + tail,
-		clear:       `UPDATE ` + table + ` SET ` + v + ` = NULL WHERE ` + k + ` = ANY($1::text[]::` + key.typ + `[])`,
+		sel:     sel,
+		key:     k,
+		keyType: key.typ,
+		tail:    tail,
+		split: `SELECT max(src.` + k + `)::text FROM (SELECT src.` + k + `, ntile($1) OVER (ORDER BY src.` + k + `) AS kb_tile FROM ` + table +
+			` AS src WHERE ` + v + ` IS NOT NULL%s) AS src GROUP BY src.kb_tile ORDER BY max(src.` + k + `)`,
+		clear: `UPDATE ` + table + ` SET ` + v + ` = NULL WHERE ` + k + ` = ANY($1::text[]::` + key.typ + `[])`,
 	}, nil
 }
 
 type secretID struct{ project, name string }
 
-// migrateBatch migrates the rows after res.LastKey (or from the start) in
-// one transaction and returns how many source rows it handled.
-func (s *Store) migrateBatch(ctx context.Context, m *plaintextQueries, res *MigrateResult, first bool, batch int, clear bool) (int, error) {
+// batchResult is what one migrateBatch committed.
+type batchResult struct {
+	n                                     int
+	migrated, present, conflicts, cleared int64
+	last                                  string
+}
+
+// migrateBatch migrates the first rows of r in one transaction.
+func (s *Store) migrateBatch(ctx context.Context, m *plaintextQueries, r keyRange, batch int, clear bool) (batchResult, error) {
+	var br batchResult
 	tx, err := s.pool.Begin(ctx)
 	if err != nil {
-		return 0, fmt.Errorf("pgstore: migrate plaintext: %w", err)
+		return br, fmt.Errorf("pgstore: migrate plaintext: %w", err)
 	}
 	defer tx.Rollback(context.WithoutCancel(ctx))
-	var rows pgx.Rows
-	if first {
-		rows, err = tx.Query(ctx, m.selectFirst, batch)
-	} else {
-		rows, err = tx.Query(ctx, m.selNext, batch, res.LastKey)
-	}
+	sql, args := m.selectSQL(r)
+	args[0] = batch
+	rows, err := tx.Query(ctx, sql, args...)
 	if err != nil {
-		return 0, fmt.Errorf("pgstore: migrate plaintext: read source: %w", err)
+		return br, fmt.Errorf("pgstore: migrate plaintext: read source: %w", err)
 	}
 	var keys, projects, names []string
 	var values [][]byte
@@ -244,7 +327,7 @@ func (s *Store) migrateBatch(ctx context.Context, m *plaintextQueries, res *Migr
 		value = nil
 		return nil
 	}); err != nil {
-		return 0, fmt.Errorf("pgstore: migrate plaintext: read source: %w", err)
+		return br, fmt.Errorf("pgstore: migrate plaintext: read source: %w", err)
 	}
 	defer func() {
 		for _, v := range values {
@@ -252,7 +335,7 @@ func (s *Store) migrateBatch(ctx context.Context, m *plaintextQueries, res *Migr
 		}
 	}()
 	if len(keys) == 0 {
-		return 0, nil
+		return br, nil
 	}
 	blobs := make([][]byte, len(keys))
 	nonces := make([][]byte, len(keys))
@@ -260,7 +343,7 @@ func (s *Store) migrateBatch(ctx context.Context, m *plaintextQueries, res *Migr
 	for i := range keys {
 		id, blob, nonce, err := s.seal(ctx, projects[i], values[i], secretAAD(projects[i], names[i]))
 		if err != nil {
-			return 0, fmt.Errorf("pgstore: migrate plaintext: row %q: %w", keys[i], err)
+			return br, fmt.Errorf("pgstore: migrate plaintext: row %q: %w", keys[i], err)
 		}
 		blobs[i], nonces[i], ids[i] = blob, nonce, uuidParam(id)
 	}
@@ -282,10 +365,10 @@ func (s *Store) migrateBatch(ctx context.Context, m *plaintextQueries, res *Migr
 SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bytea[], $5::uuid[])
 ON CONFLICT (project_id, name) DO NOTHING RETURNING project_id, name, encrypted_data, nonce, data_key_id`, projects, names, blobs, nonces, ids)
 	if err != nil {
-		return 0, fmt.Errorf("pgstore: migrate plaintext: insert: %w", err)
+		return br, fmt.Errorf("pgstore: migrate plaintext: insert: %w", err)
 	}
 	if _, err := pgx.ForEachRow(ins, []any{&project, &name, &st.blob, &st.nonce, &st.id}, scan); err != nil {
-		return 0, fmt.Errorf("pgstore: migrate plaintext: insert: %w", err)
+		return br, fmt.Errorf("pgstore: migrate plaintext: insert: %w", err)
 	}
 	for sid := range now {
 		inserted[sid] = true
@@ -301,10 +384,10 @@ ON CONFLICT (project_id, name) DO NOTHING RETURNING project_id, name, encrypted_
 FROM unnest($1::text[], $2::text[]) AS u(p, n)
 JOIN `+s.q+`.encrypted_secrets s ON s.project_id = u.p AND s.name = u.n`, ps, ns)
 		if err != nil {
-			return 0, fmt.Errorf("pgstore: migrate plaintext: read existing: %w", err)
+			return br, fmt.Errorf("pgstore: migrate plaintext: read existing: %w", err)
 		}
 		if _, err := pgx.ForEachRow(back, []any{&project, &name, &st.blob, &st.nonce, &st.id}, scan); err != nil {
-			return 0, fmt.Errorf("pgstore: migrate plaintext: read existing: %w", err)
+			return br, fmt.Errorf("pgstore: migrate plaintext: read existing: %w", err)
 		}
 	}
 	var clearKeys []string
@@ -320,7 +403,7 @@ JOIN `+s.q+`.encrypted_secrets s ON s.project_id = u.p AND s.name = u.n`, ps, ns
 		}
 		switch {
 		case inserted[sid] && !same:
-			return 0, fmt.Errorf("%w: row %q: stored ciphertext does not decrypt to the source value; batch rolled back", ErrVerify, keys[i])
+			return br, fmt.Errorf("%w: row %q: stored ciphertext does not decrypt to the source value; batch rolled back", ErrVerify, keys[i])
 		case inserted[sid]:
 			migrated++
 			delete(inserted, sid) // a duplicate (project, name) later in the batch compares as present
@@ -337,17 +420,12 @@ JOIN `+s.q+`.encrypted_secrets s ON s.project_id = u.p AND s.name = u.n`, ps, ns
 	if clear && len(clearKeys) > 0 {
 		ct, err := tx.Exec(ctx, m.clear, clearKeys)
 		if err != nil {
-			return 0, fmt.Errorf("pgstore: migrate plaintext: clear source: %w", err)
+			return br, fmt.Errorf("pgstore: migrate plaintext: clear source: %w", err)
 		}
 		cleared = ct.RowsAffected()
 	}
 	if err := tx.Commit(ctx); err != nil {
-		return 0, fmt.Errorf("pgstore: migrate plaintext: commit: %w", err)
+		return br, fmt.Errorf("pgstore: migrate plaintext: commit: %w", err)
 	}
-	res.Migrated += migrated
-	res.AlreadyPresent += present
-	res.Conflicts += conflicts
-	res.Cleared += cleared
-	res.LastKey = keys[len(keys)-1]
-	return len(keys), nil
+	return batchResult{n: len(keys), migrated: migrated, present: present, conflicts: conflicts, cleared: cleared, last: keys[len(keys)-1]}, nil
 }

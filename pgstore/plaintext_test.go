@@ -186,3 +186,31 @@ func TestMigratePlaintextLostConnection(t *testing.T) {
 		t.Fatal("database changed")
 	}
 }
+
+// Several workers split the keys; every row is migrated once.
+func TestMigratePlaintextWorkers(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t, pgstore.Config{ReserveChunk: 5})
+	legacy(t, e.pool, "bytea", 200)
+	var calls int
+	res, err := e.store.MigratePlaintext(ctx, legacySource, pgstore.MigrateOptions{
+		Workers: 3, BatchSize: 16, ClearPlaintext: true, StartAfter: "10",
+		Progress: func(pgstore.MigrateProgress) { calls++ },
+	})
+	if err != nil || res.Migrated != 190 || res.Cleared != 190 || res.LastKey != "" || calls < 12 {
+		t.Fatalf("workers: %+v, %v (%d progress calls)", res, err, calls)
+	}
+	if n := count(t, e.pool, `SELECT count(*) FROM legacy_secrets WHERE value IS NOT NULL`); n != 10 {
+		t.Fatalf("%d values left, want the 10 before the start key", n)
+	}
+	fresh := newStore(t, e.pool, pgstore.Config{KEK: e.kek})
+	for g := 11; g <= 200; g++ {
+		got, err := fresh.Get(ctx, fmt.Sprintf("proj%d", g%3), fmt.Sprintf("name%d", g))
+		if err != nil || string(got) != fmt.Sprintf("value-%d", g) {
+			t.Fatalf("row %d: %q, %v", g, got, err)
+		}
+	}
+	if _, err := e.store.MigratePlaintext(ctx, legacySource, pgstore.MigrateOptions{Workers: -1}); !errors.Is(err, pgstore.ErrInvalidArgument) {
+		t.Fatalf("negative workers: %v", err)
+	}
+}
