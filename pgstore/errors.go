@@ -55,4 +55,4 @@ func pgCode(err error) string {
 	return ""
 }
 
-func isUndefinedTable(err error) bool  { return pgCode(err) == "42P01" || pgCode(err) == "3F000" }
+func isUndefinedTable(err error) bool { return pgCode(err) == "42P01" || pgCode(err) == "3F000" }
