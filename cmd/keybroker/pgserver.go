@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -113,14 +112,16 @@ func startPGServer(ctx context.Context, log *slog.Logger) (*pgServer, error) {
 		os.RemoveAll(dir)
 		return nil, fmt.Errorf("postgres: initdb: %v: %s", err, lastLine(out))
 	}
-	opts := "-c listen_addresses='' -k " + dir + " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+	// pg_ctl runs the server through the shell: quote the directory.
+	opts := "-c listen_addresses='' -k '" + dir + "' -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
 	if out, err := s.run(ctx, "pg_ctl", "-D", data, "-l", filepath.Join(dir, "server.log"), "-w", "-t", "60", "-o", opts, "start"); err != nil {
 		log0, _ := os.ReadFile(filepath.Join(dir, "server.log"))
 		s.stop()
 		return nil, fmt.Errorf("postgres: pg_ctl start: %v: %s %s", err, lastLine(out), lastLine(log0))
 	}
 	q := url.Values{"host": {dir}, "sslmode": {"disable"}}
-	s.URL = "postgres://postgres@/postgres?" + q.Encode()
+	// pgx reads "+" in a query literally: spell spaces %20.
+	s.URL = "postgres://postgres@/postgres?" + strings.ReplaceAll(q.Encode(), "+", "%20")
 	return s, nil
 }
 
@@ -166,13 +167,19 @@ func (s *pgServer) stop() error {
 	return err
 }
 
-// baseDir is where the server's directory goes: $TMPDIR, unless the server
-// runs as another user who cannot reach it (a private $TMPDIR), then /tmp.
+// baseDir is where the server's directory goes: $TMPDIR, unless the socket
+// path would exceed the kernel's limit for Unix sockets (about 107 bytes)
+// or the server runs as another user who cannot reach $TMPDIR (a private
+// one); then /tmp.
 func baseDir(cred *syscall.Credential) string {
+	tmp := os.TempDir()
+	if len(tmp)+len("/keybroker-pg-1234567890/.s.PGSQL.5432") > 100 {
+		return "/tmp"
+	}
 	if cred == nil {
 		return ""
 	}
-	for d := os.TempDir(); ; d = filepath.Dir(d) {
+	for d := tmp; ; d = filepath.Dir(d) {
 		st, err := os.Stat(d)
 		if err != nil {
 			return "/tmp"
@@ -187,7 +194,8 @@ func baseDir(cred *syscall.Credential) string {
 	}
 }
 
+// lastLine is the last non-empty line of a tool's output: its error.
 func lastLine(b []byte) string {
-	lines := strings.Split(strings.TrimSpace(string(bytes.TrimSpace(b))), "\n")
+	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
 	return strings.TrimSpace(lines[len(lines)-1])
 }
