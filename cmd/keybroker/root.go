@@ -46,6 +46,9 @@ stderr (log/slog, --log-level debug|info|warn|error, --log-format text|json);
 an error is one line on stderr, "keybroker: <problem>". Long operations show a
 progress bar when stdout is a terminal and progress lines on stderr otherwise.
 Every write accepts --dry-run: it reports what would change and writes nothing.
+Run keybroker as a database role that row-level security does not restrict
+(the tables' owner, as migrate makes them): rewrap, import-plaintext, status
+and verify work across all projects.
 
 Exit codes:
   0    success

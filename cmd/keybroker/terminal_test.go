@@ -33,7 +33,8 @@ func TestTerminal(t *testing.T) {
 	env := append(os.Environ(),
 		"KEYBROKER_DATABASE_URL="+dbURL,
 		"KEYBROKER_KEK=local://"+filepath.Join(dir, "keyring.json"),
-		"KEYBROKER_KEK_DECRYPT_ONLY=", "KEYBROKER_SCHEMA=", "KEYBROKER_CONFIG=")
+		"KEYBROKER_KEK_DECRYPT_ONLY=", "KEYBROKER_SCHEMA=", "KEYBROKER_CONFIG=",
+		"KEYBROKER_LOG_LEVEL=", "KEYBROKER_LOG_FORMAT=")
 	runKB := func(args ...string) {
 		t.Helper()
 		cmd := exec.Command(kb, args...)
