@@ -14,9 +14,9 @@ var palette = []string{"#222222", "#d62728", "#1f77b4", "#ff7f0e", "#2ca02c", "#
 func SVG(rs []Result) string {
 	const (
 		panelW, panelH = 380, 300
-		left, top      = 70, 50
+		left, top      = 80, 50
 		gap            = 60
-		legendH        = 110
+		legendH        = 20
 	)
 	ss := sizes(rs)
 	ns := names(rs)
@@ -36,7 +36,7 @@ func SVG(rs []Result) string {
 		xhi++
 	}
 	W := left + 2*panelW + gap + 30
-	H := top + panelH + 50 + legendH
+	H := top + panelH + 50 + legendH*((len(ns)+2)/3)
 	var b strings.Builder
 	fmt.Fprintf(&b, `<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" viewBox="0 0 %d %d" font-family="sans-serif" font-size="12">`+"\n", W, H, W, H)
 	fmt.Fprintf(&b, `<rect width="%d" height="%d" fill="white"/>`+"\n", W, H)
@@ -95,9 +95,9 @@ func fmtPow10(e float64) string {
 	case v >= 1e3:
 		return fmt.Sprintf("%.0f GB/s", v/1e3)
 	case v >= 1:
-		return fmt.Sprintf("%.0f", v)
+		return fmt.Sprintf("%.0f MB/s", v)
 	}
-	return fmt.Sprintf("%g", v)
+	return fmt.Sprintf("%g MB/s", v)
 }
 
 func xmlEscape(s string) string {
