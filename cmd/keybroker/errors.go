@@ -1,7 +1,6 @@
 package main
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"strings"
@@ -40,7 +39,7 @@ func exitCode(err error) int {
 		return exitOK
 	case errors.As(err, &ce):
 		return ce.code
-	case errors.Is(err, context.Canceled):
+	case errors.As(err, new(*interruptedError)):
 		return exitInterrupted
 	case errors.Is(err, pgstore.ErrInvalidArgument):
 		return exitUsage
@@ -51,8 +50,31 @@ func exitCode(err error) int {
 // oneLine renders err as the single stderr line the CLI promises: no line
 // breaks, whatever a driver or SDK put in its message.
 func oneLine(err error) string {
-	if errors.Is(err, context.Canceled) {
-		return "interrupted; nothing was partially written, rerun to continue"
-	}
 	return strings.Join(strings.Fields(err.Error()), " ")
+}
+
+// interruptedError replaces whatever error a command returned after
+// SIGINT or SIGTERM (usually "context canceled" from deep inside).
+type interruptedError struct{ hint string }
+
+func (e *interruptedError) Error() string {
+	return "interrupted; nothing was partially written, " + e.hint
+}
+
+// hintError carries what to run to finish an operation that stopped
+// half-way through, for the interrupted message.
+type hintError struct {
+	hint string
+	err  error
+}
+
+func (e *hintError) Error() string { return e.err.Error() + "; " + e.hint }
+func (e *hintError) Unwrap() error { return e.err }
+
+func resumeHint(err error) string {
+	var h *hintError
+	if errors.As(err, &h) {
+		return h.hint
+	}
+	return "rerun to continue"
 }

@@ -128,7 +128,8 @@ here (rotate it in the key service instead, then run rewrap) is an error.`,
 			out.To = next.String()
 			a.log.Info("rotated KEK", "from", prev.String(), "to", next.String())
 			if out.Rewrap, err = a.rewrap(ctx, s, batch, false); err != nil {
-				return err
+				// Rerunning rotate would make yet another version.
+				return &hintError{hint: "rotated to " + next.String() + "; run keybroker rewrap to finish", err: err}
 			}
 			if retire {
 				if err := s.store.RetireKEK(ctx, prev); err != nil {

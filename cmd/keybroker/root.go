@@ -94,7 +94,7 @@ func run(args []string) int {
 		err = &codeError{code: exitUsage, err: err}
 	}
 	if ctx.Err() != nil {
-		err = context.Canceled
+		err = &interruptedError{hint: resumeHint(err)}
 	}
 	fmt.Fprintf(a.stderr, "keybroker: %s\n", oneLine(err))
 	return exitCode(err)
