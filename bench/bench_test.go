@@ -237,13 +237,13 @@ func benchContenders(b *testing.B, cs []*Contender, sizes []int) {
 				b.Run(fmt.Sprintf("%s/%s/%s", op, strings.ReplaceAll(SizeName(n), " ", ""), benchName(c.Name)), func(b *testing.B) {
 					var err error
 					if op == Encrypt {
-						BenchSeal(ctx, c, pt, &err)(b)
+						BenchSeal(ctx, c, pt, &err, nil)(b)
 					} else {
 						ct, serr := c.Seal(ctx, pt)
 						if serr != nil {
 							b.Fatal(serr)
 						}
-						BenchOpen(ctx, c, ct, n, &err)(b)
+						BenchOpen(ctx, c, ct, n, &err, nil)(b)
 					}
 					if err != nil {
 						b.Fatal(err)

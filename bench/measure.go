@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"slices"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -29,8 +30,12 @@ type Result struct {
 	Contender string
 	Op        Op
 	Size      int
-	NsPerOp   float64   // median of Rounds
-	Rounds    []float64 // ns/op of each round
+	NsPerOp   float64 // WallNs or CPUNs, as Measure's clock says
+	Clock     Clock
+	WallNs    float64   // median of Rounds
+	CPUNs     float64   // median of CPURounds
+	Rounds    []float64 // wall-clock ns/op of each round
+	CPURounds []float64 // process CPU ns/op of each round
 	Allocs    int64     // allocations per operation (median round)
 	Bytes     int64     // bytes allocated per operation (median round)
 	Overhead  int       // bytes the ciphertext adds to the plaintext
@@ -44,6 +49,36 @@ func Payload(n int) []byte {
 	b := make([]byte, n)
 	rand.Read(b)
 	return b
+}
+
+// Clock says which time a Result's NsPerOp is.
+type Clock string
+
+// The clocks.
+const (
+	// Wall is elapsed time: what a caller waits, including time the
+	// process spent descheduled by other load, and waits on servers.
+	Wall Clock = "wall"
+	// CPU is the CPU time of the whole process (every thread, so the
+	// garbage collector too) per operation: on a machine shared with other
+	// work it estimates the quiet-machine wall time of CPU-bound code far
+	// better than elapsed time.
+	CPU Clock = "cpu"
+)
+
+// cpuSample is the process CPU time and b.N of a benchmark function's
+// last invocation: testing.Benchmark's final run.
+type cpuSample struct {
+	cpu time.Duration
+	n   int
+}
+
+func processCPU() time.Duration {
+	var ru syscall.Rusage
+	if syscall.Getrusage(syscall.RUSAGE_SELF, &ru) != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 var benchtimeMu sync.Mutex
@@ -63,30 +98,30 @@ func runBenchmark(benchtime string, f func(b *testing.B)) testing.BenchmarkResul
 }
 
 // BenchSeal returns a benchmark of c.Seal on pt. A failure is stored in
-// *errp and ends the benchmark.
-func BenchSeal(ctx context.Context, c *Contender, pt []byte, errp *error) func(b *testing.B) {
+// *errp and ends the benchmark; the process CPU time of the last run is
+// stored in *cpu (if not nil).
+func BenchSeal(ctx context.Context, c *Contender, pt []byte, errp *error, cpu *cpuSample) func(b *testing.B) {
+	return bench(len(pt), errp, cpu, func() error { _, err := c.Seal(ctx, pt); return err })
+}
+
+// BenchOpen returns a benchmark of c.Open on ct, which opens to n bytes.
+func BenchOpen(ctx context.Context, c *Contender, ct []byte, n int, errp *error, cpu *cpuSample) func(b *testing.B) {
+	return bench(n, errp, cpu, func() error { _, err := c.Open(ctx, ct); return err })
+}
+
+func bench(n int, errp *error, cpu *cpuSample, f func() error) func(b *testing.B) {
 	return func(b *testing.B) {
 		b.ReportAllocs()
-		b.SetBytes(int64(len(pt)))
+		b.SetBytes(int64(n))
+		t0 := processCPU()
 		for range b.N {
-			if _, err := c.Seal(ctx, pt); err != nil {
+			if err := f(); err != nil {
 				*errp = err
 				return
 			}
 		}
-	}
-}
-
-// BenchOpen returns a benchmark of c.Open on ct, which opens to n bytes.
-func BenchOpen(ctx context.Context, c *Contender, ct []byte, n int, errp *error) func(b *testing.B) {
-	return func(b *testing.B) {
-		b.ReportAllocs()
-		b.SetBytes(int64(n))
-		for range b.N {
-			if _, err := c.Open(ctx, ct); err != nil {
-				*errp = err
-				return
-			}
+		if cpu != nil {
+			*cpu = cpuSample{processCPU() - t0, b.N}
 		}
 	}
 }
@@ -95,14 +130,19 @@ func BenchOpen(ctx context.Context, c *Contender, ct []byte, n int, errp *error)
 // rounds times. Each round visits the sizes in turn and, for each, the
 // contenders in an order rotated by one from the previous round, so slow
 // phases of a noisy machine spread over all contenders. progress, if set,
-// is called after each benchmark.
-func Measure(ctx context.Context, cs []*Contender, sizes []int, rounds int, benchtime time.Duration, progress func(string)) ([]Result, error) {
+// is called after each benchmark. clock chooses the time the results'
+// NsPerOp report; both are recorded.
+func Measure(ctx context.Context, cs []*Contender, sizes []int, rounds int, benchtime time.Duration, clock Clock, progress func(string)) ([]Result, error) {
 	type key struct {
 		name string
 		op   Op
 		size int
 	}
-	samples := map[key][]testing.BenchmarkResult{}
+	type sample struct {
+		res testing.BenchmarkResult
+		cpu cpuSample
+	}
+	samples := map[key][]sample{}
 	cts := map[key][]byte{}
 	pts := map[int][]byte{}
 	for _, n := range sizes {
@@ -124,16 +164,17 @@ func Measure(ctx context.Context, cs []*Contender, sizes []int, rounds int, benc
 			for i := range cs {
 				c := cs[(i+r)%len(cs)]
 				var err error
-				res := runBenchmark(bt, BenchSeal(ctx, c, pts[n], &err))
+				var cpu cpuSample
+				res := runBenchmark(bt, BenchSeal(ctx, c, pts[n], &err, &cpu))
 				if err != nil {
 					return nil, fmt.Errorf("%s: encrypt %d bytes: %w", c.Name, n, err)
 				}
-				samples[key{c.Name, Encrypt, n}] = append(samples[key{c.Name, Encrypt, n}], res)
-				res = runBenchmark(bt, BenchOpen(ctx, c, cts[key{c.Name, Decrypt, n}], n, &err))
+				samples[key{c.Name, Encrypt, n}] = append(samples[key{c.Name, Encrypt, n}], sample{res, cpu})
+				res = runBenchmark(bt, BenchOpen(ctx, c, cts[key{c.Name, Decrypt, n}], n, &err, &cpu))
 				if err != nil {
 					return nil, fmt.Errorf("%s: decrypt %d bytes: %w", c.Name, n, err)
 				}
-				samples[key{c.Name, Decrypt, n}] = append(samples[key{c.Name, Decrypt, n}], res)
+				samples[key{c.Name, Decrypt, n}] = append(samples[key{c.Name, Decrypt, n}], sample{res, cpu})
 				if progress != nil {
 					progress(fmt.Sprintf("round %d/%d, %s, %s", r+1, rounds, SizeName(n), c.Name))
 				}
@@ -144,7 +185,17 @@ func Measure(ctx context.Context, cs []*Contender, sizes []int, rounds int, benc
 	for _, c := range cs {
 		for _, op := range []Op{Encrypt, Decrypt} {
 			for _, n := range sizes {
-				r := summarize(c.Name, op, n, samples[key{c.Name, op, n}])
+				var rs []testing.BenchmarkResult
+				var cpus []float64
+				for _, s := range samples[key{c.Name, op, n}] {
+					rs = append(rs, s.res)
+					cpus = append(cpus, float64(s.cpu.cpu.Nanoseconds())/float64(max(1, s.cpu.n)))
+				}
+				r := summarize(c.Name, op, n, rs)
+				r.CPURounds, r.CPUNs, r.Clock = cpus, median(cpus), clock
+				if clock == CPU {
+					r.NsPerOp = r.CPUNs
+				}
 				r.Overhead = len(cts[key{c.Name, Decrypt, n}]) - n
 				out = append(out, r)
 			}
@@ -167,7 +218,8 @@ func summarize(name string, op Op, size int, rs []testing.BenchmarkResult) Resul
 		return int(a.T.Nanoseconds()*int64(b.N) - b.T.Nanoseconds()*int64(a.N))
 	})
 	m := sorted[len(sorted)/2]
-	r.NsPerOp = float64(m.T.Nanoseconds()) / float64(m.N)
+	r.WallNs = float64(m.T.Nanoseconds()) / float64(m.N)
+	r.NsPerOp = r.WallNs
 	r.Allocs, r.Bytes = m.AllocsPerOp(), m.AllocedBytesPerOp()
 	return r
 }

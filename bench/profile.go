@@ -19,12 +19,13 @@ type ProfileLine struct {
 }
 
 // Profile runs f in a loop for d under the CPU profiler and returns the top
-// functions by flat time, with their cumulative share, plus the raw
-// profile.
-func Profile(ctx context.Context, d time.Duration, top int, f func() error) ([]ProfileLine, []byte, error) {
+// functions by own (flat) time, the top functions outside the Go runtime
+// and this package by cumulative time (the call path's breakdown), and
+// the raw profile.
+func Profile(ctx context.Context, d time.Duration, top int, f func() error) (flatTop, cumTop []ProfileLine, raw []byte, err error) {
 	var buf bytes.Buffer
 	if err := pprof.StartCPUProfile(&buf); err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	deadline := time.Now().Add(d)
 	var ferr error
@@ -37,11 +38,11 @@ func Profile(ctx context.Context, d time.Duration, top int, f func() error) ([]P
 	}
 	pprof.StopCPUProfile()
 	if ferr != nil {
-		return nil, nil, ferr
+		return nil, nil, nil, ferr
 	}
 	p, err := profile.Parse(bytes.NewReader(buf.Bytes()))
 	if err != nil {
-		return nil, nil, fmt.Errorf("bench: parse profile: %w", err)
+		return nil, nil, nil, fmt.Errorf("bench: parse profile: %w", err)
 	}
 	flat, cum := map[string]int64{}, map[string]int64{}
 	var total int64
@@ -64,22 +65,48 @@ func Profile(ctx context.Context, d time.Duration, top int, f func() error) ([]P
 		}
 	}
 	if total == 0 {
-		return nil, buf.Bytes(), nil
+		return nil, nil, buf.Bytes(), nil
 	}
-	var out []ProfileLine
-	for name, v := range flat {
-		out = append(out, ProfileLine{Func: name, Flat: float64(v) / float64(total), Cum: float64(cum[name]) / float64(total)})
+	var all []ProfileLine
+	for name, v := range cum {
+		all = append(all, ProfileLine{Func: name, Flat: float64(flat[name]) / float64(total), Cum: float64(v) / float64(total)})
 	}
-	slices.SortFunc(out, func(a, b ProfileLine) int {
-		if a.Flat != b.Flat {
-			if a.Flat > b.Flat {
-				return -1
-			}
-			return 1
+	byFlat := func(a, b ProfileLine) int { return cmpDesc(a.Flat, b.Flat, a.Func, b.Func) }
+	byCum := func(a, b ProfileLine) int { return cmpDesc(a.Cum, b.Cum, a.Func, b.Func) }
+	slices.SortFunc(all, byFlat)
+	for _, l := range all {
+		if len(flatTop) < top && l.Flat > 0 {
+			flatTop = append(flatTop, l)
 		}
-		return strings.Compare(a.Func, b.Func)
-	})
-	return out[:min(top, len(out))], buf.Bytes(), nil
+	}
+	slices.SortFunc(all, byCum)
+	for _, l := range all {
+		if len(cumTop) < top && !uninteresting(l.Func) {
+			cumTop = append(cumTop, l)
+		}
+	}
+	return flatTop, cumTop, buf.Bytes(), nil
+}
+
+func cmpDesc(a, b float64, an, bn string) int {
+	switch {
+	case a > b:
+		return -1
+	case a < b:
+		return 1
+	}
+	return strings.Compare(an, bn)
+}
+
+// uninteresting are the frames every profile shares: the runtime's, the
+// benchmark loop's.
+func uninteresting(fn string) bool {
+	for _, p := range []string{"runtime.", "runtime/", "internal/runtime", "testing.", "bench.", "main."} {
+		if strings.HasPrefix(fn, p) {
+			return true
+		}
+	}
+	return false
 }
 
 // shortFunc drops the module path: "crypto/internal/fips140/aes/gcm.seal"

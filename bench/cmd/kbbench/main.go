@@ -117,28 +117,15 @@ func run() int {
 			c.Close()
 		}
 	})
-	if rep.InProcess, err = bench.Measure(ctx, cs, bench.Sizes, *rounds, *benchtime, progress); err != nil {
+	if rep.InProcess, err = bench.Measure(ctx, cs, bench.Sizes, *rounds, *benchtime, bench.CPU, progress); err != nil {
 		return fail(err)
 	}
-	// Profile keybroker's encrypt where it is furthest behind raw AES-GCM.
-	kb, worst, ratio := cs[1], bench.Sizes[0], 0.0
-	for _, n := range bench.Sizes {
-		k, _ := bench.Find(rep.InProcess, bench.NameKeybroker, bench.Encrypt, n)
-		r, _ := bench.Find(rep.InProcess, bench.NameRaw, bench.Encrypt, n)
-		if k.NsPerOp/r.NsPerOp > ratio {
-			worst, ratio = n, k.NsPerOp/r.NsPerOp
+	// Profile keybroker where it is furthest behind raw AES-GCM, for each op.
+	for _, op := range []bench.Op{bench.Encrypt, bench.Decrypt} {
+		if err := profileWorst(ctx, rep, cs[1], op, *profDir, progress); err != nil {
+			return fail(err)
 		}
 	}
-	pt := bench.Payload(worst)
-	progress("profiling keybroker encrypt of " + bench.SizeName(worst))
-	lines, raw, err := bench.Profile(ctx, 3*time.Second, 12, func() error { _, err := kb.Seal(ctx, pt); return err })
-	if err != nil {
-		return fail(err)
-	}
-	rep.Profiles = append(rep.Profiles, bench.ProfileSection{
-		Title: fmt.Sprintf("CPU profile of keybroker encrypt of %s, its worst ratio to raw AES-GCM (%.2f×); 3 s, top functions by own time:", bench.SizeName(worst), ratio),
-		Lines: lines})
-	saveProfile(*profDir, "keybroker-encrypt.pprof", raw)
 	done()
 
 	// Key services.
@@ -179,6 +166,38 @@ func run() int {
 	return 0
 }
 
+// profileWorst profiles keybroker's op at the size where its ratio to raw
+// AES-GCM is worst.
+func profileWorst(ctx context.Context, rep *bench.Report, kb *bench.Contender, op bench.Op, dir string, progress func(string)) error {
+	worst, ratio := bench.Sizes[0], 0.0
+	for _, n := range bench.Sizes {
+		k, _ := bench.Find(rep.InProcess, bench.NameKeybroker, op, n)
+		r, _ := bench.Find(rep.InProcess, bench.NameRaw, op, n)
+		if k.NsPerOp/r.NsPerOp > ratio {
+			worst, ratio = n, k.NsPerOp/r.NsPerOp
+		}
+	}
+	pt := bench.Payload(worst)
+	f := func() error { _, err := kb.Seal(ctx, pt); return err }
+	if op == bench.Decrypt {
+		ct, err := kb.Seal(ctx, pt)
+		if err != nil {
+			return err
+		}
+		f = func() error { _, err := kb.Open(ctx, ct); return err }
+	}
+	progress(fmt.Sprintf("profiling keybroker %s of %s", op, bench.SizeName(worst)))
+	flat, cum, raw, err := bench.Profile(ctx, 3*time.Second, 10, f)
+	if err != nil {
+		return err
+	}
+	rep.Profiles = append(rep.Profiles, bench.ProfileSection{
+		Title: fmt.Sprintf("CPU profile of keybroker %s of %s, its worst ratio to raw AES-GCM (%.2f×), 3 s:", op, bench.SizeName(worst), ratio),
+		Flat:  flat, Cum: cum})
+	saveProfile(dir, fmt.Sprintf("keybroker-%s-%d.pprof", op, worst), raw)
+	return nil
+}
+
 func keyServices(ctx context.Context, rep *bench.Report, rounds int, benchtime time.Duration, secrets int, progress func(string)) error {
 	progress("starting Vault and local-kms")
 	ks, err := bench.StartKeyServices(ctx)
@@ -195,7 +214,7 @@ func keyServices(ctx context.Context, rep *bench.Report, rounds int, benchtime t
 			c.Close()
 		}
 	})
-	if rep.KeyService, err = bench.Measure(ctx, cs, []int{bench.KeyServiceSize}, rounds, benchtime, progress); err != nil {
+	if rep.KeyService, err = bench.Measure(ctx, cs, []int{bench.KeyServiceSize}, rounds, benchtime, bench.Wall, progress); err != nil {
 		return err
 	}
 	counted, err := ks.Contenders(ctx, true)
@@ -252,14 +271,14 @@ func database(ctx context.Context, rep *bench.Report, rows, rounds int, profDir 
 	progress("profiling pgstore put")
 	v := bench.Payload(rep.DBSize)
 	var i int
-	lines, raw, err := bench.Profile(ctx, 3*time.Second, 12, func() error {
+	_, cum, raw, err := bench.Profile(ctx, 3*time.Second, 12, func() error {
 		i++
 		return db.Store.Put(ctx, "project-profile", fmt.Sprintf("secret-%d", i%1000), v)
 	})
 	if err != nil {
 		return err
 	}
-	rep.Profiles = append(rep.Profiles, bench.ProfileSection{Title: "CPU profile of this process during sequential pgstore puts of 1 KiB (3 s; most time is waiting on the server, which this profile does not see):", Lines: lines})
+	rep.Profiles = append(rep.Profiles, bench.ProfileSection{Title: "CPU profile of this process during sequential pgstore puts of 1 KiB, 3 s (the server's time is not in it; see the CPU columns above):", Cum: cum})
 	saveProfile(profDir, "pgstore-put-1k.pprof", raw)
 	return nil
 }
