@@ -91,7 +91,7 @@ func ParseURL(rawURL string) (*url.URL, error) {
 	}
 	i := strings.Index(rawURL, "://")
 	if i <= 0 {
-		return nil, errors.New("provider: malformed provider URL: want scheme://...")
+		return nil, errors.New("provider: malformed provider URL: want scheme://location")
 	}
 	scheme := rawURL[:i]
 	if !schemeRE.MatchString(scheme) {
