@@ -112,13 +112,15 @@
 // # Testing
 //
 // Tests run a real Vault (built by `make deps`) in dev mode on a loopback
-// port, with transit and approle enabled. Dev mode does not reproduce:
-// high availability, standbys and request forwarding; sealing by restart
-// and unsealing with key shares, auto-unseal and HSMs; persistent storage
-// (dev mode is in memory); namespaces, performance replication and other
-// Enterprise features; real TLS (the tests speak plain HTTP on 127.0.0.1);
-// Kubernetes login (needs a Kubernetes API server for TokenReview: only its
-// configuration errors are tested); and network faults, latency and
-// throttling (429) other than a refused connection and a sealed server.
-// Policies are exercised only as far as the AppRole test's narrow policy.
+// port, with transit and approle enabled; two tests start their own
+// server, one with -dev-tls (a throwaway CA, given through VAULT_CACERT)
+// and one that they seal. Dev mode does not reproduce: high availability,
+// standbys and request forwarding; unsealing with key shares, auto-unseal
+// and HSMs; persistent storage (dev mode is in memory); namespaces,
+// performance replication and other Enterprise features; client
+// certificates and production PKI; Kubernetes login (it needs a
+// Kubernetes API server for TokenReview: only its configuration errors are
+// tested); and network faults other than a refused connection, a silent
+// server and a sealed one (no 429s, no latency). Policies are exercised
+// only as far as the AppRole tests' narrow policy.
 package vault

@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/url"
 	"strings"
+	"time"
 
 	"github.com/hashicorp/vault/api"
 
@@ -53,6 +54,15 @@ func classify(ctx context.Context, op string, err error) error {
 		return &provider.Error{Provider: Scheme, Op: op, Kind: provider.ErrUnavailable, Err: err}
 	}
 	return &provider.Error{Provider: Scheme, Op: op, Err: err}
+}
+
+// timedOut names the provider's own timeout when it, not the caller's
+// context, ended a request (octx derives from ctx with timeout d).
+func timedOut(ctx, octx context.Context, d time.Duration, err error) error {
+	if ctx.Err() == nil && octx.Err() != nil {
+		return fmt.Errorf("no answer within the %v timeout: %w", d, err)
+	}
+	return err
 }
 
 // kindOf maps an HTTP status and Vault's messages to a portable error.

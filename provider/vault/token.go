@@ -111,7 +111,7 @@ func (tm *tokenManager) lookupSelf(ctx context.Context, token string) (*api.Secr
 	defer cancel()
 	s, err := tm.client.Auth().Token().LookupSelfWithContext(octx)
 	if err != nil {
-		return nil, classify(ctx, "open", err)
+		return nil, classify(ctx, "open", timedOut(ctx, octx, tm.timeout, err))
 	}
 	ttl, err := s.TokenTTL()
 	if err != nil {
@@ -137,7 +137,7 @@ func (tm *tokenManager) login(ctx context.Context) (*api.Secret, error) {
 	defer cancel()
 	s, err := lc.Auth().Login(octx, tm.auth)
 	if err != nil {
-		return nil, classify(ctx, "login", err)
+		return nil, classify(ctx, "login", timedOut(ctx, octx, tm.timeout, err))
 	}
 	if s == nil || s.Auth == nil || s.Auth.ClientToken == "" {
 		return nil, &provider.Error{Provider: Scheme, Op: "login", Kind: provider.ErrAccessDenied, Err: errors.New("login returned no token")}

@@ -282,7 +282,7 @@ func checkName(what, s string) error {
 		return fmt.Errorf("%s length %d out of range 1..%d", what, len(s), maxNameLen)
 	}
 	if s == "." || s == ".." {
-		return fmt.Errorf("%s may not be . or ..", what)
+		return fmt.Errorf("%s may not be %q", what, s)
 	}
 	for _, c := range []byte(s) {
 		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '_' || c == '-' || c == '.') {

@@ -172,14 +172,15 @@ func newClient(cfg Config) (*api.Client, error) {
 	}
 	ac.Address = cfg.Address
 	// Operations set their own deadline (Provider.timeout) and keep it until
-	// the body is read; the http.Client timeout only bounds the renewal
-	// goroutine's requests, which take no context.
+	// the body is read. The http.Client timeout is a backstop for the
+	// renewal goroutine's requests, which take no context; it is longer, so
+	// that an operation's own deadline is the one that fires.
 	ac.Timeout = 0
 	timeout := cfg.Timeout
 	if timeout == 0 {
 		timeout = DefaultTimeout
 	}
-	ac.HttpClient.Timeout = timeout
+	ac.HttpClient.Timeout = 2 * timeout
 	switch {
 	case cfg.MaxRetries == 0:
 		ac.MaxRetries = DefaultMaxRetries
@@ -415,12 +416,12 @@ func (p *Provider) do(ctx context.Context, op, method, path string, body []byte,
 		defer resp.Body.Close()
 	}
 	if err != nil {
-		return classify(ctx, op, err)
+		return classify(ctx, op, timedOut(ctx, octx, p.timeout, err))
 	}
 	buf, err := io.ReadAll(io.LimitReader(resp.Body, maxResponse+1))
 	defer provider.Clear(buf)
 	if err != nil {
-		return classify(ctx, op, err)
+		return classify(ctx, op, timedOut(ctx, octx, p.timeout, err))
 	}
 	if len(buf) > maxResponse {
 		return &provider.Error{Provider: Scheme, Op: op, Err: fmt.Errorf("response from Vault exceeds %d bytes", maxResponse)}

@@ -121,7 +121,7 @@ func TestOpenErrors(t *testing.T) {
 		{"empty key name", "vault://transit/keys/", nil, nil, "key name length 0"},
 		{"no mount", "vault:///keys/" + key, nil, nil, "want vault://"},
 		{"bad key name", "vault://transit/keys/a~b", nil, nil, "key name may contain only"},
-		{"dot-dot mount", "vault://transit/../keys/" + key, nil, nil, "may not be . or .."},
+		{"dot-dot mount", "vault://transit/../keys/" + key, nil, nil, "may not be \"..\""},
 		{"escaped slash", "vault://transit/keys/a%2Fb", nil, nil, "escaped"},
 		{"fragment", base + "#x", nil, nil, "fragment"},
 		{"unknown parameter", base + "?adr=http://x", nil, nil, `unknown parameter "adr"`},
@@ -149,6 +149,7 @@ func TestOpenErrors(t *testing.T) {
 				t.Fatalf("error %q does not match %v", err, c.kind)
 			}
 			msg := err.Error()
+			t.Log(msg)
 			if !strings.Contains(msg, c.msg) {
 				t.Fatalf("error %q does not mention %q", msg, c.msg)
 			}
@@ -191,6 +192,34 @@ func TestOpenContext(t *testing.T) {
 	if !errors.Is(err, context.DeadlineExceeded) || provider.IsRetryable(err) {
 		t.Fatalf("Open past the caller's deadline: %v", err)
 	}
+}
+
+// TestTimeout: a server that accepts connections but never answers. The
+// provider's own timeout expires: that is ErrUnavailable (retryable),
+// unlike the caller's deadline.
+func TestTimeout(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	done := make(chan struct{})
+	defer close(done)
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			go func() { <-done; c.Close() }() // hold it open, say nothing
+		}
+	}()
+	key := newTransitKey(t, srv, "transit", nil)
+	_, err = provider.Open(context.Background(), "vault://transit/keys/"+key+"?timeout=200ms&max_retries=0&addr=http://"+l.Addr().String())
+	if !errors.Is(err, provider.ErrUnavailable) || !provider.IsRetryable(err) || !strings.Contains(err.Error(), "200ms timeout") {
+		t.Fatalf("Open against a silent server: %v", err)
+	}
+	t.Log(err)
 }
 
 func TestExpiredDeadline(t *testing.T) {
@@ -634,8 +663,15 @@ func BenchmarkVault(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	// Baseline: one authenticated round trip to the same server that does
-	// no cryptography.
+	// Baselines: round trips to the same server that do no cryptography,
+	// unauthenticated (sys/health) and authenticated (token lookup-self).
+	b.Run("baseline-health", func(b *testing.B) {
+		for b.Loop() {
+			if _, err := srv.root.Sys().HealthWithContext(ctx); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
 	b.Run("baseline-lookup-self", func(b *testing.B) {
 		for b.Loop() {
 			if _, err := srv.root.Auth().Token().LookupSelfWithContext(ctx); err != nil {
