@@ -1,6 +1,7 @@
 package envelope_test
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"log"
@@ -139,4 +140,29 @@ func ExampleNewNonce() {
 	fmt.Println(len(n), err)
 	// Output:
 	// 12 <nil>
+}
+
+// Parse and MarshalBinary are inverse: an envelope has one encoding.
+func ExampleParse() {
+	kek, err := local.Generate("example")
+	if err != nil {
+		log.Fatal(err)
+	}
+	dek, _, err := envelope.NewDataKey(context.Background(), kek, nil)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer dek.Destroy()
+	blob, err := envelope.SealWithKeyID(dek, []byte("dek-1"), []byte("hello"), nil)
+	if err != nil {
+		log.Fatal(err)
+	}
+	m, err := envelope.Parse(blob)
+	if err != nil {
+		log.Fatal(err)
+	}
+	out, err := m.MarshalBinary()
+	fmt.Println(string(m.KeyID), len(m.Ciphertext), bytes.Equal(out, blob), err)
+	// Output:
+	// dek-1 21 true <nil>
 }
