@@ -82,7 +82,9 @@
 // Cache entries expire by timer, so a hit does not read the clock either.
 // When a DEK must be made, one caller wraps it and the others wait for it
 // (or for their ctx): a burst of first uses is one provider call. Cache
-// misses for one DEK are coalesced the same way.
+// misses for one DEK are coalesced the same way. Failed unwraps are not
+// cached, so each Decrypt of a forged inline envelope costs one Unwrap
+// call: callers that decrypt untrusted blobs should rate-limit them.
 //
 // # Key material in memory
 //
