@@ -133,6 +133,7 @@ func tryStart(bin string, withTLS bool) (*devServer, error) {
 		"VAULT_DEV_LISTEN_ADDRESS=127.0.0.1:" + strconv.Itoa(port),
 	}
 	s.cmd.Stdout, s.cmd.Stderr = logf, logf
+	killWithParent(s.cmd)
 	if err := s.cmd.Start(); err != nil {
 		os.RemoveAll(dir)
 		return nil, fmt.Errorf("start %s: %w", bin, err)
