@@ -19,7 +19,8 @@
 // Unknown parameters are errors. Secrets (token, secret_id, jwt) are refused
 // in the URL, which ends up in configuration files and logs; errors name
 // the bad part of a URL, never a value. TLS is configured with the vault
-// CLI's environment variables (VAULT_CACERT, VAULT_CLIENT_CERT, ...).
+// CLI's environment variables (VAULT_CACERT, VAULT_CLIENT_CERT, ...; note
+// that VAULT_SKIP_VERIFY is honoured too: never set it in production).
 // [New] takes a [Config] for programmatic use.
 //
 // # Checks at open

@@ -57,8 +57,10 @@ const (
 type Config struct {
 	// Address of the Vault server, for example "https://vault.internal:8200".
 	// Required. TLS settings come from the standard VAULT_CACERT,
-	// VAULT_CAPATH, VAULT_CLIENT_CERT, VAULT_CLIENT_KEY and
-	// VAULT_TLS_SERVER_NAME environment variables, as for the vault CLI.
+	// VAULT_CAPATH, VAULT_CLIENT_CERT, VAULT_CLIENT_KEY,
+	// VAULT_TLS_SERVER_NAME and VAULT_SKIP_VERIFY environment variables,
+	// and VAULT_NAMESPACE selects an Enterprise namespace, as for the vault
+	// CLI. VAULT_AGENT_ADDR is ignored: Address is the only address.
 	Address string
 	// Mount is the path the transit engine is mounted at, for example
 	// "transit" or "kb/transit". Key is the transit key's name.
@@ -171,6 +173,7 @@ func newClient(cfg Config) (*api.Client, error) {
 		return nil, err
 	}
 	ac.Address = cfg.Address
+	ac.AgentAddress = "" // VAULT_AGENT_ADDR would silently replace Address
 	// Operations set their own deadline (Provider.timeout) and keep it until
 	// the body is read. The http.Client timeout is a backstop for the
 	// renewal goroutine's requests, which take no context; it is longer, so

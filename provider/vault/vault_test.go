@@ -57,6 +57,14 @@ func TestNestedMount(t *testing.T) {
 	roundTrip(t, p)
 }
 
+// TestAgentAddrIgnored: VAULT_AGENT_ADDR, which the api client prefers to
+// its configured address, does not redirect the provider.
+func TestAgentAddrIgnored(t *testing.T) {
+	t.Setenv("VAULT_AGENT_ADDR", deadAddr(t))
+	p := openKey(context.Background(), t)
+	roundTrip(t, p)
+}
+
 func roundTrip(t *testing.T, p provider.KEKProvider) {
 	t.Helper()
 	ctx := context.Background()
