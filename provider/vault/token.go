@@ -68,12 +68,12 @@ type tokenManager struct {
 
 // startToken authenticates the client (login, or the static token checked
 // with lookup-self) and starts renewal if the token expires.
-func startToken(ctx context.Context, client *api.Client, cfg Config, timeout time.Duration) (*tokenManager, error) {
+func startToken(ctx context.Context, client *api.Client, cfg Config) (*tokenManager, error) {
 	tm := &tokenManager{
 		client:  client,
 		auth:    cfg.Auth,
 		inc:     int(cfg.RenewIncrement / time.Second),
-		timeout: timeout,
+		timeout: cfg.Timeout,
 		onEvent: cfg.OnTokenEvent,
 		done:    make(chan struct{}),
 	}

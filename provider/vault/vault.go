@@ -79,8 +79,8 @@ type Config struct {
 	// 412, 429, 5xx except 501) is retried with exponential backoff. Zero
 	// means DefaultMaxRetries; negative means no retries.
 	MaxRetries int
-	// RenewIncrement is the TTL asked for at each token renewal. Zero asks
-	// for the token's own TTL.
+	// RenewIncrement is the TTL asked for at each token renewal, in whole
+	// seconds. Zero asks for the token's own TTL.
 	RenewIncrement time.Duration
 	// OnTokenEvent, if set, is called from the token-renewal goroutine after
 	// each renewal, login and stop of renewal. It must not block for long.
@@ -120,6 +120,9 @@ func New(ctx context.Context, cfg Config) (*Provider, error) {
 	if err := cfg.check(); err != nil {
 		return nil, openErr(err)
 	}
+	if cfg.Timeout == 0 {
+		cfg.Timeout = DefaultTimeout
+	}
 	client, err := newClient(cfg)
 	if err != nil {
 		return nil, openErr(err)
@@ -131,11 +134,7 @@ func New(ctx context.Context, cfg Config) (*Provider, error) {
 		key:     cfg.Key,
 		timeout: cfg.Timeout,
 	}
-	if p.timeout == 0 {
-		p.timeout = DefaultTimeout
-	}
-
-	tm, err := startToken(ctx, client, cfg, p.timeout)
+	tm, err := startToken(ctx, client, cfg)
 	if err != nil {
 		return nil, err
 	}
@@ -179,11 +178,7 @@ func newClient(cfg Config) (*api.Client, error) {
 	// renewal goroutine's requests, which take no context; it is longer, so
 	// that an operation's own deadline is the one that fires.
 	ac.Timeout = 0
-	timeout := cfg.Timeout
-	if timeout == 0 {
-		timeout = DefaultTimeout
-	}
-	ac.HttpClient.Timeout = 2 * timeout
+	ac.HttpClient.Timeout = 2 * cfg.Timeout
 	switch {
 	case cfg.MaxRetries == 0:
 		ac.MaxRetries = DefaultMaxRetries
