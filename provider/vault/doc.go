@@ -119,9 +119,10 @@
 // standbys and request forwarding; unsealing with key shares, auto-unseal
 // and HSMs; persistent storage (dev mode is in memory); namespaces,
 // performance replication and other Enterprise features; client
-// certificates and production PKI; Kubernetes login (it needs a
-// Kubernetes API server for TokenReview: only its configuration errors are
-// tested); and network faults other than a refused connection, a silent
-// server and a sealed one (no 429s, no latency). Policies are exercised
-// only as far as the AppRole tests' narrow policy.
+// certificates and production PKI; a real Kubernetes cluster (Vault's
+// Kubernetes auth method is real, but the TokenReview endpoint it calls is
+// a small in-test server that authenticates JWTs signed by a test key);
+// and network faults other than a refused connection, a silent server and
+// a sealed one (no 429s, no latency). Policies are exercised only as far
+// as the tests' narrow per-key policy.
 package vault
