@@ -266,7 +266,9 @@ func (p *Provider) Unwrap(ctx context.Context, wk *provider.WrappedKey, aad []by
 }
 
 // Rotate creates a new version of the transit key (keys/<name>/rotate) and
-// returns it. Keys wrapped under earlier versions still unwrap.
+// returns it. Keys wrapped under earlier versions still unwrap. A rotation
+// whose response was lost and that is retried creates two versions; the
+// later one is primary.
 func (p *Provider) Rotate(ctx context.Context) (string, error) {
 	var out keyInfo
 	if err := p.write(ctx, "rotate", p.mount+"/keys/"+p.key+"/rotate", []byte("{}"), &out); err != nil {
