@@ -158,8 +158,8 @@ func TestDatabaseRoundTrip(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(rs) != 6 {
-		t.Fatalf("%d results, want 6", len(rs))
+	if len(rs) != 8 {
+		t.Fatalf("%d results, want 8", len(rs))
 	}
 	for _, r := range rs {
 		if r.Rows != 30 && r.Rows != 33 { // testing.Benchmark adds a 1-op run per round

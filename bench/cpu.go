@@ -13,7 +13,8 @@ import (
 
 // CPUMeter reads the CPU time used so far by this process and, when the
 // PostgreSQL server runs on this machine and its postmaster's pid is
-// known, by the server (postmaster and backends, exited ones included).
+// known, by the server: postmaster and live backends to the nanosecond
+// (/proc/<pid>/schedstat), exited backends to the clock tick.
 type CPUMeter struct {
 	Postmaster int // 0: server time unknown
 }
@@ -54,9 +55,9 @@ func (m CPUMeter) Sample() (client, server time.Duration) {
 		switch {
 		case !ok:
 		case pid == m.Postmaster:
-			server += self + children // children: backends that exited
+			server += schedTime(pid, self) + children // children: backends that exited
 		case ppid == m.Postmaster:
-			server += self
+			server += schedTime(pid, self)
 		}
 	}
 	return client, server
@@ -82,4 +83,22 @@ func procCPU(pid int) (ppid int, self, children time.Duration, ok bool) {
 	self = time.Duration(n(14)+n(15)) * clockTick
 	children = time.Duration(n(16)+n(17)) * clockTick
 	return ppid, self, children, true
+}
+
+// schedTime returns the nanosecond CPU time of /proc/<pid>/schedstat, or
+// ticks (the 10 ms-resolution /proc/<pid>/stat time) if it is missing.
+func schedTime(pid int, ticks time.Duration) time.Duration {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/schedstat")
+	if err != nil {
+		return ticks
+	}
+	f := strings.Fields(string(b))
+	if len(f) == 0 {
+		return ticks
+	}
+	ns, err := strconv.ParseInt(f[0], 10, 64)
+	if err != nil {
+		return ticks
+	}
+	return time.Duration(ns)
 }

@@ -23,6 +23,9 @@ const (
 	NamePlain    = "plain bytea"
 	NamePgstore  = "keybroker pgstore"
 	NamePgcrypto = "pgcrypto pgp_sym_*_bytea"
+	// NamePlainSet is a diagnostic: plain bytea plus the set_config
+	// statement pgstore sends in the same batch for row-level security.
+	NamePlainSet = "plain bytea + set_config"
 	dbProject    = "project-4711"
 	// pgcryptoOptions matches keybroker's cipher; the S2K settings are
 	// pgcrypto's defaults (iterated and salted, as its documentation
@@ -75,6 +78,7 @@ func OpenDB(ctx context.Context, adminURL string, conns int32) (_ *DB, err error
 		"CREATE EXTENSION pgcrypto",
 		"CREATE SCHEMA kbbench",
 		`CREATE TABLE kbbench.plain (project_id text NOT NULL, name text NOT NULL, value bytea NOT NULL, PRIMARY KEY (project_id, name))`,
+		`CREATE TABLE kbbench.plain_set (project_id text NOT NULL, name text NOT NULL, value bytea NOT NULL, PRIMARY KEY (project_id, name))`,
 		`CREATE TABLE kbbench.pgcrypto (project_id text NOT NULL, name text NOT NULL, value bytea NOT NULL, PRIMARY KEY (project_id, name))`,
 	} {
 		if _, err := db.Pool.Exec(ctx, q); err != nil {
@@ -114,8 +118,12 @@ type DBContender struct {
 	Get  func(ctx context.Context, name string) ([]byte, error)
 }
 
-// Contenders returns plain bytea (the baseline), pgstore and pgcrypto with
-// a random passphrase sent as a query parameter.
+// setProject is the statement pgstore queues before each of its own.
+const setProject = "SELECT set_config('keybroker.project_id', $1, true)"
+
+// Contenders returns plain bytea (the baseline), plain bytea with
+// pgstore's set_config statement in the same batch (a diagnostic), pgstore
+// and pgcrypto with a random passphrase sent as a query parameter.
 func (db *DB) Contenders() []*DBContender {
 	pass := randHex(32)
 	return []*DBContender{
@@ -128,6 +136,25 @@ ON CONFLICT (project_id, name) DO UPDATE SET value = EXCLUDED.value`, dbProject,
 			},
 			Get: func(ctx context.Context, name string) (v []byte, err error) {
 				err = db.Pool.QueryRow(ctx, `SELECT value FROM kbbench.plain WHERE project_id = $1 AND name = $2`, dbProject, name).Scan(&v)
+				return v, err
+			},
+		},
+		{
+			Name: NamePlainSet,
+			Put: func(ctx context.Context, name string, v []byte) error {
+				b := &pgx.Batch{}
+				b.Queue(setProject, dbProject)
+				b.Queue(`INSERT INTO kbbench.plain_set (project_id, name, value) VALUES ($1, $2, $3)
+ON CONFLICT (project_id, name) DO UPDATE SET value = EXCLUDED.value`, dbProject, name, v)
+				return db.Pool.SendBatch(ctx, b).Close()
+			},
+			Get: func(ctx context.Context, name string) (v []byte, err error) {
+				b := &pgx.Batch{}
+				b.Queue(setProject, dbProject)
+				b.Queue(`SELECT value FROM kbbench.plain_set WHERE project_id = $1 AND name = $2`, dbProject, name).QueryRow(func(r pgx.Row) error {
+					return r.Scan(&v)
+				})
+				err = db.Pool.SendBatch(ctx, b).Close()
 				return v, err
 			},
 		},
@@ -281,29 +308,47 @@ func median(xs []float64) float64 {
 	return (s[len(s)/2-1] + s[len(s)/2]) / 2
 }
 
+// SQLCost is the cost per row of pgcrypto and a plain insert inside one
+// SQL statement over many rows.
+type SQLCost struct {
+	Rows, PlainRows                 int
+	EncWall, DecWall, InsWall       time.Duration
+	EncServer, DecServer, InsServer time.Duration // server CPU; -1 if unknown
+}
+
 // SQLCost measures what the issue quotes: the server-side cost per row of
 // pgp_sym_encrypt_bytea, pgp_sym_decrypt_bytea and a plain bytea insert,
-// each over n rows in one statement (no client round trip per row).
-func (db *DB) SQLCost(ctx context.Context, n, size int) (enc, dec, plain time.Duration, err error) {
+// each over n rows in one statement (no client round trip per row), as
+// elapsed time and, when meter knows the server, as server CPU time.
+func (db *DB) SQLCost(ctx context.Context, n, size int, meter CPUMeter) (SQLCost, error) {
 	pass := randHex(32)
 	v := Payload(size)
-	timed := func(q string, args ...any) (time.Duration, error) {
+	// A plain insert is ~100× cheaper: more rows keep it above the 10 ms
+	// resolution of /proc CPU times.
+	c := SQLCost{Rows: n, PlainRows: 50 * n}
+	timed := func(wall, server *time.Duration, q string, n int, args ...any) error {
+		_, s0 := meter.Sample()
 		t0 := time.Now()
 		_, err := db.Pool.Exec(ctx, q, args...)
-		return time.Since(t0) / time.Duration(n), err
+		*wall = time.Since(t0) / time.Duration(n)
+		_, s1 := meter.Sample()
+		*server = -1
+		if s0 >= 0 {
+			*server = (s1 - s0) / time.Duration(n)
+		}
+		return err
 	}
-	if _, err = db.Pool.Exec(ctx, `CREATE TABLE kbbench.sqlcost_plain (value bytea)`); err != nil {
-		return
+	for _, q := range []string{`CREATE TABLE kbbench.sqlcost_plain (value bytea)`, `CREATE TABLE kbbench.sqlcost_enc (value bytea)`} {
+		if _, err := db.Pool.Exec(ctx, q); err != nil {
+			return c, err
+		}
 	}
-	if _, err = db.Pool.Exec(ctx, `CREATE TABLE kbbench.sqlcost_enc (value bytea)`); err != nil {
-		return
+	if err := timed(&c.InsWall, &c.InsServer, `INSERT INTO kbbench.sqlcost_plain SELECT $1::bytea FROM generate_series(1, $2)`, c.PlainRows, v, c.PlainRows); err != nil {
+		return c, err
 	}
-	if plain, err = timed(`INSERT INTO kbbench.sqlcost_plain SELECT $1::bytea FROM generate_series(1, $2)`, v, n); err != nil {
-		return
+	if err := timed(&c.EncWall, &c.EncServer, `INSERT INTO kbbench.sqlcost_enc SELECT pgp_sym_encrypt_bytea($1::bytea, $3, '`+pgcryptoOptions+`') FROM generate_series(1, $2)`, n, v, n, pass); err != nil {
+		return c, err
 	}
-	if enc, err = timed(`INSERT INTO kbbench.sqlcost_enc SELECT pgp_sym_encrypt_bytea($1::bytea, $3, '`+pgcryptoOptions+`') FROM generate_series(1, $2)`, v, n, pass); err != nil {
-		return
-	}
-	dec, err = timed(`SELECT sum(length(pgp_sym_decrypt_bytea(value, $1))) FROM kbbench.sqlcost_enc WHERE $2::int > 0`, pass, n)
-	return
+	err := timed(&c.DecWall, &c.DecServer, `SELECT sum(length(pgp_sym_decrypt_bytea(value, $1))) FROM kbbench.sqlcost_enc WHERE $2::int > 0`, n, pass, n)
+	return c, err
 }

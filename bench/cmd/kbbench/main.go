@@ -264,8 +264,7 @@ func database(ctx context.Context, rep *bench.Report, rows, rounds int, profDir 
 		return err
 	}
 	progress("server-side pgcrypto cost")
-	rep.SQLRows = 2000
-	if rep.SQLEnc, rep.SQLDec, rep.SQLIns, err = db.SQLCost(ctx, rep.SQLRows, rep.DBSize); err != nil {
+	if rep.SQL, err = db.SQLCost(ctx, 2000, rep.DBSize, meter); err != nil {
 		return fmt.Errorf("pgcrypto cost: %w", err)
 	}
 	progress("profiling pgstore put")
