@@ -255,7 +255,7 @@ func benchContenders(b *testing.B, cs []*Contender, sizes []int) {
 }
 
 func benchName(s string) string {
-	return strings.NewReplacer(" ", "_", "(", "", ")", "", "+", "", "*", "").Replace(s)
+	return strings.NewReplacer(" + ", "_", " ", "_", "(", "", ")", "", "_*_", "_").Replace(s)
 }
 
 func BenchmarkInProcess(b *testing.B) {
