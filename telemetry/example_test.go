@@ -51,8 +51,8 @@ func Example() {
 			for _, p := range sum.DataPoints {
 				op, _ := p.Attributes.Value(telemetry.AttrOperation)
 				out, _ := p.Attributes.Value(telemetry.AttrOutcome)
-				if op.Emit() != "" {
-					fmt.Println(m.Name, op.Emit(), out.Emit(), p.Value)
+				if op.String() != "" {
+					fmt.Println(m.Name, op.String(), out.String(), p.Value)
 				}
 			}
 		}

@@ -50,7 +50,7 @@ type point struct {
 func attrString(s attribute.Set) string {
 	var kv []string
 	for _, a := range s.ToSlice() {
-		kv = append(kv, string(a.Key)+"="+a.Value.Emit())
+		kv = append(kv, string(a.Key)+"="+a.Value.String())
 	}
 	sort.Strings(kv)
 	return join(kv)
@@ -126,8 +126,8 @@ var allowedAttrs = map[attribute.Key][]string{
 func checkAttrs(t *testing.T, where string, attrs []attribute.KeyValue) {
 	t.Helper()
 	for _, a := range attrs {
-		if !slices.Contains(allowedAttrs[a.Key], a.Value.Emit()) {
-			t.Errorf("%s: attribute %s=%q outside the allowed set", where, a.Key, a.Value.Emit())
+		if !slices.Contains(allowedAttrs[a.Key], a.Value.String()) {
+			t.Errorf("%s: attribute %s=%q outside the allowed set", where, a.Key, a.Value.String())
 		}
 	}
 }
