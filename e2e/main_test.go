@@ -27,6 +27,20 @@ func run(m *testing.M) int {
 	if _, ok := os.LookupEnv("TESTCONTAINERS_RYUK_DISABLED"); !ok {
 		os.Setenv("TESTCONTAINERS_RYUK_DISABLED", "true")
 	}
+	// The AWS SDK's default chain finds these dummy credentials (local-kms checks none);
+	// nothing of the developer's own AWS configuration is used.
+	for k, v := range map[string]string{
+		"AWS_ACCESS_KEY_ID":           "AKIDKEYBROKERE2E",
+		"AWS_SECRET_ACCESS_KEY":       "keybroker-e2e-secret",
+		"AWS_CONFIG_FILE":             os.DevNull,
+		"AWS_SHARED_CREDENTIALS_FILE": os.DevNull,
+		"AWS_EC2_METADATA_DISABLED":   "true",
+	} {
+		os.Setenv(k, v)
+	}
+	for _, k := range []string{"AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_KMS"} {
+		os.Unsetenv(k)
+	}
 	// testcontainers logs each container's life; tests log what matters to them.
 	tclog.SetDefault(tclog.NewNoopLogger())
 
