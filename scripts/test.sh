@@ -24,3 +24,8 @@ export KEYBROKER_TEST_DATABASE_URL
 go build -o "$tmp/skipcheck" ./internal/skipcheck
 go test -race -count=1 -timeout 30m -json ./... 2>&1 | "$tmp/skipcheck" -allow scripts/skip-allow.txt | tee "$tmp/test.log"
 echo "test.sh: all tests passed"
+
+# The end-to-end suite (e2e/, its own module): PostgreSQL, Vault and local-kms in containers
+# (images built locally by scripts/images.sh when they cannot be pulled), GCP in process.
+bash scripts/images.sh
+(cd e2e && go test -race -count=1 -timeout 40m ./...)
