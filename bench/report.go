@@ -253,9 +253,10 @@ func (rep *Report) Markdown() string {
 		b.WriteString("A dev-mode Vault (Transit, aes256-gcm96) and local-kms on loopback, started by the command. keybroker keeps one DEK " +
 			"cached and calls the key service only to wrap or unwrap it; the per-secret approaches send every secret to the key service.\n\n")
 		if len(rep.KeyService) > 0 {
-			opTable(&b, rep.KeyService, Encrypt, rep.InProcess)
-			b.WriteString("\n(encrypt above, decrypt below)\n\n")
-			opTable(&b, rep.KeyService, Decrypt, rep.InProcess)
+			b.WriteString("Wall-clock time per operation · throughput · ratio to raw AES-256-GCM, which runs interleaved with these contenders.\n\n#### Encrypt\n\n")
+			opTable(&b, rep.KeyService, Encrypt, rep.KeyService)
+			b.WriteString("\n#### Decrypt\n\n")
+			opTable(&b, rep.KeyService, Decrypt, rep.KeyService)
 			b.WriteString("\n")
 		}
 		if len(rep.Calls) > 0 {

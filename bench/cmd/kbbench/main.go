@@ -214,7 +214,12 @@ func keyServices(ctx context.Context, rep *bench.Report, rounds int, benchtime t
 			c.Close()
 		}
 	})
-	if rep.KeyService, err = bench.Measure(ctx, cs, []int{bench.KeyServiceSize}, rounds, benchtime, bench.Wall, progress); err != nil {
+	// Raw AES-GCM runs again, interleaved with these, for same-run ratios.
+	raw, err := bench.NewRaw()
+	if err != nil {
+		return err
+	}
+	if rep.KeyService, err = bench.Measure(ctx, append([]*bench.Contender{raw}, cs...), []int{bench.KeyServiceSize}, rounds, benchtime, bench.Wall, progress); err != nil {
 		return err
 	}
 	counted, err := ks.Contenders(ctx, true)
