@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/url"
 	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -48,11 +49,12 @@ func run(m *testing.M) int {
 	cli, err := connectDocker(ctx)
 	cancel()
 	if err != nil {
+		msg := strings.Join(strings.Fields(err.Error()), " ") // one line
 		if os.Getenv("CI") != "" {
-			fmt.Fprintf(os.Stderr, "e2e: FAIL: CI is set, so the suite must run, but %v\n", err)
+			fmt.Fprintf(os.Stderr, "e2e: FAIL: CI is set, so the suite must run, but %s\n", msg)
 			return 1
 		}
-		fmt.Fprintf(os.Stderr, "e2e: skipped: %v\n", err)
+		fmt.Fprintf(os.Stderr, "e2e: skipped: %s\n", msg)
 		return 0
 	}
 	docker = cli
