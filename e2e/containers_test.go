@@ -46,6 +46,7 @@ func startContainer(t *testing.T, img string, opts ...testcontainers.ContainerCu
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), startTimeout)
 	defer cancel()
+	opts = append(opts, testcontainers.WithLabels(map[string]string{ownerLabel: owner()}))
 	c, err := testcontainers.Run(ctx, img, opts...)
 	if c != nil {
 		t.Cleanup(func() {

@@ -1,15 +1,20 @@
 package e2e
 
 import (
+	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/url"
 	"os"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
+	"github.com/moby/moby/api/types/container"
 	"github.com/moby/moby/client"
 	"github.com/testcontainers/testcontainers-go"
 	tclog "github.com/testcontainers/testcontainers-go/log"
@@ -59,7 +64,52 @@ func run(m *testing.M) int {
 	}
 	docker = cli
 	defer docker.Close()
+	ctx, cancel = context.WithTimeout(context.Background(), time.Minute)
+	removeOrphans(ctx)
+	cancel()
 	return m.Run()
+}
+
+// ownerLabel marks each container the suite starts with "<hostname>/<pid>" of the test
+// process. A run killed before its cleanups (a -timeout panic, a signal; there is no reaper)
+// leaves containers behind: the next run removes those, and only those, whose process is gone.
+const ownerLabel = "org.profullstack.keybroker.e2e.owner"
+
+func owner() string {
+	host, _ := os.Hostname()
+	return host + "/" + strconv.Itoa(os.Getpid())
+}
+
+func removeOrphans(ctx context.Context) {
+	res, err := docker.ContainerList(ctx, client.ContainerListOptions{All: true, Filters: client.Filters{}.Add("label", ownerLabel)})
+	if err != nil {
+		return
+	}
+	host, _ := os.Hostname()
+	for _, c := range res.Items {
+		h, p, _ := strings.Cut(c.Labels[ownerLabel], "/")
+		pid, err := strconv.Atoi(p)
+		if err != nil || h != host || processAlive(pid) {
+			continue
+		}
+		if c.State == container.StatePaused {
+			docker.ContainerUnpause(ctx, c.ID, client.ContainerUnpauseOptions{})
+		}
+		docker.ContainerRemove(ctx, c.ID, client.ContainerRemoveOptions{Force: true, RemoveVolumes: true})
+	}
+}
+
+// processAlive reports whether pid is a live process: not gone, and not a zombie whose
+// parent has yet to reap it.
+func processAlive(pid int) bool {
+	if stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); err == nil {
+		// pid (comm) state ...; comm may hold spaces and parentheses.
+		if i := bytes.LastIndexByte(stat, ')'); i >= 0 && i+2 < len(stat) && stat[i+2] == 'Z' {
+			return false
+		}
+	}
+	err := syscall.Kill(pid, 0)
+	return err == nil || errors.Is(err, syscall.EPERM)
 }
 
 // connectDocker finds the Docker engine and makes the ports it publishes reachable.
