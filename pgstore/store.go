@@ -72,6 +72,9 @@ type Config struct {
 	// Logger receives one line per key-management step (never secrets).
 	// Discarded when nil.
 	Logger *slog.Logger
+	// Observer, when set, is told of every Put and Get (for metrics and
+	// traces; telemetry.Telemetry.StoreObserver is one). Optional.
+	Observer Observer
 }
 
 // Store keeps secrets encrypted in PostgreSQL. It is safe for concurrent
@@ -86,6 +89,7 @@ type Store struct {
 	cache   *envelope.KeyCache
 	actor   string
 	log     *slog.Logger
+	obs     Observer
 	// rls: row-level security applies to the pool's role, so statements
 	// must name their project (see scoped).
 	rls bool
@@ -169,6 +173,7 @@ func New(ctx context.Context, pool *pgxpool.Pool, cfg Config) (*Store, error) {
 		cache:    envelope.NewKeyCache(cfg.CacheEntries, cfg.CacheTTL),
 		actor:    cfg.Actor,
 		log:      cfg.Logger,
+		obs:      cfg.Observer,
 		projects: map[string]*projectKey{},
 	}, nil
 }
@@ -229,10 +234,8 @@ func (s *Store) scoped(ctx context.Context, project string, queue func(b *pgx.Ba
 	return s.pool.SendBatch(ctx, b).Close()
 }
 
-// Put stores value as the secret name of project, replacing any previous
-// value. The value is encrypted under the project's data key with
-// associated data binding project and name; the write is one statement.
-func (s *Store) Put(ctx context.Context, project, name string, value []byte) error {
+// put is Put without the Observer.
+func (s *Store) put(ctx context.Context, project, name string, value []byte) error {
 	if err := checkProject(project); err != nil {
 		return err
 	}
@@ -289,10 +292,8 @@ func (s *Store) seal(ctx context.Context, project string, plaintext, aad []byte)
 	return id, blob, h.Nonce, nil
 }
 
-// Get returns the secret name of project, or an error matching ErrNotFound.
-// A row whose ciphertext, nonce, data key or associated data do not agree
-// yields an error matching envelope.ErrDecrypt and no plaintext.
-func (s *Store) Get(ctx context.Context, project, name string) ([]byte, error) {
+// get is Get without the Observer.
+func (s *Store) get(ctx context.Context, project, name string) ([]byte, error) {
 	if err := checkProject(project); err != nil {
 		return nil, err
 	}

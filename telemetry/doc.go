@@ -20,6 +20,9 @@
 //     "keybroker.decrypt" (parents of the key-service spans they cause),
 //     keybroker.operations, keybroker.operation.duration, and observed
 //     cache counters and DEK budget use.
+//   - StoreObserver is a pgstore.Observer: spans "keybroker.put" and
+//     "keybroker.get" and the same operation metrics for pgstore's Put and
+//     Get (set pgstore.Config.Observer).
 //   - ObserveCache observes any cache's counters, for example pgstore's
 //     Store.CacheStats; Progress records Rewrap, Reencrypt and
 //     MigratePlaintext progress callbacks as gauges.

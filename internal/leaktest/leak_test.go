@@ -488,7 +488,8 @@ func (e *leakEnv) storeOps() {
 	if err != nil {
 		t.Fatal(err)
 	}
-	st, err := pgstore.New(ctx, pool, pgstore.Config{KEK: kr, Logger: e.logger, Actor: "leaktest", Budget: 2, ReserveChunk: 1})
+	st, err := pgstore.New(ctx, pool, pgstore.Config{KEK: kr, Logger: e.logger, Actor: "leaktest", Budget: 2, ReserveChunk: 1,
+		Observer: e.tel.StoreObserver()})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,0 +1,40 @@
+package pgstore
+
+import "context"
+
+// Observer is told of each Put and Get, for metrics and traces, without
+// this package depending on a telemetry library. Start is called before
+// the operation with "put" or "get"; it may return a derived ctx (carrying
+// a span, for instance) that the operation then uses, and a function the
+// Store calls once with the operation's error (nil on success). Neither
+// receives the project, the name or the value. Implementations must be
+// safe for concurrent use and must not block.
+type Observer interface {
+	Start(ctx context.Context, op string) (context.Context, func(error))
+}
+
+// Put stores value as the secret name of project, replacing any previous
+// value. The value is encrypted under the project's data key with
+// associated data binding project and name; the write is one statement.
+func (s *Store) Put(ctx context.Context, project, name string, value []byte) error {
+	if s.obs == nil {
+		return s.put(ctx, project, name, value)
+	}
+	ctx, done := s.obs.Start(ctx, "put")
+	err := s.put(ctx, project, name, value)
+	done(err)
+	return err
+}
+
+// Get returns the secret name of project, or an error matching ErrNotFound.
+// A row whose ciphertext, nonce, data key or associated data do not agree
+// yields an error matching envelope.ErrDecrypt and no plaintext.
+func (s *Store) Get(ctx context.Context, project, name string) ([]byte, error) {
+	if s.obs == nil {
+		return s.get(ctx, project, name)
+	}
+	ctx, done := s.obs.Start(ctx, "get")
+	v, err := s.get(ctx, project, name)
+	done(err)
+	return v, err
+}
