@@ -15,7 +15,7 @@ func SVG(rs []Result) string {
 	const (
 		panelW, panelH = 380, 300
 		left, top      = 80, 50
-		gap            = 60
+		gap            = 85
 		legendH        = 20
 	)
 	ss := sizes(rs)

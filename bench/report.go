@@ -251,7 +251,8 @@ func (rep *Report) Markdown() string {
 	if len(rep.KeyService) > 0 || len(rep.Calls) > 0 {
 		fmt.Fprintf(&b, "### Key services (%s secrets)\n\n", SizeName(KeyServiceSize))
 		b.WriteString("A dev-mode Vault (Transit, aes256-gcm96) and local-kms on loopback, started by the command. keybroker keeps one DEK " +
-			"cached and calls the key service only to wrap or unwrap it; the per-secret approaches send every secret to the key service.\n\n")
+			"cached and calls the key service only to wrap or unwrap it; the per-secret approaches send every secret to the key service " +
+			"(at 1 KiB only: AWS KMS Encrypt takes at most 4096 bytes, and a loopback round trip dominates every size).\n\n")
 		if len(rep.KeyService) > 0 {
 			b.WriteString("Wall-clock time per operation · throughput · ratio to raw AES-256-GCM, which runs interleaved with these contenders.\n\n#### Encrypt\n\n")
 			opTable(&b, rep.KeyService, Encrypt, rep.KeyService)
@@ -328,6 +329,7 @@ func (rep *Report) Markdown() string {
 		"- Each round visits every payload size and, within it, the contenders in an order rotated by one from the previous round; the " +
 		"median round is reported, so a noisy moment on this shared machine lands in one round of one contender.\n" +
 		"- Encrypt includes everything a caller needs to get storable bytes (nonce generation, framing, serialization); decrypt starts from those bytes.\n" +
+		"- PostgreSQL is the server `KEYBROKER_BENCH_DATABASE_URL` names (a superuser URL; a fresh database is created and dropped) or a throwaway one started with scripts/pg.sh; server CPU per row is measured only for the latter.\n" +
 		"- Key-service counts come from code, not inference: a counting `provider.KEKProvider` decorator, a counter on each direct API call, and a counting reverse proxy in front of each server.\n\n")
 	return b.String()
 }
