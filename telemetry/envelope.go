@@ -28,8 +28,9 @@ type Envelope struct {
 	t        *Telemetry
 	reg      metric.Registration
 	enc, dec *attrSets
-	encAttr  trace.SpanStartOption
-	decAttr  trace.SpanStartOption
+	// Span start options, as slices made once: passing a fresh variadic
+	// slice through the tracer interface would allocate per call.
+	encStart, decStart []trace.SpanStartOption
 }
 
 // Envelope instruments e. Close the result (not e) to stop observing it.
@@ -53,16 +54,16 @@ func (t *Telemetry) Envelope(e *envelope.Envelope) (*Envelope, error) {
 	}
 	return &Envelope{
 		e: e, t: t, reg: reg,
-		enc:     newAttrSets(AttrOperation.String(OpEncrypt)),
-		dec:     newAttrSets(AttrOperation.String(OpDecrypt)),
-		encAttr: trace.WithAttributes(AttrOperation.String(OpEncrypt)),
-		decAttr: trace.WithAttributes(AttrOperation.String(OpDecrypt)),
+		enc:      newAttrSets(AttrOperation.String(OpEncrypt)),
+		dec:      newAttrSets(AttrOperation.String(OpDecrypt)),
+		encStart: []trace.SpanStartOption{trace.WithAttributes(AttrOperation.String(OpEncrypt))},
+		decStart: []trace.SpanStartOption{trace.WithAttributes(AttrOperation.String(OpDecrypt))},
 	}, nil
 }
 
 // Encrypt is envelope.Envelope.Encrypt, instrumented.
 func (e *Envelope) Encrypt(ctx context.Context, plaintext, aad []byte) ([]byte, error) {
-	ctx, span := e.t.tracer.Start(ctx, "keybroker.encrypt", e.encAttr)
+	ctx, span := e.t.tracer.Start(ctx, "keybroker.encrypt", e.encStart...)
 	start := time.Now()
 	out, err := e.e.Encrypt(ctx, plaintext, aad)
 	e.t.record(ctx, span, start, e.t.ops, e.t.opTime, e.enc, err)
@@ -71,7 +72,7 @@ func (e *Envelope) Encrypt(ctx context.Context, plaintext, aad []byte) ([]byte, 
 
 // Decrypt is envelope.Envelope.Decrypt, instrumented.
 func (e *Envelope) Decrypt(ctx context.Context, blob, aad []byte) ([]byte, error) {
-	ctx, span := e.t.tracer.Start(ctx, "keybroker.decrypt", e.decAttr)
+	ctx, span := e.t.tracer.Start(ctx, "keybroker.decrypt", e.decStart...)
 	start := time.Now()
 	out, err := e.e.Decrypt(ctx, blob, aad)
 	e.t.record(ctx, span, start, e.t.ops, e.t.opTime, e.dec, err)

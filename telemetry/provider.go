@@ -30,9 +30,14 @@ const (
 // a *provider.Keyring hides its Keyring methods; wrap its members instead
 // (see Keyring).
 func (t *Telemetry) WrapProvider(p provider.KEKProvider) provider.KEKProvider {
-	b := &base{t: t, p: p, backend: AttrBackend.String(p.Ref().Provider), sets: map[string]*attrSets{}}
+	b := &base{t: t, p: p, backend: AttrBackend.String(p.Ref().Provider), ops: map[string]*kmsOp{}}
 	for _, op := range []string{OpWrap, OpUnwrap, OpRewrap, OpRotate, OpDescribe, OpRetire} {
-		b.sets[op] = newAttrSets(b.backend, AttrOperation.String(op))
+		b.ops[op] = &kmsOp{
+			span: "keybroker.kms." + op,
+			start: []trace.SpanStartOption{trace.WithSpanKind(trace.SpanKindClient),
+				trace.WithAttributes(b.backend, AttrOperation.String(op))},
+			sets: newAttrSets(b.backend, AttrOperation.String(op)),
+		}
 	}
 	rot, _ := p.(provider.Rotator)
 	rw, _ := p.(provider.Rewrapper)
@@ -164,20 +169,27 @@ type base struct {
 	t       *Telemetry
 	p       provider.KEKProvider
 	backend attribute.KeyValue
-	sets    map[string]*attrSets // by operation
+	ops     map[string]*kmsOp
+}
+
+// kmsOp is what recording one key-service operation needs, made once.
+type kmsOp struct {
+	span  string
+	start []trace.SpanStartOption
+	sets  *attrSets
 }
 
 var _ provider.KEKProvider = (*base)(nil)
 
 // start opens a key-service span; done records it.
 func (b *base) start(ctx context.Context, op string) (context.Context, trace.Span, time.Time) {
-	ctx, span := b.t.tracer.Start(ctx, "keybroker.kms."+op, trace.WithSpanKind(trace.SpanKindClient),
-		trace.WithAttributes(b.backend, AttrOperation.String(op)))
+	o := b.ops[op]
+	ctx, span := b.t.tracer.Start(ctx, o.span, o.start...)
 	return ctx, span, time.Now()
 }
 
 func (b *base) done(ctx context.Context, span trace.Span, start time.Time, op string, err error) {
-	b.t.record(ctx, span, start, b.t.kmsCalls, b.t.kmsTime, b.sets[op], err)
+	b.t.record(ctx, span, start, b.t.kmsCalls, b.t.kmsTime, b.ops[op].sets, err)
 }
 
 func (b *base) Ref() provider.KeyRef { return b.p.Ref() }

@@ -22,15 +22,15 @@ const (
 type StoreObserver struct {
 	t      *Telemetry
 	sets   map[string]*attrSets
-	starts map[string]trace.SpanStartOption
+	starts map[string][]trace.SpanStartOption
 }
 
 // StoreObserver returns an observer for pgstore.Config.Observer.
 func (t *Telemetry) StoreObserver() *StoreObserver {
-	o := &StoreObserver{t: t, sets: map[string]*attrSets{}, starts: map[string]trace.SpanStartOption{}}
+	o := &StoreObserver{t: t, sets: map[string]*attrSets{}, starts: map[string][]trace.SpanStartOption{}}
 	for _, op := range []string{OpPut, OpGet} {
 		o.sets[op] = newAttrSets(AttrOperation.String(op))
-		o.starts[op] = trace.WithAttributes(AttrOperation.String(op))
+		o.starts[op] = []trace.SpanStartOption{trace.WithAttributes(AttrOperation.String(op))}
 	}
 	return o
 }
@@ -42,7 +42,7 @@ func (o *StoreObserver) Start(ctx context.Context, op string) (context.Context, 
 	if !ok {
 		return ctx, func(error) {}
 	}
-	ctx, span := o.t.tracer.Start(ctx, "keybroker."+op, o.starts[op])
+	ctx, span := o.t.tracer.Start(ctx, "keybroker."+op, o.starts[op]...)
 	start := time.Now()
 	return ctx, func(err error) { o.t.record(ctx, span, start, o.t.ops, o.t.opTime, sets, err) }
 }

@@ -81,13 +81,18 @@ func outcomeIndex(err error) int {
 }
 
 // attrSets holds one operation's metric attribute sets, one per outcome,
-// made once so recording does not allocate.
-type attrSets [len(outcomes)]metric.MeasurementOption
+// as ready-made option slices: recording passes them on without allocating.
+type attrSets struct {
+	add    [len(outcomes)][]metric.AddOption
+	record [len(outcomes)][]metric.RecordOption
+}
 
 func newAttrSets(attrs ...attribute.KeyValue) *attrSets {
 	var s attrSets
 	for i, o := range outcomes {
-		s[i] = metric.WithAttributeSet(attribute.NewSet(append(attrs[:len(attrs):len(attrs)], AttrOutcome.String(o))...))
+		set := metric.WithAttributeSet(attribute.NewSet(append(attrs[:len(attrs):len(attrs)], AttrOutcome.String(o))...))
+		s.add[i] = []metric.AddOption{set}
+		s.record[i] = []metric.RecordOption{set}
 	}
 	return &s
 }
@@ -178,8 +183,8 @@ func New(opts ...Option) (*Telemetry, error) {
 // record ends an operation: one span end, one count, one duration.
 func (t *Telemetry) record(ctx context.Context, span trace.Span, start time.Time, counter metric.Int64Counter, hist metric.Float64Histogram, sets *attrSets, err error) {
 	i := outcomeIndex(err)
-	counter.Add(ctx, 1, sets[i])
-	hist.Record(ctx, time.Since(start).Seconds(), sets[i])
+	counter.Add(ctx, 1, sets.add[i]...)
+	hist.Record(ctx, time.Since(start).Seconds(), sets.record[i]...)
 	if span.IsRecording() {
 		span.SetAttributes(AttrOutcome.String(outcomes[i]))
 		if err != nil {
