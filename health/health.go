@@ -108,6 +108,11 @@ type StoreReport struct {
 	// RetiredVersionsInUse counts retired key versions still wrapping a
 	// data key: those data keys no longer unwrap.
 	RetiredVersionsInUse int `json:"retired_versions_in_use"`
+	// MaxBudgetUsed is the highest number of encryptions reserved from any
+	// active data key's budget (Budget): how close a project is to getting
+	// a new data key, which needs the key service.
+	MaxBudgetUsed int64 `json:"max_budget_used"`
+	Budget        int64 `json:"budget"`
 }
 
 // Checker answers health checks. Safe for concurrent use.
@@ -250,6 +255,7 @@ func storeReport(st *pgstore.Status, err error, primary ProviderReport) *StoreRe
 		return sr
 	}
 	sr.Secrets = st.Secrets
+	sr.MaxBudgetUsed, sr.Budget = st.MaxActiveUse, st.Budget
 	for _, n := range st.DataKeys {
 		sr.DataKeys += n
 	}

@@ -306,3 +306,53 @@ func TestPrimaryRefused(t *testing.T) {
 		t.Fatalf("refused primary: %d %s; want 503, down, access_denied", code, body)
 	}
 }
+
+// With pgstore: the key service stops; Puts and Gets on a project whose
+// data key is cached go on, a project that needs a new data key fails
+// within its ctx, and the report is degraded with the database counts.
+func TestStoreWithKeyServiceStopped(t *testing.T) {
+	ctx := context.Background()
+	srv, kek := gcpKey(t)
+	pool := pgtest.Pool(t)
+	if err := pgstore.Migrate(ctx, pool, pgstore.DefaultSchema); err != nil {
+		t.Fatal(err)
+	}
+	st, err := pgstore.New(ctx, pool, pgstore.Config{KEK: kek})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	if err := st.Put(ctx, "p1", "a", []byte("v1")); err != nil {
+		t.Fatal(err)
+	}
+	c, err := health.New(health.Config{Store: st, CacheStats: st.CacheStats, TTL: -1, Timeout: 2 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r, err := c.Check(ctx); err != nil || r.Status != health.OK {
+		t.Fatalf("before the stop: %+v, %v", r, err)
+	}
+
+	srv.Close()
+
+	if err := st.Put(ctx, "p1", "b", []byte("v2")); err != nil {
+		t.Fatalf("Put under the cached data key after the key service stopped: %v", err)
+	}
+	if v, err := st.Get(ctx, "p1", "a"); err != nil || string(v) != "v1" {
+		t.Fatalf("Get under the cached data key after the key service stopped: %q, %v", v, err)
+	}
+	tctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	if err := st.Put(tctx, "p2", "a", []byte("v")); err == nil || errors.Is(err, envelope.ErrDecrypt) ||
+		!(errors.Is(err, provider.ErrUnavailable) || errors.Is(err, context.DeadlineExceeded)) {
+		t.Fatalf("Put needing a new data key: %v; want unavailable or deadline", err)
+	}
+	r, err := c.Check(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Status != health.Degraded || !r.Store.Reachable || r.Store.Secrets != 2 || r.Store.DataKeysToRewrap == nil ||
+		*r.Store.DataKeysToRewrap != 0 || r.Store.MaxBudgetUsed < 2 || *r.CachedDataKeys != 1 {
+		t.Fatalf("after the stop: %+v, store %+v; want degraded, database reachable, 2 secrets, nothing to rewrap, budget used, 1 cached key", r, r.Store)
+	}
+}
