@@ -26,7 +26,8 @@ const (
 // the outcome as attributes. The result has the same Ref as p (so a
 // provider.Keyring routes to it as it would to p) and implements exactly
 // the optional interfaces p implements (Rotator, Rewrapper, Describer,
-// Retirer): a type assertion on it answers as one on p would. Wrapping
+// Retirer): a type assertion on it answers as one on p would. p must not
+// be nil. Wrapping
 // a *provider.Keyring hides its Keyring methods; wrap its members instead
 // (see Keyring).
 func (t *Telemetry) WrapProvider(p provider.KEKProvider) provider.KEKProvider {
