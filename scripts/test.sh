@@ -28,4 +28,4 @@ echo "test.sh: all tests passed"
 # The end-to-end suite (e2e/, its own module): PostgreSQL, Vault and local-kms in containers
 # (images built locally by scripts/images.sh when they cannot be pulled), GCP in process.
 bash scripts/images.sh
-(cd e2e && go test -race -count=1 -timeout 40m ./...)
+(cd e2e && go test -race -count=1 -timeout 40m -json ./...) 2>&1 | "$tmp/skipcheck" -allow scripts/skip-allow.txt
