@@ -17,7 +17,13 @@ as_owner() {
 case "$cmd" in
 start)
   mkdir -p "$dir"
-  [ "$(id -u)" = 0 ] && chown postgres "$dir"
+  if [ "$(id -u)" = 0 ]; then
+    chown postgres "$dir"
+    # The server runs as postgres, so it must be able to reach DIR (mktemp makes 0700 parents).
+    parent=$(dirname "$dir")
+    runuser -u postgres -- test -x "$dir" || chmod o+x "$parent"
+    runuser -u postgres -- test -x "$dir" || { echo "pg.sh: user postgres cannot reach $dir" >&2; exit 1; }
+  fi
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
   as_owner "$bindir/initdb" -D "$dir/data" -U postgres -A trust -E UTF8 --no-sync >"$dir/initdb.log" 2>&1 \
     || { cat "$dir/initdb.log" >&2; exit 1; }

@@ -22,10 +22,14 @@ export KEYBROKER_TEST_DATABASE_URL
 # skipcheck prints failures and skips in full, and with CI=true fails on a skipped test that
 # scripts/skip-allow.txt does not list with a reason.
 go build -o "$tmp/skipcheck" ./internal/skipcheck
-go test -race -count=1 -timeout 30m -json ./... 2>&1 | "$tmp/skipcheck" -allow scripts/skip-allow.txt | tee "$tmp/test.log"
-echo "test.sh: all tests passed"
+go test -race -count=1 -timeout 30m -json ./... 2>&1 | "$tmp/skipcheck" -allow scripts/skip-allow.txt
+
+# The benchmark module's correctness tests: every contender round-trips and rejects tampering,
+# and call counts are exact (bench/, its own module; real Vault, local-kms and PostgreSQL).
+(cd bench && go test -race -count=1 -timeout 15m -json ./...) 2>&1 | "$tmp/skipcheck" -allow scripts/skip-allow.txt
 
 # The end-to-end suite (e2e/, its own module): PostgreSQL, Vault and local-kms in containers
 # (images built locally by scripts/images.sh when they cannot be pulled), GCP in process.
 bash scripts/images.sh
 (cd e2e && go test -race -count=1 -timeout 40m -json ./...) 2>&1 | "$tmp/skipcheck" -allow scripts/skip-allow.txt
+echo "test.sh: all tests passed"

@@ -72,6 +72,7 @@ func run(in io.Reader, out io.Writer, allow map[string]bool, ci bool) int {
 	output := map[string]*strings.Builder{} // by "pkg test"
 	var failed bool
 	var skipped []string
+	var nPass, nFail, nSkip int
 	for sc.Scan() {
 		var e event
 		if err := json.Unmarshal(sc.Bytes(), &e); err != nil || e.Action == "" {
@@ -107,6 +108,11 @@ func run(in io.Reader, out io.Writer, allow map[string]bool, ci bool) int {
 			if e.Test == "" {
 				continue // the package line was printed as output
 			}
+			if e.Action == "fail" {
+				nFail++
+			} else {
+				nSkip++
+			}
 			if e.Action == "skip" && !allow[key] {
 				skipped = append(skipped, key)
 			}
@@ -115,6 +121,9 @@ func run(in io.Reader, out io.Writer, allow map[string]bool, ci bool) int {
 			}
 			delete(output, key)
 		case "pass":
+			if e.Test != "" {
+				nPass++
+			}
 			delete(output, key)
 		}
 	}
@@ -122,6 +131,8 @@ func run(in io.Reader, out io.Writer, allow map[string]bool, ci bool) int {
 		fmt.Fprintln(w, "skipcheck: reading go test output:", err)
 		return 1
 	}
+	// The plain closing line CI reads: subtests count, as go test -v shows them.
+	fmt.Fprintf(w, "%d passed, %d failed, %d skipped\n", nPass, nFail, nSkip)
 	code := 0
 	if failed {
 		code = 1
