@@ -241,3 +241,19 @@ func TestCheckDEK(t *testing.T) {
 		}
 	}
 }
+
+func TestParamName(t *testing.T) {
+	for name, want := range map[string]string{
+		"region":                     `"region"`,
+		"max_attempts":               `"max_attempts"`,
+		"hvs.CAESIJ4xq":              "(name not shown)",
+		"AKIAIOSFODNN7EXAMPLE":       "(name not shown)",
+		"wJalrXUtnFEMI/K7MDENG":      "(name not shown)",
+		"averyveryverylongtokenlike": "(name not shown)",
+		"":                           "(name not shown)",
+	} {
+		if got := provider.ParamName(name); got != want {
+			t.Errorf("ParamName(%q) = %s, want %s", name, got, want)
+		}
+	}
+}

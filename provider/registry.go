@@ -126,3 +126,15 @@ func Redact(u *url.URL) string {
 }
 
 func strconvQuote(s string) string { return fmt.Sprintf("%q", s) }
+
+var paramNameRE = regexp.MustCompile(`^[a-z][a-z0-9_]{0,23}$`)
+
+// ParamName quotes a URL query parameter name for an error message when it
+// looks like one, and otherwise says it is not shown: a credential pasted as a
+// bare query ("?hvs.…") arrives as a parameter name and must not be echoed.
+func ParamName(name string) string {
+	if paramNameRE.MatchString(name) {
+		return strconvQuote(name)
+	}
+	return "(name not shown)"
+}

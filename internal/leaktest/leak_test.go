@@ -396,6 +396,10 @@ func (e *leakEnv) providerOps() {
 		"awskms://alias/k?region=us-east-1&endpoint=http://u:" + tok + "@[::1",
 		"gcpkms://projects/p/locations/l/keyRings/r/cryptoKeys/k?credentials=" + tok,
 		"gcpkms://projects/p?endpoint=" + tok + "&insecure=true",
+		// A credential pasted as a bare query arrives as a parameter name.
+		"vault://transit/keys/k?" + tok,
+		"awskms://alias/k?region=us-east-1&" + tok,
+		"gcpkms://projects/p/locations/l/keyRings/r/cryptoKeys/k?" + tok,
 		"local:///etc/keyring.json?key=" + tok,
 		"local://env/" + tok + "-not-a-var",
 		"nosuch://" + tok,

@@ -151,10 +151,10 @@ func open(ctx context.Context, key string, q url.Values) (*Provider, error) {
 		switch name {
 		case "region", "endpoint", "timeout", "max_attempts":
 			if len(v) != 1 {
-				return nil, fmt.Errorf("awskms: URL parameter %q given %d times", name, len(v))
+				return nil, fmt.Errorf("awskms: URL parameter %s given %d times", provider.ParamName(name), len(v))
 			}
 		default:
-			return nil, fmt.Errorf("awskms: unknown URL parameter %q (want region, endpoint, timeout, max_attempts)", name)
+			return nil, fmt.Errorf("awskms: unknown URL parameter %s (want region, endpoint, timeout, max_attempts)", provider.ParamName(name))
 		}
 	}
 	region := q.Get("region")

@@ -166,10 +166,10 @@ func openURL(ctx context.Context, u *url.URL) (provider.KEKProvider, error) {
 	var opts []option.ClientOption
 	for k := range q {
 		if k != "endpoint" && k != "insecure" {
-			return nil, openErr(fmt.Errorf("unknown URL parameter %q (known: endpoint, insecure)", k))
+			return nil, openErr(fmt.Errorf("unknown URL parameter %s (known: endpoint, insecure)", provider.ParamName(k)))
 		}
 		if len(q[k]) != 1 {
-			return nil, openErr(fmt.Errorf("URL parameter %q given %d times", k, len(q[k])))
+			return nil, openErr(fmt.Errorf("URL parameter %s given %d times", provider.ParamName(k), len(q[k])))
 		}
 	}
 	endpoint := q.Get("endpoint")

@@ -14,6 +14,8 @@ import (
 	"github.com/hashicorp/vault/api"
 	"github.com/hashicorp/vault/api/auth/approle"
 	"github.com/hashicorp/vault/api/auth/kubernetes"
+
+	"github.com/profullstack/keybroker/provider"
 )
 
 // Environment variables read by Open, besides the vault CLI's TLS ones.
@@ -98,10 +100,10 @@ func parseURL(u *url.URL) (Config, error) {
 			return bad("%s must not be in the URL: %s", k, hint)
 		}
 		if _, ok := params[k]; !ok {
-			return bad("unknown parameter %q", k)
+			return bad("unknown parameter %s", provider.ParamName(k))
 		}
 		if len(vs) != 1 || vs[0] == "" {
-			return bad("parameter %q must be given once, non-empty", k)
+			return bad("parameter %s must be given once, non-empty", provider.ParamName(k))
 		}
 	}
 	get := func(k string) string { return q.Get(k) }
