@@ -5,6 +5,7 @@ import (
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/rand"
+	"errors"
 	"fmt"
 
 	wrapping "github.com/hashicorp/go-kms-wrapping/v2"
@@ -16,6 +17,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/profullstack/keybroker/envelope"
+	"github.com/profullstack/keybroker/provider"
 	"github.com/profullstack/keybroker/provider/local"
 )
 
@@ -52,13 +54,14 @@ const (
 	NameKeybroker  = "keybroker envelope"
 	NameTink       = "Tink KMS envelope AEAD"
 	NameGKW        = "go-kms-wrapping AEAD"
+	NameGKWEnv     = "go-kms-wrapping envelope"
 	NameLocalsecrs = "gocloud localsecrets"
 )
 
 // InProcess returns the in-process contenders, the baseline first.
 func InProcess() ([]*Contender, error) {
 	var out []*Contender
-	for _, f := range []func() (*Contender, error){NewRaw, NewKeybroker, NewTink, NewGoKMSWrapping, NewLocalSecrets} {
+	for _, f := range []func() (*Contender, error){NewRaw, NewKeybroker, NewTink, NewGoKMSWrapping, NewGoKMSWrappingEnvelope, NewLocalSecrets} {
 		c, err := f()
 		if err != nil {
 			for _, c := range out {
@@ -172,6 +175,64 @@ func NewGoKMSWrapping() (*Contender, error) {
 				return nil, err
 			}
 			return w.Decrypt(ctx, &bi, wrapping.WithAad(AAD))
+		},
+		Close: noClose,
+	}, nil
+}
+
+// NewGoKMSWrappingEnvelope is go-kms-wrapping v2's envelope as Vault's KMS
+// seals use it: EnvelopeEncrypt seals the payload (with the associated
+// data) under a fresh AES-256-GCM DEK per message, the AEAD wrapper (a
+// random AES-256-GCM key, standing in for the KMS) encrypts that DEK, and
+// a BlobInfo carrying the ciphertext, IV and wrapped key is
+// protobuf-marshalled to give storable bytes. As in Vault's seals, the
+// associated data binds the payload only, not the wrapped DEK.
+func NewGoKMSWrappingEnvelope() (*Contender, error) {
+	key := make([]byte, 32)
+	rand.Read(key)
+	w := gkwaead.NewWrapper()
+	if _, err := w.SetConfig(context.Background(), wrapping.WithKeyId("bench"), gkwaead.WithKey(key)); err != nil {
+		return nil, fmt.Errorf("go-kms-wrapping: %w", err)
+	}
+	return &Contender{
+		Name: NameGKWEnv,
+		Seal: func(ctx context.Context, pt []byte) ([]byte, error) {
+			env, err := wrapping.EnvelopeEncrypt(pt, wrapping.WithAad(AAD))
+			if err != nil {
+				return nil, err
+			}
+			wk, err := w.Encrypt(ctx, env.Key)
+			provider.Clear(env.Key)
+			if err != nil {
+				return nil, err
+			}
+			wkb, err := proto.Marshal(wk)
+			if err != nil {
+				return nil, err
+			}
+			return proto.Marshal(&wrapping.BlobInfo{
+				Ciphertext: env.Ciphertext,
+				Iv:         env.Iv,
+				KeyInfo:    &wrapping.KeyInfo{KeyId: "bench", WrappedKey: wkb},
+			})
+		},
+		Open: func(ctx context.Context, ct []byte) ([]byte, error) {
+			var bi, wk wrapping.BlobInfo
+			if err := proto.Unmarshal(ct, &bi); err != nil {
+				return nil, err
+			}
+			if bi.KeyInfo == nil {
+				return nil, errors.New("go-kms-wrapping: no key info")
+			}
+			if err := proto.Unmarshal(bi.KeyInfo.WrappedKey, &wk); err != nil {
+				return nil, err
+			}
+			dek, err := w.Decrypt(ctx, &wk)
+			if err != nil {
+				return nil, err
+			}
+			defer provider.Clear(dek)
+			return wrapping.EnvelopeDecrypt(&wrapping.EnvelopeInfo{Key: dek, Iv: bi.Iv, Ciphertext: bi.Ciphertext}, wrapping.WithAad(AAD))
 		},
 		Close: noClose,
 	}, nil

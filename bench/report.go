@@ -76,16 +76,16 @@ func (rep *Report) Targets() []Target {
 		r := kb.NsPerOp / raw.NsPerOp
 		ts = append(ts, Target{"keybroker encrypt 1 KiB ≤ 1.3× raw AES-GCM's time",
 			fmt.Sprintf("%.2f× (%s vs %s)", r, fmtNs(kb.NsPerOp), fmtNs(raw.NsPerOp)), r <= 1.3})
-		tk, ok3 := Find(rep.InProcess, NameTink, Encrypt, kib)
-		gk, ok4 := Find(rep.InProcess, NameGKW, Encrypt, kib)
-		if ok3 && ok4 {
-			best, name := tk, "Tink"
-			if gk.NsPerOp < tk.NsPerOp {
-				best, name = gk, "go-kms-wrapping"
+		for _, t := range []struct{ what, other string }{
+			{"keybroker encrypt 1 KiB ≥ 3× faster than the faster of Tink envelope and go-kms-wrapping", NameGKW},
+			{"keybroker encrypt 1 KiB ≥ 3× faster than the faster of Tink envelope and go-kms-wrapping envelope", NameGKWEnv},
+		} {
+			best, ok := fasterOf(rep.InProcess, Encrypt, kib, NameTink, t.other)
+			if !ok {
+				continue
 			}
 			f := best.NsPerOp / kb.NsPerOp
-			ts = append(ts, Target{"keybroker encrypt 1 KiB ≥ 3× faster than the faster of Tink envelope and go-kms-wrapping",
-				fmt.Sprintf("%.2f× faster than %s (%s)", f, name, fmtNs(best.NsPerOp)), f >= 3})
+			ts = append(ts, Target{t.what, fmt.Sprintf("%.2f× faster than %s (%s)", f, best.Contender, fmtNs(best.NsPerOp)), f >= 3})
 		}
 	}
 	for _, c := range rep.Calls {
@@ -112,6 +112,20 @@ func (rep *Report) Targets() []Target {
 		}
 	}
 	return ts
+}
+
+// fasterOf returns the faster of contenders a and b for op at size, if
+// both were measured.
+func fasterOf(rs []Result, op Op, size int, a, b string) (Result, bool) {
+	ra, ok1 := Find(rs, a, op, size)
+	rb, ok2 := Find(rs, b, op, size)
+	if !ok1 || !ok2 {
+		return Result{}, false
+	}
+	if rb.NsPerOp < ra.NsPerOp {
+		return rb, true
+	}
+	return ra, true
 }
 
 // dbRatio is a's cost per row over b's: total CPU time (client + server)
@@ -236,8 +250,9 @@ func (rep *Report) Markdown() string {
 			"Each cell: time per operation · throughput · ratio to raw AES-256-GCM. The time is the process's CPU time (all threads, garbage collector included) " +
 			"per operation, which on this machine shared with other work estimates quiet-machine latency far better than elapsed time; wall-clock ratios follow the plot. Keys live in process: keybroker's envelope over the " +
 			"local provider (one DEK wrapped once, then cached), Tink's KMS envelope AEAD over an in-process AES-256-GCM Tink AEAD as KEK " +
-			"(a fresh DEK wrapped for every message, by design), go-kms-wrapping's AEAD wrapper (the key encrypts directly; the BlobInfo is " +
-			"protobuf-marshalled to get storable bytes), gocloud.dev localsecrets (NaCl secretbox, no associated data).\n\n")
+			"(a fresh DEK wrapped for every message, by design), go-kms-wrapping's AEAD wrapper used directly (no envelope: its one key seals every message; the BlobInfo is " +
+			"protobuf-marshalled to get storable bytes), go-kms-wrapping's envelope as Vault's KMS seals use it (`wrapping.EnvelopeEncrypt` under a fresh DEK per message, " +
+			"the DEK encrypted by the AEAD wrapper, the wrapped key's BlobInfo marshalled into the message's BlobInfo, marshalled again), gocloud.dev localsecrets (NaCl secretbox, no associated data).\n\n")
 		b.WriteString("#### Encrypt\n\n")
 		opTable(&b, rep.InProcess, Encrypt, rep.InProcess)
 		b.WriteString("\n#### Decrypt\n\n")
@@ -423,11 +438,22 @@ func (rep *Report) losses() string {
 	raw, ok1 := Find(rep.InProcess, NameRaw, Encrypt, 1<<10)
 	gk, ok2 := Find(rep.InProcess, NameGKW, Encrypt, 1<<10)
 	tk, ok3 := Find(rep.InProcess, NameTink, Encrypt, 1<<10)
-	if kb, ok := Find(rep.InProcess, NameKeybroker, Encrypt, 1<<10); ok && ok1 && ok2 && ok3 && gk.NsPerOp < tk.NsPerOp && gk.NsPerOp < 3*kb.NsPerOp {
-		lines = append(lines, fmt.Sprintf("- keybroker is not 3× faster than go-kms-wrapping at 1 KiB: that AEAD wrapper is no envelope, it seals every message "+
-			"directly with its one key, so it does raw AES-GCM's work plus a protobuf frame (%.2f× raw here). Being 3× faster than it "+
-			"needs it to cost at least 3× raw even if keybroker matched raw. Tink's envelope, which makes and wraps a DEK per message, is %.2f× raw.",
-			gk.NsPerOp/raw.NsPerOp, tk.NsPerOp/raw.NsPerOp))
+	ge, ok4 := Find(rep.InProcess, NameGKWEnv, Encrypt, 1<<10)
+	if kb, ok := Find(rep.InProcess, NameKeybroker, Encrypt, 1<<10); ok && ok1 && ok2 && ok3 && ok4 && gk.NsPerOp < tk.NsPerOp && gk.NsPerOp < 3*kb.NsPerOp {
+		l := fmt.Sprintf("- keybroker is not 3× faster than go-kms-wrapping's AEAD wrapper at 1 KiB: that wrapper used directly is no envelope, it seals every message "+
+			"with its one key, so it does raw AES-GCM's work plus a protobuf frame (%.2f× raw here). Being 3× faster than it "+
+			"needs it to cost at least 3× raw even if keybroker matched raw (keybroker is at %.2f× raw).",
+			gk.NsPerOp/raw.NsPerOp, kb.NsPerOp/raw.NsPerOp)
+		best, _ := fasterOf(rep.InProcess, Encrypt, 1<<10, NameTink, NameGKWEnv)
+		verdict := "so the envelope-against-envelope target is met"
+		if f := best.NsPerOp / kb.NsPerOp; f < 3 {
+			verdict = fmt.Sprintf("so keybroker is %.2f× faster than the faster of them, short of 3×", f)
+		}
+		l += fmt.Sprintf(" Envelope against envelope, as a user choosing an envelope library compares them: go-kms-wrapping's envelope (EnvelopeEncrypt, "+
+			"then the wrapper encrypts the message's DEK) is %.2f× raw and Tink's is %.2f× raw, as each makes and wraps a DEK for every message, "+
+			"against keybroker's one cached DEK; keybroker is %.2f× and %.2f× faster than they are, %s.",
+			ge.NsPerOp/raw.NsPerOp, tk.NsPerOp/raw.NsPerOp, ge.NsPerOp/kb.NsPerOp, tk.NsPerOp/kb.NsPerOp, verdict)
+		lines = append(lines, l)
 	}
 	for _, op := range []string{"put", "get"} {
 		ps, ok1 := findDB(rep.DB, NamePgstore, op)
