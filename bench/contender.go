@@ -150,15 +150,25 @@ func NewTink() (*Contender, error) {
 	}, nil
 }
 
-// NewGoKMSWrapping is go-kms-wrapping v2's AEAD wrapper with a random
-// AES-256-GCM key. Its BlobInfo is protobuf-marshalled to give storable
-// bytes, as Vault stores it.
-func NewGoKMSWrapping() (*Contender, error) {
+// newGKWWrapper is go-kms-wrapping v2's AEAD wrapper over a random
+// AES-256-GCM key.
+func newGKWWrapper() (*gkwaead.Wrapper, error) {
 	key := make([]byte, 32)
 	rand.Read(key)
 	w := gkwaead.NewWrapper()
 	if _, err := w.SetConfig(context.Background(), wrapping.WithKeyId("bench"), gkwaead.WithKey(key)); err != nil {
 		return nil, fmt.Errorf("go-kms-wrapping: %w", err)
+	}
+	return w, nil
+}
+
+// NewGoKMSWrapping is go-kms-wrapping v2's AEAD wrapper with a random
+// AES-256-GCM key. Its BlobInfo is protobuf-marshalled to give storable
+// bytes, as Vault stores it.
+func NewGoKMSWrapping() (*Contender, error) {
+	w, err := newGKWWrapper()
+	if err != nil {
+		return nil, err
 	}
 	return &Contender{
 		Name: NameGKW,
@@ -188,11 +198,9 @@ func NewGoKMSWrapping() (*Contender, error) {
 // protobuf-marshalled to give storable bytes. As in Vault's seals, the
 // associated data binds the payload only, not the wrapped DEK.
 func NewGoKMSWrappingEnvelope() (*Contender, error) {
-	key := make([]byte, 32)
-	rand.Read(key)
-	w := gkwaead.NewWrapper()
-	if _, err := w.SetConfig(context.Background(), wrapping.WithKeyId("bench"), gkwaead.WithKey(key)); err != nil {
-		return nil, fmt.Errorf("go-kms-wrapping: %w", err)
+	w, err := newGKWWrapper()
+	if err != nil {
+		return nil, err
 	}
 	return &Contender{
 		Name: NameGKWEnv,

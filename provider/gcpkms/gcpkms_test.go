@@ -84,6 +84,18 @@ func (e *env) newKey(t testing.TB) *gcpkms.Provider {
 	return p
 }
 
+// wrapped makes a fresh key and wraps a fresh DEK under it with aad.
+func (e *env) wrapped(t testing.TB, aad []byte) (*gcpkms.Provider, []byte, *provider.WrappedKey) {
+	t.Helper()
+	p := e.newKey(t)
+	dek := newDEK(t)
+	wk, err := p.Wrap(context.Background(), dek, aad)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p, dek, wk
+}
+
 // intercept installs f for the rest of the test.
 func (e *env) intercept(t *testing.T, f grpc.UnaryServerInterceptor) {
 	e.srv.SetInterceptor(f)
@@ -191,13 +203,8 @@ func TestEncryptResponseIntegrity(t *testing.T) {
 
 func TestDecryptResponseIntegrity(t *testing.T) {
 	e := newEnv(t)
-	p := e.newKey(t)
 	ctx := context.Background()
-	dek := newDEK(t)
-	wk, err := p.Wrap(ctx, dek, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	p, dek, wk := e.wrapped(t, nil)
 	for _, c := range []struct {
 		name   string
 		mutate func(*kmspb.DecryptResponse)
@@ -263,13 +270,8 @@ func TestServerVerifiesRequestChecksums(t *testing.T) {
 
 func TestDisabledAndDestroyedVersions(t *testing.T) {
 	e := newEnv(t)
-	p := e.newKey(t)
 	ctx := context.Background()
-	dek := newDEK(t)
-	wk, err := p.Wrap(ctx, dek, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	p, dek, wk := e.wrapped(t, nil)
 	if err := p.Retire(ctx, wk.Version); err == nil || !strings.Contains(err.Error(), "primary") {
 		t.Fatalf("Retire of the primary version: %v, want a refusal", err)
 	}
@@ -480,13 +482,8 @@ func TestRewrapSkipsWhenPrimaryUsed(t *testing.T) {
 
 func TestErrorMapping(t *testing.T) {
 	e := newEnv(t)
-	p := e.newKey(t)
 	ctx := context.Background()
-	dek := newDEK(t)
-	wk, err := p.Wrap(ctx, dek, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	p, dek, wk := e.wrapped(t, nil)
 	for _, c := range []struct {
 		code       codes.Code
 		wrap, unwr error // kinds; nil means none
