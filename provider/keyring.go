@@ -53,6 +53,20 @@ func (k *Keyring) Providers() []KEKProvider { return append([]KEKProvider(nil), 
 // Ref returns the primary provider's Ref.
 func (k *Keyring) Ref() KeyRef { return k.primary.Ref() }
 
+// Refresh calls Refresh on every provider of the keyring that is a
+// Refresher, and returns the first error (after trying them all).
+func (k *Keyring) Refresh(ctx context.Context) error {
+	var first error
+	for _, p := range k.order {
+		if r, ok := p.(Refresher); ok {
+			if err := r.Refresh(ctx); err != nil && first == nil {
+				first = err
+			}
+		}
+	}
+	return first
+}
+
 // Wrap wraps under the primary provider.
 func (k *Keyring) Wrap(ctx context.Context, dek, aad []byte) (*WrappedKey, error) {
 	return k.primary.Wrap(ctx, dek, aad)

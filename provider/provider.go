@@ -114,6 +114,16 @@ type Retirer interface {
 	Retire(ctx context.Context, version string) error
 }
 
+// Refresher is implemented by providers whose key material or primary
+// version can change outside this process (a keyring file another process
+// rotates or retires). Refresh re-reads that state now; it returns an error
+// only when the new state cannot be read, in which case the provider keeps
+// what it had. Providers backed by a key service that tracks versions
+// itself (Vault, AWS KMS, Cloud KMS) need not implement it.
+type Refresher interface {
+	Refresh(ctx context.Context) error
+}
+
 // Status is what a Describer reports.
 type Status struct {
 	Ref            KeyRef
