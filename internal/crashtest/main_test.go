@@ -1,0 +1,85 @@
+package crashtest
+
+import (
+	"flag"
+	"fmt"
+	"hash/fnv"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/profullstack/keybroker/internal/pgtest"
+)
+
+const (
+	envSeed  = "KEYBROKER_CRASHTEST_SEED"
+	envScale = "KEYBROKER_CRASHTEST_SCALE"
+)
+
+var scaleFlag = flag.Int("crashtest.scale", 0, "run this many times as many rounds (more kills); env "+envScale)
+
+// keybrokerBin is the keybroker binary TestMain builds.
+var keybrokerBin string
+
+// TestMain builds ./cmd/keybroker, runs the tests against the PostgreSQL
+// server pgtest provides, and removes the binary.
+func TestMain(m *testing.M) { os.Exit(buildAndRun(m)) }
+
+func buildAndRun(m *testing.M) int {
+	dir, err := os.MkdirTemp("", "keybroker-crashtest-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "crashtest:", err)
+		return 1
+	}
+	defer os.RemoveAll(dir)
+	keybrokerBin = filepath.Join(dir, "keybroker")
+	goCmd := filepath.Join(runtime.GOROOT(), "bin", "go")
+	if _, err := os.Stat(goCmd); err != nil {
+		goCmd = "go"
+	}
+	cmd := exec.Command(goCmd, "build", "-o", keybrokerBin, "github.com/profullstack/keybroker/cmd/keybroker")
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	if err := cmd.Run(); err != nil {
+		fmt.Fprintln(os.Stderr, "crashtest: go build ./cmd/keybroker:", err)
+		return 1
+	}
+	return pgtest.Main(m)
+}
+
+// seedFor returns the test's seed: KEYBROKER_CRASHTEST_SEED when set, else
+// a fresh one; each test mixes in its name so one seed replays any of them.
+func seedFor(t *testing.T) uint64 {
+	t.Helper()
+	base := uint64(time.Now().UnixNano())
+	if v := os.Getenv(envSeed); v != "" {
+		n, err := strconv.ParseUint(v, 10, 64)
+		if err != nil {
+			t.Fatalf("crashtest: %s=%q: want a decimal number", envSeed, v)
+		}
+		base = n
+	}
+	t.Logf("seed %d (replay: %s=%d go test -run '^%s$' ./internal/crashtest/)", base, envSeed, base, t.Name())
+	h := fnv.New64a()
+	h.Write([]byte(t.Name()))
+	return base ^ h.Sum64()
+}
+
+// scale is how many times the default number of rounds to run.
+func scale(t *testing.T) int {
+	t.Helper()
+	if *scaleFlag > 0 {
+		return *scaleFlag
+	}
+	if v := os.Getenv(envScale); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 {
+			t.Fatalf("crashtest: %s=%q: want a positive number", envScale, v)
+		}
+		return n
+	}
+	return 1
+}
