@@ -26,8 +26,18 @@ var scaleFlag = flag.Int("crashtest.scale", 0, "run this many times as many roun
 var keybrokerBin string
 
 // TestMain builds ./cmd/keybroker, runs the tests against the PostgreSQL
-// server pgtest provides, and removes the binary.
-func TestMain(m *testing.M) { os.Exit(buildAndRun(m)) }
+// server pgtest provides, and removes the binary. The four tests run at
+// once unless -parallel says otherwise: most of their time is spent
+// waiting for the child or the database, not on a CPU.
+func TestMain(m *testing.M) {
+	flag.Parse()
+	set := false
+	flag.Visit(func(f *flag.Flag) { set = set || f.Name == "test.parallel" })
+	if !set {
+		_ = flag.Set("test.parallel", "4")
+	}
+	os.Exit(buildAndRun(m))
+}
 
 func buildAndRun(m *testing.M) int {
 	dir, err := os.MkdirTemp("", "keybroker-crashtest-")
