@@ -50,7 +50,8 @@ type env struct {
 	dir     string // the keyring's directory: nothing else lives there
 	keyring string
 	runs    int
-	kills   map[string]int // by command and kill point
+	kills   map[string]int           // by command and kill point
+	spent   map[string]time.Duration // wall time by activity, for the summary
 	checks  *checks
 	// keys holds the base64 key of every keyring version seen live, to
 	// search for once the version is retired.
@@ -67,6 +68,7 @@ func newEnv(t *testing.T) *env {
 		dbURL:  pgtest.NewDatabase(t),
 		dir:    filepath.Join(t.TempDir(), "keys"),
 		kills:  map[string]int{},
+		spent:  map[string]time.Duration{},
 		checks: &checks{t: t, fails: map[string]int{}, total: map[string]int{}},
 		keys:   map[uint32]string{},
 	}
@@ -83,7 +85,13 @@ func newEnv(t *testing.T) *env {
 	return e
 }
 
-// summary logs the kills and the checks that failed.
+// timed adds the time until the returned function is called to activity.
+func (e *env) timed(activity string) func() {
+	start := time.Now()
+	return func() { e.spent[activity] += time.Since(start) }
+}
+
+// summary logs the kills, where the time went and the checks that failed.
 func (e *env) summary() {
 	var kills []string
 	total := 0
@@ -93,6 +101,12 @@ func (e *env) summary() {
 	}
 	slices.Sort(kills)
 	e.t.Logf("%d kills: %s", total, strings.Join(kills, " "))
+	var spent []string
+	for k, d := range e.spent {
+		spent = append(spent, fmt.Sprintf("%s=%.1fs", k, d.Seconds()))
+	}
+	slices.Sort(spent)
+	e.t.Logf("time: %s", strings.Join(spent, " "))
 	e.checks.summary()
 }
 
@@ -160,6 +174,7 @@ func (e *env) childEnv(app string) []string {
 // run runs keybroker to completion and returns its exit code and output.
 func (e *env) run(args ...string) (code int, stdout, stderr string) {
 	e.t.Helper()
+	defer e.timed("run " + args[0])()
 	e.runs++
 	app := fmt.Sprintf("crashtest-%d", e.runs)
 	ctx, cancel := context.WithTimeout(e.ctx, waitLimit)
@@ -473,6 +488,7 @@ func (e *env) watchTmp(n int) (start func(pid int), stop func() bool) {
 // sessions have ended.
 func (e *env) runKilled(p plan, args ...string) outcome {
 	e.t.Helper()
+	defer e.timed("kill " + args[0])()
 	e.runs++
 	app := fmt.Sprintf("crashtest-%d", e.runs)
 	args = append(args, "--log-level", "debug")
@@ -855,6 +871,7 @@ type secretID struct{ project, name string }
 // fresh Store.
 func (e *env) checkSecrets(want map[secretID][]byte, check []secretID, all bool) {
 	e.t.Helper()
+	defer e.timed("read back")()
 	if all {
 		rows, err := e.pool.Query(e.ctx, "SELECT project_id, name FROM "+schema+".encrypted_secrets")
 		if err != nil {
