@@ -10,14 +10,17 @@
 // keygen`. Four tests, one per command:
 //
 //   - TestCrashImport: `import-plaintext --clear-plaintext --batch 40` of
-//     a 20,000-row text table, in rounds that add rows;
+//     a 20,000-row text table (values of 1-120 characters of 1- to 4-byte
+//     UTF-8), in four rounds that add 5,000 rows each, three kills a round;
 //   - TestCrashRewrap: `rotate` (killed once per round), then `rewrap
-//     --batch 10` of 600 data keys, killed again and again;
+//     --batch 10` of 600 data keys, killed two or three times, four rounds;
 //   - TestCrashReencrypt: `reencrypt PROJECT --batch 20` of a 1,500-secret
-//     project beside one it must not touch;
-//   - TestCrashRotateRetire: `rotate --retire` on the local keyring file,
-//     finished with `rewrap` and `retire VERSION` when the kill landed
-//     after the rotation (a rerun of `rotate --retire` would rotate again).
+//     project beside one it must not touch, three kills in each of four
+//     rounds;
+//   - TestCrashRotateRetire: `rotate --retire --batch 25` over 300 data
+//     keys, eight rounds, finished with `rewrap` and `retire VERSION` when
+//     the kill landed after the rotation (a rerun of `rotate --retire`
+//     would rotate again), and in half of those the `retire` is killed too.
 //
 // # Where the kill lands
 //
@@ -83,7 +86,10 @@
 //
 //	go test -race -count=1 ./internal/crashtest/
 //
-// The seed is printed by every test; KEYBROKER_CRASHTEST_SEED=N replays it.
-// -crashtest.scale=K (or KEYBROKER_CRASHTEST_SCALE=K) runs K times as many
-// rounds (default 1: 40-odd kills in about a minute on two cores).
+// The four tests run at once (TestMain sets -test.parallel=4 unless given).
+// The seed is printed by every test; KEYBROKER_CRASHTEST_SEED=N replays its
+// sequence of kill points and values (where exactly inside a batch a line
+// kill lands still depends on the machine). -crashtest.scale=K (or
+// KEYBROKER_CRASHTEST_SCALE=K) runs K times as many rounds; the default
+// kills about 45 times.
 package crashtest

@@ -579,6 +579,9 @@ func (e *env) runKilled(p plan, args ...string) outcome {
 	err = cmd.Wait()
 	if tmpStop != nil && tmpStop() {
 		where = fmt.Sprintf("writing keyring temporary file %d", p.n)
+		if len(e.tmpFiles()) > 0 {
+			where += " (left behind)"
+		}
 	}
 	release()
 	o := outcome{stderr: out.text()}
