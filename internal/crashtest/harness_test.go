@@ -73,7 +73,8 @@ func newEnv(t *testing.T) *env {
 		keys:   map[uint32]string{},
 	}
 	e.keyring = filepath.Join(e.dir, "keyring.json")
-	e.pool = pgtest.PoolFor(t, e.dbURL)
+	// Room for the read-back workers beside the test's lock transactions.
+	e.pool = pgtest.PoolFor(t, e.dbURL+urlSep(e.dbURL)+"pool_max_conns=12")
 	if err := os.Mkdir(e.dir, 0o700); err != nil {
 		t.Fatal(err)
 	}
@@ -161,14 +162,18 @@ func (e *env) childEnv(app string) []string {
 			out = append(out, kv)
 		}
 	}
-	sep := "?"
-	if strings.Contains(e.dbURL, "?") {
-		sep = "&"
-	}
 	return append(out,
-		"KEYBROKER_DATABASE_URL="+e.dbURL+sep+"application_name="+app,
+		"KEYBROKER_DATABASE_URL="+e.dbURL+urlSep(e.dbURL)+"application_name="+app,
 		"KEYBROKER_KEK=local://"+e.keyring,
 	)
+}
+
+// urlSep is what joins another query parameter to the URL u.
+func urlSep(u string) string {
+	if strings.Contains(u, "?") {
+		return "&"
+	}
+	return "?"
 }
 
 // run runs keybroker to completion and returns its exit code and output.
@@ -908,7 +913,7 @@ func (e *env) checkSecrets(want map[secretID][]byte, check []secretID, all bool)
 	var bad []string
 	jobs := make(chan secretID)
 	var wg sync.WaitGroup
-	for range 4 {
+	for range 8 {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
