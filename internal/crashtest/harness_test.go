@@ -564,7 +564,7 @@ func (e *env) runKilled(p plan, args ...string) outcome {
 				_ = rowLock.tx.Commit(e.ctx)
 				if e.waitBlocked(out, app, l.pid) {
 					kill()
-					where = "retiring, waiting to write kek.retire"
+					where = "retiring, waiting to write an audit event"
 				}
 			} else {
 				unlock := e.flockKeyring()
