@@ -604,7 +604,11 @@ func (e *env) runKilled(p plan, args ...string) outcome {
 	}
 	e.waitSessionsGone(app)
 	if o.killed {
-		e.kills[args[0]+"/"+p.kind.String()]++
+		name := args[0]
+		if slices.Contains(args, "--retire") {
+			name += "--retire"
+		}
+		e.kills[name+"/"+p.kind.String()]++
 		e.t.Logf("killed keybroker %s at %v: %s", args[0], p, o.where)
 	} else {
 		e.checks.ok("unkilled-run-exit-0", o.code == 0, "keybroker %s (plan %v) ended by itself with exit %d: %s",
