@@ -468,7 +468,11 @@ WHERE project_id = $1 ORDER BY name`, project).Query(func(rows pgx.Rows) error {
 // setting names project, so row-level security (see the package doc)
 // limits fn's statements to that project's rows when the session's role is
 // subject to it. The transaction commits if fn returns nil and rolls back
-// otherwise.
+// otherwise. However fn ends (nil, an error, a panic) and whatever it ran
+// (set_config(..., false), SET, its own COMMIT), the pooled connection goes
+// back to the pool with keybroker.project_id reset for the session, or is
+// closed if it cannot be reset: the next user of the connection never
+// inherits a project.
 func WithProject(ctx context.Context, pool *pgxpool.Pool, project string, fn func(pgx.Tx) error) error {
 	if err := checkProject(project); err != nil {
 		return err
@@ -476,12 +480,30 @@ func WithProject(ctx context.Context, pool *pgxpool.Pool, project string, fn fun
 	if pool == nil || fn == nil {
 		return fmt.Errorf("%w: nil pool or function", ErrInvalidArgument)
 	}
-	return pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
+	conn, err := pool.Acquire(ctx)
+	if err != nil {
+		return fmt.Errorf("pgstore: acquire connection: %w", err)
+	}
+	defer releaseUnscoped(ctx, conn)
+	return pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
 		if _, err := tx.Exec(ctx, setProject, project); err != nil {
 			return fmt.Errorf("pgstore: set project: %w", err)
 		}
 		return fn(tx)
 	})
+}
+
+// releaseUnscoped returns conn to its pool after resetting the session's
+// keybroker.project_id. It runs after the transaction has ended (committed,
+// rolled back, or abandoned by a panic), outside any transaction, so the
+// RESET cannot be undone by one; a connection on which it fails (broken,
+// busy, still in a transaction) is closed, and the pool then drops it.
+func releaseUnscoped(ctx context.Context, conn *pgxpool.Conn) {
+	ctx = context.WithoutCancel(ctx)
+	if _, err := conn.Exec(ctx, "RESET keybroker.project_id"); err != nil {
+		conn.Conn().Close(ctx)
+	}
+	conn.Release()
 }
 
 // project returns this process's reservation state for project.
