@@ -185,3 +185,22 @@ func TestWithProjectLeavesNoProject(t *testing.T) {
 		t.Fatalf("WithProject p0: %d secrets, %v", n, err)
 	}
 }
+
+// Status under a role row-level security binds refuses, with one line
+// saying why, rather than count no project's rows as zeros.
+func TestStatusUnderRowSecurity(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t, pgstore.Config{})
+	putMany(t, e.store, 2, 5)
+	ts := newStore(t, pgtest.PoolFor(t, tenantURL(t, e)), pgstore.Config{KEK: e.kek})
+	st, err := ts.Status(ctx)
+	if !errors.Is(err, pgstore.ErrRowSecurity) || st != nil {
+		t.Fatalf("tenant Status: %+v, %v; want ErrRowSecurity", st, err)
+	}
+	if err.Error() != "pgstore: counts need a role row-level security does not restrict" {
+		t.Fatalf("error %q", err)
+	}
+	if st, err := e.store.Status(ctx); err != nil || st.Secrets != 10 {
+		t.Fatalf("owner Status: %+v, %v", st, err)
+	}
+}
