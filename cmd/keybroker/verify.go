@@ -125,9 +125,12 @@ func (a *app) verifyAll(ctx context.Context, s *session, op string, check func(p
 
 // secretFailure reports whether err is about one secret (its ciphertext,
 // its data key, or a wrong value) rather than about reaching the database
-// or key service.
+// or key service. A data key row that is missing (pgx.ErrNoRows from the
+// lookup; only possible with foreign keys bypassed) is the secret's
+// failure too, so that one dangling row does not hide the others.
 func secretFailure(err error) bool {
 	return errors.Is(err, envelope.ErrDecrypt) ||
+		errors.Is(err, pgx.ErrNoRows) ||
 		errors.Is(err, provider.ErrInvalidCiphertext) ||
 		errors.Is(err, provider.ErrKeyNotFound) ||
 		errors.Is(err, provider.ErrKeyDisabled) ||
