@@ -58,13 +58,13 @@ type MigrateOptions struct {
 // MigrateProgress reports MigratePlaintext's progress.
 type MigrateProgress struct {
 	Done    int64  // source rows processed so far by this call
-	Total   int64  // source rows with a value when the call started
+	Total   int64  // source rows with a value (after StartAfter) when the call started
 	LastKey string // key (as text) of the last row committed; empty with Workers > 1
 }
 
 // MigrateResult is what MigratePlaintext did, or (DryRun) would do.
 type MigrateResult struct {
-	Pending        int64 // source rows with a value when the call started
+	Pending        int64 // source rows with a value (after StartAfter) when the call started
 	Migrated       int64 // secrets written from source rows
 	AlreadyPresent int64 // source rows whose secret was already stored with the same value
 	Conflicts      int64 // source rows whose secret is stored with another value (or does not decrypt): left alone, plaintext kept
@@ -114,7 +114,13 @@ func (s *Store) MigratePlaintext(ctx context.Context, src PlaintextSource, opts 
 	if err != nil {
 		return res, err
 	}
-	if err := s.pool.QueryRow(ctx, m.count).Scan(&res.Pending); err != nil {
+	// Counted after StartAfter, as the batches read, so that a resumed
+	// run's progress ends at Total.
+	count, countArgs := m.count, []any{}
+	if opts.StartAfter != "" {
+		count, countArgs = count+fmt.Sprintf(` AND %s > $1::%s`, m.key, m.keyType), append(countArgs, opts.StartAfter)
+	}
+	if err := s.pool.QueryRow(ctx, count, countArgs...).Scan(&res.Pending); err != nil {
 		return res, fmt.Errorf("pgstore: migrate plaintext: %w", err)
 	}
 	var badKey pgtype.Text
