@@ -97,7 +97,8 @@ reported as a conflict: named (project, name and key, never the value) on
 stdout and in --json's conflict_rows, the first ` + strconv.Itoa(pgstore.MaxConflictRows) + ` of them. The table, columns and rows are checked before
 anything is written. Each batch commits on its own, so an interrupted run
 keeps its finished batches and a rerun continues. --clear-plaintext sets
-each imported source value to NULL in the same transaction.`,
+each imported source value to NULL in the same transaction; on a NOT NULL
+COLUMN it is refused before anything is written (--dry-run says so too).`,
 		Args: args(cobra.ExactArgs(2)),
 		RunE: func(cmd *cobra.Command, argv []string) error {
 			spec.Table, spec.Column = argv[0], argv[1]

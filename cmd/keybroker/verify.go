@@ -145,10 +145,11 @@ func newVerifyCmd(a *app) *cobra.Command {
 		Use:   "verify",
 		Short: "Decrypt every secret and report those that fail (by project and name)",
 		Long: `verify decrypts every stored secret and reports, by project and name,
-each one that fails: a corrupt row, a data key that no configured KEK can
-unwrap, a retired key version. Values are never printed. Exit status 4 when
-any secret failed; an unreachable database or key service is an error
-(status 1) instead.`,
+each one that fails, with a one-line reason: a corrupt row, a data key that
+no configured KEK can unwrap or whose row is gone, a retired key version.
+Every row is checked whatever the others hold. Values are never printed.
+Exit status 4 when any secret failed; an unreachable database or key
+service stops the run with an error (status 1) instead.`,
 		Args: args(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			s, err := a.openStore(cmd.Context())
