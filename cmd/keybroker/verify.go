@@ -23,7 +23,7 @@ const verifyWorkers = 8
 type verifyFailure struct {
 	Project string `json:"project"`
 	Name    string `json:"name"`
-	Error   string `json:"error"`
+	Error   string `json:"error"` // one line; never secret bytes
 }
 
 type verifyResult struct {
@@ -105,7 +105,7 @@ func (a *app) verifyAll(ctx context.Context, s *session, op string, check func(p
 		case errors.Is(o.err, pgstore.ErrNotFound):
 			// Deleted while we ran: nothing to verify.
 		case o.err != nil:
-			res.Failures = append(res.Failures, verifyFailure{o.k.project, o.k.name, o.err.Error()})
+			res.Failures = append(res.Failures, verifyFailure{o.k.project, o.k.name, oneLine(o.err)})
 			a.log.Warn("secret failed verification", "project", o.k.project, "name", o.k.name, "err", o.err)
 		default:
 			res.OK++
