@@ -86,9 +86,9 @@ type MigrateConflict struct {
 
 // MigratePlaintext encrypts the plaintext secrets of an existing table into
 // encrypted_secrets. It first checks that the table and columns exist, that
-// the value column's type is usable, the key column unique, and that no row
-// with a value lacks a valid project or name; any problem is one error
-// matching ErrSource, before any write.
+// the value column's type is usable (and, with ClearPlaintext, nullable),
+// the key column unique, and that no row with a value lacks a valid project
+// or name; any problem is one error matching ErrSource, before any write.
 //
 // Rows are read in key order (keyset pagination, so the table is never
 // locked as a whole) in batches, each one transaction: encrypt each value
