@@ -3,7 +3,9 @@ package pgstore
 import (
 	"context"
 	"crypto/subtle"
+	"errors"
 	"fmt"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgtype"
@@ -21,6 +23,12 @@ type ReencryptOptions struct {
 	// Resume continues an interrupted call: it re-encrypts the secrets
 	// still under retired data keys without retiring the current one.
 	Resume bool
+	// Wait is how long Reencrypt keeps trying to destroy the old data keys
+	// when secret rows under them are locked by other transactions: it
+	// waits up to Wait for each such row, re-encrypts what is still under
+	// an old key and tries the destroy again. Zero: one pass, skipping
+	// locked rows (RemainingKeys then says what is left).
+	Wait time.Duration
 	// Progress, when set, is called after each committed batch.
 	Progress func(ReencryptProgress)
 }
@@ -37,7 +45,7 @@ type ReencryptResult struct {
 	Reencrypted   int64 // secrets re-encrypted by this call
 	RetiredKeys   int64 // data keys this call retired
 	DestroyedKeys int64 // retired data keys deleted because no secret needs them any more
-	RemainingKeys int64 // retired data keys still referenced (re-run with Resume)
+	RemainingKeys int64 // retired data keys still referenced when the call returned (re-run with Resume, or a longer Wait)
 }
 
 // Reencrypt re-encrypts every secret of project under a fresh data key, for
@@ -49,10 +57,20 @@ type ReencryptResult struct {
 // row. Finally it deletes every retired data key no secret references: its
 // wrapped form is gone, so nothing it encrypted can ever be decrypted.
 //
+// Writers in every process are fenced by the database: a Put (and
+// MigratePlaintext, and Reencrypt's own update) stores an envelope only if
+// its data key is not retired when the statement runs, reading the key's
+// row FOR SHARE so it waits for a concurrent retire and then sees it.
+// Once the retiring transaction has committed, no process stores anything
+// under the retired keys; writers whose reservation was on them redo the
+// encryption under the project's new key.
+//
 // A failing batch is rolled back, leaving its secrets as they were; the
 // retired keys stay retired and still decrypt, and a call with Resume
-// finishes the work. Rows locked by concurrent writers are skipped and
-// reported through RemainingKeys. Run one Reencrypt per project at a time.
+// finishes the work. Rows locked by concurrent writers are skipped, then
+// waited for up to ReencryptOptions.Wait; what is still referenced at the
+// end is reported through RemainingKeys. Run one Reencrypt per project at
+// a time.
 func (s *Store) Reencrypt(ctx context.Context, project string, opts ReencryptOptions) (ReencryptResult, error) {
 	var res ReencryptResult
 	if err := checkProject(project); err != nil {
@@ -93,18 +111,31 @@ WHERE s.project_id = $1 AND d.state = ANY($2)`, project, states).QueryRow(func(r
 		}
 		s.dropReservation(project)
 	}
-	for {
-		n, err := s.reencryptBatch(ctx, project, batch)
+	// waiting: every unlocked row is done; wait for those others hold.
+	for waiting := false; ; {
+		var lockWait time.Duration
+		if waiting {
+			lockWait = opts.Wait
+		}
+		n, err := s.reencryptBatch(ctx, project, batch, lockWait)
+		if waiting && pgCode(err) == "55P03" { // lock_timeout: give up
+			break
+		}
 		res.Reencrypted += n
 		if err != nil {
 			return res, err
 		}
-		if n == 0 {
+		if n > 0 {
+			if opts.Progress != nil {
+				opts.Progress(ReencryptProgress{Done: res.Reencrypted, Total: res.Pending})
+			}
+			waiting = false
+			continue
+		}
+		if waiting || opts.Wait <= 0 {
 			break
 		}
-		if opts.Progress != nil {
-			opts.Progress(ReencryptProgress{Done: res.Reencrypted, Total: res.Pending})
-		}
+		waiting = true
 	}
 	destroyed, remaining, err := s.destroyRetired(ctx, project)
 	res.DestroyedKeys, res.RemainingKeys = destroyed, remaining
@@ -124,15 +155,42 @@ func (s *Store) dropReservation(project string) {
 	pk.mu.Unlock()
 }
 
-func (s *Store) reencryptBatch(ctx context.Context, project string, batch int) (int64, error) {
+// errStaleKey aborts a re-encryption batch whose new data key was retired
+// or removed before the batch's update: it is redone under a fresh one.
+var errStaleKey = errors.New("pgstore: data key retired or removed concurrently")
+
+// reencryptBatch re-encrypts up to batch secrets still under retired keys
+// in one transaction, skipping rows others hold locked, or with lockWait
+// set, waiting up to lockWait for each (then SQLSTATE 55P03).
+func (s *Store) reencryptBatch(ctx context.Context, project string, batch int, lockWait time.Duration) (int64, error) {
+	for attempt := 1; ; attempt++ {
+		n, err := s.reencryptOnce(ctx, project, batch, lockWait)
+		if !errors.Is(err, errStaleKey) {
+			return n, err
+		}
+		s.dropReservation(project)
+		if attempt == maxWriteAttempts {
+			return 0, fmt.Errorf("%w: reencrypt project %q: new data key retired or removed on each of %d attempts", ErrNoActiveKey, project, attempt)
+		}
+	}
+}
+
+func (s *Store) reencryptOnce(ctx context.Context, project string, batch int, lockWait time.Duration) (int64, error) {
 	var n int64
 	err := WithProject(ctx, s.pool, project, func(tx pgx.Tx) error {
+		lock := "SKIP LOCKED"
+		if lockWait > 0 {
+			lock = ""
+			if _, err := tx.Exec(ctx, `SELECT set_config('lock_timeout', $1, true)`, fmt.Sprintf("%dms", max(lockWait.Milliseconds(), 1))); err != nil {
+				return err
+			}
+		}
 		rows, err := tx.Query(ctx, `SELECT s.name, s.encrypted_data, s.nonce, s.data_key_id, d.wrapped_dek, k.provider, k.key_id, k.key_version
 FROM `+s.q+`.encrypted_secrets s
 JOIN `+s.q+`.data_keys d ON d.id = s.data_key_id
 JOIN `+s.q+`.kek k ON k.id = d.kek_id
 WHERE s.project_id = $1 AND d.state = 'retired'
-ORDER BY s.name LIMIT $2 FOR NO KEY UPDATE OF s SKIP LOCKED`, project, batch)
+ORDER BY s.name LIMIT $2 FOR NO KEY UPDATE OF s `+lock, project, batch)
 		if err != nil {
 			return err
 		}
@@ -171,15 +229,26 @@ ORDER BY s.name LIMIT $2 FOR NO KEY UPDATE OF s SKIP LOCKED`, project, batch)
 			}
 			names[i], blobs[i], nonces[i], ids[i] = t.name, blob, nonce, uuidParam(id)
 		}
-		if _, err := tx.Exec(ctx, `UPDATE `+s.q+`.encrypted_secrets s
+		// The same fence as Put's: only under a data key not retired when
+		// the update runs.
+		ct, err := tx.Exec(ctx, `WITH k AS (SELECT id FROM `+s.q+`.data_keys
+  WHERE project_id = $1 AND id = ANY($5::uuid[]) AND state <> 'retired' FOR SHARE)
+UPDATE `+s.q+`.encrypted_secrets s
 SET encrypted_data = u.b, nonce = u.n, data_key_id = u.k, updated_at = now()
-FROM unnest($2::text[], $3::bytea[], $4::bytea[], $5::uuid[]) AS u(name, b, n, k)
-WHERE s.project_id = $1 AND s.name = u.name`, project, names, blobs, nonces, ids); err != nil {
+FROM unnest($2::text[], $3::bytea[], $4::bytea[], $5::uuid[]) AS u(name, b, n, k) JOIN k ON k.id = u.k
+WHERE s.project_id = $1 AND s.name = u.name`, project, names, blobs, nonces, ids)
+		if err != nil {
 			return err
+		}
+		if ct.RowsAffected() != int64(len(todo)) {
+			return errStaleKey
 		}
 		n = int64(len(todo))
 		return s.event(ctx, tx, "dek.reencrypt", project, 0, nil, n, nil)
 	})
+	if errors.Is(err, errStaleKey) {
+		return 0, err
+	}
 	if err != nil {
 		return 0, fmt.Errorf("pgstore: reencrypt project %q: %w", project, err)
 	}
