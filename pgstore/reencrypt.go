@@ -23,11 +23,10 @@ type ReencryptOptions struct {
 	// Resume continues an interrupted call: it re-encrypts the secrets
 	// still under retired data keys without retiring the current one.
 	Resume bool
-	// Wait is how long Reencrypt keeps trying to destroy the old data keys
-	// when secret rows under them are locked by other transactions: it
-	// waits up to Wait for each such row, re-encrypts what is still under
-	// an old key and tries the destroy again. Zero: one pass, skipping
-	// locked rows (RemainingKeys then says what is left).
+	// Wait is how long Reencrypt keeps retrying, with growing pauses, to
+	// re-encrypt what is still under the retired data keys and destroy
+	// them while some remain referenced. Zero: one pass (RemainingKeys
+	// then says what is left).
 	Wait time.Duration
 	// Progress, when set, is called after each committed batch.
 	Progress func(ReencryptProgress)
@@ -67,10 +66,9 @@ type ReencryptResult struct {
 //
 // A failing batch is rolled back, leaving its secrets as they were; the
 // retired keys stay retired and still decrypt, and a call with Resume
-// finishes the work. Rows locked by concurrent writers are skipped, then
-// waited for up to ReencryptOptions.Wait; what is still referenced at the
-// end is reported through RemainingKeys. Run one Reencrypt per project at
-// a time.
+// finishes the work. Retired keys still referenced at the end (after
+// retrying for up to ReencryptOptions.Wait) are reported through
+// RemainingKeys. Run one Reencrypt per project at a time.
 func (s *Store) Reencrypt(ctx context.Context, project string, opts ReencryptOptions) (ReencryptResult, error) {
 	var res ReencryptResult
 	if err := checkProject(project); err != nil {
@@ -111,39 +109,30 @@ WHERE s.project_id = $1 AND d.state = ANY($2)`, project, states).QueryRow(func(r
 		}
 		s.dropReservation(project)
 	}
-	// waiting: every unlocked row is done; wait for those others hold.
-	for waiting := false; ; {
-		var lockWait time.Duration
-		if waiting {
-			lockWait = opts.Wait
+	deadline := time.Now().Add(opts.Wait)
+	for pause := 10 * time.Millisecond; ; pause = min(2*pause, time.Second) {
+		if err := s.reencryptPass(ctx, project, batch, &res, opts.Progress); err != nil {
+			return res, err
 		}
-		n, err := s.reencryptBatch(ctx, project, batch, lockWait)
-		if waiting && pgCode(err) == "55P03" { // lock_timeout: give up
-			break
-		}
-		res.Reencrypted += n
+		destroyed, remaining, err := s.destroyRetired(ctx, project)
+		res.DestroyedKeys += destroyed
+		res.RemainingKeys = remaining
 		if err != nil {
 			return res, err
 		}
-		if n > 0 {
-			if opts.Progress != nil {
-				opts.Progress(ReencryptProgress{Done: res.Reencrypted, Total: res.Pending})
-			}
-			waiting = false
-			continue
-		}
-		if waiting || opts.Wait <= 0 {
+		if remaining == 0 || !time.Now().Add(pause).Before(deadline) {
 			break
 		}
-		waiting = true
-	}
-	destroyed, remaining, err := s.destroyRetired(ctx, project)
-	res.DestroyedKeys, res.RemainingKeys = destroyed, remaining
-	if err != nil {
-		return res, err
+		t := time.NewTimer(pause)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return res, ctx.Err()
+		case <-t.C:
+		}
 	}
 	s.log.Info("pgstore: re-encrypted project", "project", project, "secrets", res.Reencrypted,
-		"destroyed_keys", destroyed, "remaining_keys", remaining)
+		"destroyed_keys", res.DestroyedKeys, "remaining_keys", res.RemainingKeys)
 	return res, nil
 }
 
@@ -155,104 +144,135 @@ func (s *Store) dropReservation(project string) {
 	pk.mu.Unlock()
 }
 
-// errStaleKey aborts a re-encryption batch whose new data key was retired
-// or removed before the batch's update: it is redone under a fresh one.
+// errStaleKey aborts a write whose new data key was retired or removed
+// before its statement ran: it is redone under a fresh one.
 var errStaleKey = errors.New("pgstore: data key retired or removed concurrently")
 
+// reencryptPass re-encrypts, batch by batch, the project's secrets under
+// retired data keys, until a read finds none or three batches in a row
+// change nothing (rows rewritten meanwhile by writers other than pgstore).
+func (s *Store) reencryptPass(ctx context.Context, project string, batch int, res *ReencryptResult, progress func(ReencryptProgress)) error {
+	for idle := 0; idle < 3; {
+		read, n, err := s.reencryptBatch(ctx, project, batch)
+		res.Reencrypted += n
+		if err != nil {
+			return err
+		}
+		if read == 0 {
+			return nil
+		}
+		if n == 0 {
+			idle++
+			continue
+		}
+		idle = 0
+		if progress != nil {
+			progress(ReencryptProgress{Done: res.Reencrypted, Total: res.Pending})
+		}
+	}
+	return nil
+}
+
 // reencryptBatch re-encrypts up to batch secrets still under retired keys
-// in one transaction, skipping rows others hold locked, or with lockWait
-// set, waiting up to lockWait for each (then SQLSTATE 55P03).
-func (s *Store) reencryptBatch(ctx context.Context, project string, batch int, lockWait time.Duration) (int64, error) {
+// and returns how many it read and how many it changed. It holds no lock
+// while it decrypts and encrypts: the read takes none, and the update, in
+// one statement, replaces only rows still holding the envelope read (same
+// data key and nonce), under a new key that is not retired then (the same
+// FOR SHARE fence as Put's). A row a writer changed meanwhile is left to
+// the writer, whose fence kept it off the retired keys. Holding row locks
+// while reserving budget could deadlock with Puts, which lock the data key
+// before the row.
+func (s *Store) reencryptBatch(ctx context.Context, project string, batch int) (read, n int64, err error) {
 	for attempt := 1; ; attempt++ {
-		n, err := s.reencryptOnce(ctx, project, batch, lockWait)
+		read, n, err = s.reencryptOnce(ctx, project, batch)
 		if !errors.Is(err, errStaleKey) {
-			return n, err
+			return read, n, err
 		}
 		s.dropReservation(project)
 		if attempt == maxWriteAttempts {
-			return 0, fmt.Errorf("%w: reencrypt project %q: new data key retired or removed on each of %d attempts", ErrNoActiveKey, project, attempt)
+			return read, 0, fmt.Errorf("%w: reencrypt project %q: new data key retired or removed on each of %d attempts", ErrNoActiveKey, project, attempt)
 		}
 	}
 }
 
-func (s *Store) reencryptOnce(ctx context.Context, project string, batch int, lockWait time.Duration) (int64, error) {
-	var n int64
-	err := WithProject(ctx, s.pool, project, func(tx pgx.Tx) error {
-		lock := "SKIP LOCKED"
-		if lockWait > 0 {
-			lock = ""
-			if _, err := tx.Exec(ctx, `SELECT set_config('lock_timeout', $1, true)`, fmt.Sprintf("%dms", max(lockWait.Milliseconds(), 1))); err != nil {
-				return err
-			}
-		}
-		rows, err := tx.Query(ctx, `SELECT s.name, s.encrypted_data, s.nonce, s.data_key_id, d.wrapped_dek, k.provider, k.key_id, k.key_version
+func (s *Store) reencryptOnce(ctx context.Context, project string, batch int) (read, n int64, err error) {
+	type row struct {
+		name        string
+		blob, nonce []byte
+		id          pgtype.UUID
+		wk          provider.WrappedKey
+	}
+	var todo []row
+	err = s.scoped(ctx, project, func(b *pgx.Batch) {
+		b.Queue(`SELECT s.name, s.encrypted_data, s.nonce, s.data_key_id, d.wrapped_dek, k.provider, k.key_id, k.key_version
 FROM `+s.q+`.encrypted_secrets s
 JOIN `+s.q+`.data_keys d ON d.id = s.data_key_id
 JOIN `+s.q+`.kek k ON k.id = d.kek_id
 WHERE s.project_id = $1 AND d.state = 'retired'
-ORDER BY s.name LIMIT $2 FOR NO KEY UPDATE OF s `+lock, project, batch)
+ORDER BY s.name LIMIT $2`, project, batch).Query(func(rows pgx.Rows) error {
+			var r row
+			_, err := pgx.ForEachRow(rows, []any{&r.name, &r.blob, &r.nonce, &r.id, &r.wk.Ciphertext, &r.wk.Provider, &r.wk.KeyID, &r.wk.Version}, func() error {
+				todo = append(todo, r)
+				return nil
+			})
+			return err
+		})
+	})
+	if err != nil || len(todo) == 0 {
 		if err != nil {
-			return err
+			err = fmt.Errorf("pgstore: reencrypt project %q: %w", project, err)
 		}
-		type row struct {
-			name        string
-			blob, nonce []byte
-			id          pgtype.UUID
-			wk          provider.WrappedKey
-		}
-		var r row
-		var todo []row
-		if _, err := pgx.ForEachRow(rows, []any{&r.name, &r.blob, &r.nonce, &r.id, &r.wk.Ciphertext, &r.wk.Provider, &r.wk.KeyID, &r.wk.Version}, func() error {
-			todo = append(todo, r)
-			return nil
-		}); err != nil {
-			return err
-		}
-		if len(todo) == 0 {
-			return nil
-		}
-		names := make([]string, len(todo))
-		blobs := make([][]byte, len(todo))
-		nonces := make([][]byte, len(todo))
-		ids := make([]pgtype.UUID, len(todo))
-		for i := range todo {
-			t := &todo[i]
-			aad := secretAAD(project, t.name)
-			pt, err := s.open(ctx, project, t.id.Bytes, &t.wk, t.blob, t.nonce, aad)
-			if err != nil {
-				return fmt.Errorf("secret %q: %w", t.name, err)
-			}
-			id, blob, nonce, err := s.sealVerified(ctx, project, pt, aad)
-			provider.Clear(pt)
-			if err != nil {
-				return fmt.Errorf("secret %q: %w", t.name, err)
-			}
-			names[i], blobs[i], nonces[i], ids[i] = t.name, blob, nonce, uuidParam(id)
-		}
-		// The same fence as Put's: only under a data key not retired when
-		// the update runs.
-		ct, err := tx.Exec(ctx, `WITH k AS (SELECT id FROM `+s.q+`.data_keys
-  WHERE project_id = $1 AND id = ANY($5::uuid[]) AND state <> 'retired' FOR SHARE)
-UPDATE `+s.q+`.encrypted_secrets s
-SET encrypted_data = u.b, nonce = u.n, data_key_id = u.k, updated_at = now()
-FROM unnest($2::text[], $3::bytea[], $4::bytea[], $5::uuid[]) AS u(name, b, n, k) JOIN k ON k.id = u.k
-WHERE s.project_id = $1 AND s.name = u.name`, project, names, blobs, nonces, ids)
+		return 0, 0, err
+	}
+	names := make([]string, len(todo))
+	blobs := make([][]byte, len(todo))
+	nonces := make([][]byte, len(todo))
+	ids := make([]pgtype.UUID, len(todo))
+	oldIDs := make([]pgtype.UUID, len(todo))
+	oldNonces := make([][]byte, len(todo))
+	for i := range todo {
+		t := &todo[i]
+		aad := secretAAD(project, t.name)
+		pt, err := s.open(ctx, project, t.id.Bytes, &t.wk, t.blob, t.nonce, aad)
 		if err != nil {
+			return 0, 0, fmt.Errorf("pgstore: reencrypt project %q: secret %q: %w", project, t.name, err)
+		}
+		id, blob, nonce, err := s.sealVerified(ctx, project, pt, aad)
+		provider.Clear(pt)
+		if err != nil {
+			return 0, 0, fmt.Errorf("pgstore: reencrypt project %q: secret %q: %w", project, t.name, err)
+		}
+		names[i], blobs[i], nonces[i], ids[i] = t.name, blob, nonce, uuidParam(id)
+		oldIDs[i], oldNonces[i] = t.id, t.nonce
+	}
+	var keys int64
+	err = WithProject(ctx, s.pool, project, func(tx pgx.Tx) error {
+		if err := tx.QueryRow(ctx, `WITH k AS (SELECT id FROM `+s.q+`.data_keys
+  WHERE project_id = $1 AND id = ANY($5::uuid[]) AND state <> 'retired' FOR SHARE),
+upd AS (UPDATE `+s.q+`.encrypted_secrets s
+  SET encrypted_data = u.b, nonce = u.n, data_key_id = u.k, updated_at = now()
+  FROM unnest($2::text[], $3::bytea[], $4::bytea[], $5::uuid[], $6::uuid[], $7::bytea[]) AS u(name, b, n, k, old, oldn)
+  JOIN k ON k.id = u.k
+  WHERE s.project_id = $1 AND s.name = u.name AND s.data_key_id = u.old AND s.nonce = u.oldn
+  RETURNING 1)
+SELECT (SELECT count(*) FROM k), (SELECT count(*) FROM upd)`, project, names, blobs, nonces, ids, oldIDs, oldNonces).Scan(&keys, &n); err != nil {
 			return err
 		}
-		if ct.RowsAffected() != int64(len(todo)) {
+		if keys == 0 {
 			return errStaleKey
 		}
-		n = int64(len(todo))
+		if n == 0 {
+			return nil
+		}
 		return s.event(ctx, tx, "dek.reencrypt", project, 0, nil, n, nil)
 	})
 	if errors.Is(err, errStaleKey) {
-		return 0, err
+		return int64(len(todo)), 0, err
 	}
 	if err != nil {
-		return 0, fmt.Errorf("pgstore: reencrypt project %q: %w", project, err)
+		return int64(len(todo)), 0, fmt.Errorf("pgstore: reencrypt project %q: %w", project, err)
 	}
-	return n, nil
+	return int64(len(todo)), n, nil
 }
 
 // sealVerified encrypts pt under the project's active data key and checks

@@ -256,7 +256,7 @@ WHERE d.kek_id <> $1 GROUP BY 1, 2, 3 ORDER BY 1, 2, 3`, primaryID)
 		primaryID, corrupt).Scan(&res.Remaining, &res.Skipped); err != nil {
 		return res, fmt.Errorf("pgstore: rewrap: recount: %w", err)
 	}
-	if !timedOut {
+	if !timedOut && wait >= 0 {
 		// Keys left, if any, were wrapped under an old version after this
 		// call looked: not skipped, but still Remaining.
 		res.Skipped = 0
