@@ -44,6 +44,11 @@ var (
 	// under a fresh data key reservation. Nothing was written; retrying
 	// later is safe.
 	ErrNoActiveKey = errors.New("pgstore: no usable data key at commit")
+	// ErrRetireIncomplete: RetireKEK committed the retirement in the
+	// database but could not retire the version in the key service
+	// (unreachable, refused, read-only keyring). New data keys can no
+	// longer use the version; call RetireKEK again to finish.
+	ErrRetireIncomplete = errors.New("pgstore: retired in the database, not yet in the key service (retire again to finish)")
 )
 
 // sqlstateRetired is the SQLSTATE the data_keys_kek_fence trigger raises

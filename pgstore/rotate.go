@@ -377,7 +377,8 @@ FROM unnest($1::uuid[], $2::bytea[], $3::bigint[]) AS u(id, w, k) WHERE d.id = u
 // provider.Retirer, is the version retired in the key service, recorded
 // as kek.retire.provider. A process killed in between leaves v retired in
 // the database but live in the key service, which Store.CheckProviders
-// reports; calling RetireKEK again finishes it. Retiring a version that is
+// reports; RetireKEK then fails with ErrRetireIncomplete, and calling it
+// again finishes the work. Retiring a version that is
 // retired on both sides is harmless and records nothing.
 func (s *Store) RetireKEK(ctx context.Context, v KEKVersion) error {
 	primary, _, err := s.primary(ctx)
@@ -421,11 +422,11 @@ func (s *Store) RetireKEK(ctx context.Context, v KEKVersion) error {
 	}
 	r, live, err := s.liveAtProvider(ctx, v)
 	if err != nil {
-		return fmt.Errorf("pgstore: retire %s: retired in the database; key service: %w", v, err)
+		return fmt.Errorf("%w: %s: %w", ErrRetireIncomplete, v, err)
 	}
 	if live {
 		if err := r.Retire(ctx, v.Version); err != nil {
-			return fmt.Errorf("pgstore: retire %s: retired in the database, not in the key service (run the retire again): %w", v, err)
+			return fmt.Errorf("%w: %s: %w", ErrRetireIncomplete, v, err)
 		}
 		if err := s.event(ctx, s.pool, "kek.retire.provider", "", id, nil, 1, map[string]any{"version": v.String()}); err != nil {
 			return err

@@ -56,6 +56,10 @@ Exit codes:
   2    usage: bad flag, argument or configuration
   3    status: a retired key version is still referenced
   4    verify: at least one secret failed to decrypt
+  5    work remains (rows locked by another process, corrupt keys left as
+       they are, old data keys still in use, a retire half done): the
+       message says what committed; rerun it (or the command it names),
+       or use --wait / --lock-wait
   130  interrupted (Ctrl-C or SIGTERM); rerun to continue`
 
 // app is the state shared by all commands.
@@ -131,7 +135,7 @@ func newRootCmd(a *app) *cobra.Command {
 		newDemoCmd(a),
 		newMigrateCmd(a),
 		newPutCmd(a), newGetCmd(a), newDeleteCmd(a), newListCmd(a),
-		newRotateCmd(a), newRewrapCmd(a), newReencryptCmd(a),
+		newRotateCmd(a), newRewrapCmd(a), newReencryptCmd(a), newRetireCmd(a),
 		newImportCmd(a),
 		newStatusCmd(a), newVerifyCmd(a),
 		newKeygenCmd(a),
