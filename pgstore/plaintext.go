@@ -83,8 +83,10 @@ type MigrateResult struct {
 // overwritten), read back what is stored and decrypt it, and only if it
 // equals the source bytes count the row as migrated (and, with
 // ClearPlaintext, NULL the source value). A mismatch on a row this batch
-// wrote aborts the batch with ErrVerify. Re-running is safe at any point:
-// rows already stored with the same value count as AlreadyPresent.
+// wrote aborts the batch with ErrVerify. Each batch records its
+// migrate.plaintext event (count: the secrets it wrote) in its own
+// transaction. Re-running is safe at any point: rows already stored with
+// the same value count as AlreadyPresent.
 //
 // MigratePlaintext writes to many projects, so it needs a role that
 // row-level security does not restrict.

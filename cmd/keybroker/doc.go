@@ -33,7 +33,10 @@
 // 0 success; 1 error (nothing partially written, a rerun continues);
 // 2 usage (flags, arguments, configuration, unknown provider scheme);
 // 3 status found a retired KEK version still wrapping data keys;
-// 4 verify found secrets that do not decrypt; 130 interrupted.
+// 4 verify found secrets that do not decrypt; 5 work remains (rewrap left
+// data keys on older versions, reencrypt left an old data key in use, a
+// retire is half done, or rotate --retire committed part of its work): the
+// message says what committed and what to run; 130 interrupted.
 //
 // # Security
 //
