@@ -156,3 +156,30 @@ func TestTenantCannotForgeKEK(t *testing.T) {
 		t.Fatalf("tenant get: %q, %v", got, err)
 	}
 }
+
+// Migration 3 takes back the INSERT on kek that earlier documentation told
+// operators to grant tenants. (The schema is taken back to version 2 by
+// dropping what migration 3 creates.)
+func TestMigrationRevokesTenantKEKWrites(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t, pgstore.Config{})
+	role, _ := pgtest.NewRole(t, e.url)
+	r := pgx.Identifier{role}.Sanitize()
+	if _, err := e.pool.Exec(ctx, `DROP TRIGGER data_keys_kek_fence ON keybroker.data_keys;
+		DROP FUNCTION keybroker.data_keys_kek_fence(); DROP FUNCTION keybroker.record_kek(text, text, text, text);
+		UPDATE keybroker.schema_version SET version = 2;
+		GRANT SELECT, INSERT, UPDATE ON keybroker.kek TO `+r); err != nil {
+		t.Fatal(err)
+	}
+	if err := pgstore.Migrate(ctx, e.pool, ""); err != nil {
+		t.Fatal(err)
+	}
+	var ins, upd, sel bool
+	if err := e.pool.QueryRow(ctx, `SELECT has_table_privilege($1, 'keybroker.kek', 'INSERT'), has_table_privilege($1, 'keybroker.kek', 'UPDATE'),
+		has_table_privilege($1, 'keybroker.kek', 'SELECT')`, role).Scan(&ins, &upd, &sel); err != nil {
+		t.Fatal(err)
+	}
+	if ins || upd || !sel {
+		t.Fatalf("after migration 3: INSERT %v, UPDATE %v, SELECT %v on kek; want false, false, true", ins, upd, sel)
+	}
+}
