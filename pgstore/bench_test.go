@@ -239,7 +239,7 @@ func BenchmarkRewrap(b *testing.B) {
 // BenchmarkPutFence measures what Put's fence costs in the database: the
 // same envelope upserted with the unfenced statement (VALUES, as before
 // migration 003) and with Put's fenced one (INSERT ... SELECT from
-// data_keys ... FOR SHARE), alternately, on the same rows.
+// data_keys ... FOR KEY SHARE), alternately, on the same rows.
 func BenchmarkPutFence(b *testing.B) {
 	ctx := context.Background()
 	e := newEnv(b, pgstore.Config{})
@@ -259,7 +259,7 @@ VALUES ($1, $2, $3, $4, $5)`+set, "p", fmt.Sprint("a", i%1000), blob, nonce, id)
 		return err
 	}, func(i int) error {
 		_, err := e.pool.Exec(ctx, `INSERT INTO keybroker.encrypted_secrets AS s (project_id, name, encrypted_data, nonce, data_key_id)
-SELECT $1, $2, $3, $4, d.id FROM keybroker.data_keys d WHERE d.id = $5 AND d.project_id = $1 AND d.state <> 'retired' FOR SHARE`+set, "p", fmt.Sprint("b", i%1000), blob, nonce, id)
+SELECT $1, $2, $3, $4, d.id FROM keybroker.data_keys d WHERE d.id = $5 AND d.project_id = $1 AND d.state <> 'retired' FOR KEY SHARE`+set, "p", fmt.Sprint("b", i%1000), blob, nonce, id)
 		return err
 	})
 }

@@ -53,8 +53,8 @@
 //     refusal is ErrRetiredVersion.
 //   - Put, MigratePlaintext and Reencrypt store an envelope only if its
 //     data key row exists, belongs to the project and is not retired when
-//     the statement runs (read FOR SHARE, which waits for a concurrent
-//     retire). Otherwise the write is redone under a fresh reservation, up
+//     the statement runs (read FOR KEY SHARE; Reencrypt locks the keys it
+//     retires FOR UPDATE, so a racing write waits and sees the retirement). Otherwise the write is redone under a fresh reservation, up
 //     to a bound, then fails with ErrNoActiveKey; nothing is written.
 //
 // Foreign keys are ON DELETE RESTRICT: a data key any secret needs, or a kek

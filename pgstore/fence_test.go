@@ -40,14 +40,14 @@ func openFile(t testing.TB, path string) *local.Provider {
 
 // waitForLockWait returns once some backend of the database is waiting for
 // a lock (the state the race tests need), polling pg_stat_activity.
-func waitForLockWait(t testing.TB, pool *pgxpool.Pool) {
+func waitForLockWait(t testing.TB, pool *pgxpool.Pool) { t.Helper(); waitForLockWaits(t, pool, 1) }
+
+// waitForLockWaits returns once n backends of the database wait for locks.
+func waitForLockWaits(t testing.TB, pool *pgxpool.Pool, n int64) {
 	t.Helper()
-	for {
-		if n := count(t, pool, `SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'`); n > 0 {
-			return
-		}
+	for count(t, pool, `SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'`) < n {
 		if t.Context().Err() != nil {
-			t.Fatal("no backend waits for a lock")
+			t.Fatalf("fewer than %d backends wait for a lock", n)
 		}
 	}
 }
@@ -528,5 +528,57 @@ func TestPutAfterDataKeyRowVanished(t *testing.T) {
 	}
 	if got, err := s.Get(ctx, "p", "b"); err != nil || string(got) != "3" {
 		t.Fatalf("get: %q, %v", got, err)
+	}
+}
+
+// The race itself: a Put whose envelope is sealed under the old key
+// reaches the database while Reencrypt's retiring transaction is open. It
+// waits for it and, once it commits, stores nothing under the retired key
+// but redoes the write under the new one. (The retiring transaction is
+// held open by a lock on key_events, which it writes last.)
+func TestPutDuringReencryptRetire(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t, pgstore.Config{})
+	putMany(t, e.store, 1, 2)
+	writer := newStore(t, e.pool, pgstore.Config{KEK: e.kek})
+	if err := writer.Put(ctx, "p0", "s0", []byte("w")); err != nil { // reserves the old key
+		t.Fatal(err)
+	}
+	hold, err := e.pool.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hold.Rollback(ctx)
+	if _, err := hold.Exec(ctx, `LOCK TABLE keybroker.key_events IN SHARE MODE`); err != nil {
+		t.Fatal(err)
+	}
+	reencrypted := make(chan error, 1)
+	var res pgstore.ReencryptResult
+	go func() {
+		var err error
+		res, err = e.store.Reencrypt(ctx, "p0", pgstore.ReencryptOptions{})
+		reencrypted <- err
+	}()
+	waitForLockWaits(t, e.pool, 1) // the retire has updated the keys, not committed
+	put := make(chan error, 1)
+	go func() { put <- writer.Put(ctx, "p0", "inflight", []byte("i")) }()
+	waitForLockWaits(t, e.pool, 2) // the Put waits for the retiring transaction
+	if err := hold.Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-put; err != nil {
+		t.Fatalf("put: %v", err)
+	}
+	if err := <-reencrypted; err != nil {
+		t.Fatalf("reencrypt: %v", err)
+	}
+	if res.RemainingKeys != 0 || res.DestroyedKeys != 1 {
+		t.Fatalf("reencrypt: %+v", res)
+	}
+	if n := count(t, e.pool, `SELECT count(*) FROM keybroker.data_keys WHERE project_id = 'p0'`); n != 1 {
+		t.Fatalf("%d data keys left", n)
+	}
+	if got, err := e.store.Get(ctx, "p0", "inflight"); err != nil || string(got) != "i" {
+		t.Fatalf("inflight: %q, %v", got, err)
 	}
 }

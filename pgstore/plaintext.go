@@ -377,7 +377,7 @@ func (s *Store) migrateOnce(ctx context.Context, m *plaintextQueries, table stri
 	ins, err := tx.Query(ctx, `INSERT INTO `+s.q+`.encrypted_secrets (project_id, name, encrypted_data, nonce, data_key_id)
 SELECT u.p, u.n, u.b, u.nc, d.id FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bytea[], $5::uuid[]) WITH ORDINALITY AS u(p, n, b, nc, k, i)
 JOIN `+s.q+`.data_keys d ON d.id = u.k AND d.project_id = u.p AND d.state <> 'retired'
-ORDER BY u.i FOR SHARE OF d
+ORDER BY u.i FOR KEY SHARE OF d
 ON CONFLICT (project_id, name) DO NOTHING RETURNING project_id, name, encrypted_data, nonce, data_key_id`, projects, names, blobs, nonces, ids)
 	if err != nil {
 		return br, fmt.Errorf("pgstore: migrate plaintext: insert: %w", err)

@@ -59,7 +59,8 @@ type ReencryptResult struct {
 // Writers in every process are fenced by the database: a Put (and
 // MigratePlaintext, and Reencrypt's own update) stores an envelope only if
 // its data key is not retired when the statement runs, reading the key's
-// row FOR SHARE so it waits for a concurrent retire and then sees it.
+// row FOR KEY SHARE; the retire locks the keys FOR UPDATE, so a write
+// racing it waits and then sees the committed state.
 // Once the retiring transaction has committed, no process stores anything
 // under the retired keys; writers whose reservation was on them redo the
 // encryption under the project's new key.
@@ -97,6 +98,11 @@ WHERE s.project_id = $1 AND d.state = ANY($2)`, project, states).QueryRow(func(r
 	}
 	if !opts.Resume {
 		err := WithProject(ctx, s.pool, project, func(tx pgx.Tx) error {
+			// FOR UPDATE first: the writers' fence reads the key FOR KEY
+			// SHARE, which a non-key UPDATE alone would not make wait.
+			if _, err := tx.Exec(ctx, `SELECT id FROM `+s.q+`.data_keys WHERE project_id = $1 AND state IN ('active', 'spent') FOR UPDATE`, project); err != nil {
+				return err
+			}
 			ct, err := tx.Exec(ctx, `UPDATE `+s.q+`.data_keys SET state = 'retired' WHERE project_id = $1 AND state IN ('active', 'spent')`, project)
 			if err != nil {
 				return err
@@ -178,7 +184,7 @@ func (s *Store) reencryptPass(ctx context.Context, project string, batch int, re
 // while it decrypts and encrypts: the read takes none, and the update, in
 // one statement, replaces only rows still holding the envelope read (same
 // data key and nonce), under a new key that is not retired then (the same
-// FOR SHARE fence as Put's). A row a writer changed meanwhile is left to
+// fence as Put's). A row a writer changed meanwhile is left to
 // the writer, whose fence kept it off the retired keys. Holding row locks
 // while reserving budget could deadlock with Puts, which lock the data key
 // before the row.
@@ -248,7 +254,7 @@ ORDER BY s.name LIMIT $2`, project, batch).Query(func(rows pgx.Rows) error {
 	var keys int64
 	err = WithProject(ctx, s.pool, project, func(tx pgx.Tx) error {
 		if err := tx.QueryRow(ctx, `WITH k AS (SELECT id FROM `+s.q+`.data_keys
-  WHERE project_id = $1 AND id = ANY($5::uuid[]) AND state <> 'retired' FOR SHARE),
+  WHERE project_id = $1 AND id = ANY($5::uuid[]) AND state <> 'retired' FOR KEY SHARE),
 upd AS (UPDATE `+s.q+`.encrypted_secrets s
   SET encrypted_data = u.b, nonce = u.n, data_key_id = u.k, updated_at = now()
   FROM unnest($2::text[], $3::bytea[], $4::bytea[], $5::uuid[], $6::uuid[], $7::bytea[]) AS u(name, b, n, k, old, oldn)

@@ -247,12 +247,15 @@ func (s *Store) put(ctx context.Context, project, name string, value []byte) err
 	}
 	aad := secretAAD(project, name)
 	// The insert names the data key only if its row still exists, belongs
-	// to the project and is not retired, reading it FOR SHARE: that
-	// conflicts with Reencrypt's retiring UPDATE (and the destroying
-	// DELETE), so a Put racing them waits, re-checks the committed row and
-	// stores nothing. It then redoes the encryption under a fresh
-	// reservation. A spent key is accepted: its reservations were granted
-	// within the budget.
+	// to the project and is not retired, reading it FOR KEY SHARE (the
+	// lock the foreign key check takes anyway). Reencrypt locks the keys it
+	// retires FOR UPDATE (and a destroy deletes them), which conflicts: a
+	// Put racing them waits, re-checks the committed row and stores
+	// nothing; it then redoes the encryption under a fresh reservation.
+	// Budget reservations and rewraps (non-key updates) do not conflict. A
+	// spent key is accepted: its reservations were granted within the
+	// budget, and refusing them would make the holder of a key's last
+	// reservation always retry.
 	for attempt := 1; ; attempt++ {
 		id, blob, nonce, err := s.seal(ctx, project, value, aad)
 		if err != nil {
@@ -261,7 +264,7 @@ func (s *Store) put(ctx context.Context, project, name string, value []byte) err
 		var stored bool
 		err = s.scoped(ctx, project, func(b *pgx.Batch) {
 			b.Queue(`INSERT INTO `+s.q+`.encrypted_secrets AS s (project_id, name, encrypted_data, nonce, data_key_id)
-SELECT $1, $2, $3, $4, d.id FROM `+s.q+`.data_keys d WHERE d.id = $5 AND d.project_id = $1 AND d.state <> 'retired' FOR SHARE
+SELECT $1, $2, $3, $4, d.id FROM `+s.q+`.data_keys d WHERE d.id = $5 AND d.project_id = $1 AND d.state <> 'retired' FOR KEY SHARE
 ON CONFLICT (project_id, name) DO UPDATE
 SET encrypted_data = EXCLUDED.encrypted_data, nonce = EXCLUDED.nonce,
     data_key_id = EXCLUDED.data_key_id, updated_at = now()`,
