@@ -185,9 +185,8 @@ func (s *Store) reencryptPass(ctx context.Context, project string, batch int, re
 // one statement, replaces only rows still holding the envelope read (same
 // data key and nonce), under a new key that is not retired then (the same
 // fence as Put's). A row a writer changed meanwhile is left to
-// the writer, whose fence kept it off the retired keys. Holding row locks
-// while reserving budget could deadlock with Puts, which lock the data key
-// before the row.
+// the writer, whose fence kept it off the retired keys. Writers never wait
+// for this batch's decryption, encryption or key service calls.
 func (s *Store) reencryptBatch(ctx context.Context, project string, batch int) (read, n int64, err error) {
 	for attempt := 1; ; attempt++ {
 		read, n, err = s.reencryptOnce(ctx, project, batch)
