@@ -49,6 +49,10 @@ var (
 	// (unreachable, refused, read-only keyring). New data keys can no
 	// longer use the version; call RetireKEK again to finish.
 	ErrRetireIncomplete = errors.New("pgstore: retired in the database, not yet in the key service (retire again to finish)")
+	// ErrRowSecurity: Status was asked of a Store whose role row-level
+	// security binds; it would count only the rows of the project its
+	// statements name (none), so it refuses rather than report zeros.
+	ErrRowSecurity = errors.New("pgstore: counts need a role row-level security does not restrict")
 )
 
 // sqlstateRetired is the SQLSTATE the data_keys_kek_fence trigger raises
