@@ -7,7 +7,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"testing"
 	"time"
@@ -47,12 +46,8 @@ func buildAndRun(m *testing.M) int {
 	}
 	defer os.RemoveAll(dir)
 	keybrokerBin = filepath.Join(dir, "keybroker")
-	goCmd := filepath.Join(runtime.GOROOT(), "bin", "go")
-	if _, err := os.Stat(goCmd); err != nil {
-		goCmd = "go"
-	}
 	// No symbol table or DWARF: linking is most of the build's time.
-	cmd := exec.Command(goCmd, "build", "-ldflags=-s -w", "-o", keybrokerBin, "github.com/profullstack/keybroker/cmd/keybroker")
+	cmd := exec.Command("go", "build", "-ldflags=-s -w", "-o", keybrokerBin, "github.com/profullstack/keybroker/cmd/keybroker")
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 	if err := cmd.Run(); err != nil {
 		fmt.Fprintln(os.Stderr, "crashtest: go build ./cmd/keybroker:", err)
