@@ -140,12 +140,14 @@ func (c *checks) ok(name string, cond bool, format string, args ...any) bool {
 }
 
 func (c *checks) summary() {
-	var failed []string
+	var failed, all []string
 	for _, name := range c.order {
+		all = append(all, fmt.Sprintf("%s=%d", name, c.total[name]))
 		if n := c.fails[name]; n > 0 {
 			failed = append(failed, fmt.Sprintf("%s %d/%d", name, n, c.total[name]))
 		}
 	}
+	c.t.Logf("checks evaluated: %s", strings.Join(all, " "))
 	if len(failed) == 0 {
 		c.t.Logf("all %d checks passed every time", len(c.order))
 		return
