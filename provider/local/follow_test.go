@@ -395,7 +395,14 @@ func TestFollowBrokenFile(t *testing.T) {
 			_, err := p.Describe(ctx)
 			checkErr(t, err, c.want)
 			checkErr(t, err, "(still using the keyring as last read)")
-			checkErr(t, p.Refresh(ctx), c.want)
+			if !errors.Is(err, provider.ErrUnavailable) {
+				t.Errorf("Describe with a broken keyring file = %v, want ErrUnavailable", err)
+			}
+			err = p.Refresh(ctx)
+			checkErr(t, err, c.want)
+			if !errors.Is(err, provider.ErrUnavailable) {
+				t.Errorf("Refresh of a broken keyring file = %v, want ErrUnavailable", err)
+			}
 
 			replaceFile(t, path, good)
 			if err := p.Refresh(ctx); err != nil {

@@ -287,7 +287,7 @@ func (p *Provider) Describe(ctx context.Context) (provider.Status, error) {
 	p.mu.RLock()
 	defer p.mu.RUnlock()
 	if p.stale != nil {
-		return provider.Status{}, fileErr("describe", p.path, staleErr(p.stale))
+		return provider.Status{}, p.staleError("describe", p.stale)
 	}
 	st := provider.Status{
 		Ref:            p.Ref(),
@@ -420,7 +420,7 @@ func (p *Provider) Refresh(ctx context.Context) error {
 	p.writeMu.Lock()
 	defer p.writeMu.Unlock()
 	if err := p.reload(); err != nil {
-		return fileErr("refresh", p.path, staleErr(err))
+		return p.staleError("refresh", err)
 	}
 	return nil
 }
@@ -496,14 +496,16 @@ func (p *Provider) markStale(id fileID, err error) error {
 	return err
 }
 
-// staleErr says that a failed re-read left the provider on the keyring it
-// read before. A path error is reduced to its cause; fileErr names the file.
-func staleErr(err error) error {
+// staleError reports that re-reading the keyring file failed with err and
+// the provider goes on with the keyring it read before. Its kind is
+// provider.ErrUnavailable: the keys in memory still work, what is missing
+// is news from the file.
+func (p *Provider) staleError(op string, err error) error {
 	var pe *fs.PathError
 	if errors.As(err, &pe) {
-		err = pe.Err
+		err = pe.Err // the path is already in the message
 	}
-	return fmt.Errorf("%w (still using the keyring as last read)", err)
+	return opErr(op, provider.ErrUnavailable, fmt.Errorf("keyring file %s: %w (still using the keyring as last read)", p.path, err))
 }
 
 func (p *Provider) checkWritable(op string) error {
