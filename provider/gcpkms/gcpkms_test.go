@@ -153,6 +153,19 @@ func TestConformance(t *testing.T) {
 	e := newEnv(t)
 	providertest.Run(t, providertest.Harness{
 		NewKey: func(ctx context.Context, t *testing.T) provider.KEKProvider { return e.newKey(t) },
+		// Another client with its own connection to the same server.
+		Reopen: func(ctx context.Context, t *testing.T, p provider.KEKProvider) provider.KEKProvider {
+			client, err := kms.NewKeyManagementClient(ctx, e.srv.ClientOptions()...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { client.Close() })
+			q, err := gcpkms.New(client, p.Ref().KeyID)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return q
+		},
 	})
 }
 
