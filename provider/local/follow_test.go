@@ -13,7 +13,9 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/profullstack/keybroker/provider"
@@ -432,5 +434,62 @@ func TestRefreshNotFileBacked(t *testing.T) {
 	}
 	if err := e.Refresh(context.Background()); err != nil {
 		t.Errorf("Refresh of an environment keyring: %v", err)
+	}
+}
+
+// TestFollowWhileAnotherHandleRotates wraps and unwraps from several
+// goroutines while another handle on the file rotates and retires, so the
+// re-reads race with the calls; run with -race.
+func TestFollowWhileAnotherHandleRotates(t *testing.T) {
+	ctx := context.Background()
+	p, path := savedFile(t)
+	q := reopen(t, path)
+	const workers, ops, rotations = 4, 100, 10
+	errs := make(chan error, workers+1)
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Go(func() {
+			dek := bytes.Repeat([]byte{5}, 32)
+			for range ops {
+				wk, err := p.Wrap(ctx, dek, nil)
+				if err != nil {
+					errs <- err
+					return
+				}
+				got, err := p.Unwrap(ctx, wk, nil)
+				if err != nil && !errors.Is(err, provider.ErrKeyNotFound) { // retired meanwhile
+					errs <- err
+					return
+				}
+				if err == nil && !bytes.Equal(got, dek) {
+					errs <- errors.New("DEK mismatch")
+					return
+				}
+			}
+		})
+	}
+	wg.Go(func() {
+		for i := range rotations {
+			if _, err := q.Rotate(ctx); err != nil {
+				errs <- err
+				return
+			}
+			if err := q.Retire(ctx, strconv.Itoa(i+1)); err != nil {
+				errs <- err
+				return
+			}
+		}
+	})
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	st, err := p.Describe(ctx)
+	if err != nil || st.PrimaryVersion != strconv.Itoa(rotations+1) || strings.Join(st.Versions, ",") != strconv.Itoa(rotations+1) {
+		t.Fatalf("after another handle's rotations: %+v, %v", st, err)
+	}
+	if wk := mustWrap(t, p, bytes.Repeat([]byte{5}, 32), nil); wk.Version != strconv.Itoa(rotations+1) {
+		t.Fatalf("Wrap uses version %s, want %d", wk.Version, rotations+1)
 	}
 }

@@ -371,8 +371,7 @@ func OpenFile(path string) (*Provider, error) {
 }
 
 func fileErr(op, path string, err error) error {
-	var pe *fs.PathError
-	if errors.As(err, &pe) {
+	if pe, ok := err.(*fs.PathError); ok {
 		err = pe.Err // the path is already in the message
 	}
 	var kind error
