@@ -593,7 +593,7 @@ func (p *Provider) persist(op string, primary uint32, changed *keyVersion) (file
 // temporary file is removed if anything fails.
 func writeFileAtomic(path string, data []byte, install func(tmp string) error) (err error) {
 	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
+	f, err := os.CreateTemp(dir, tempPrefix(path)+"*")
 	if err != nil {
 		return err
 	}

@@ -166,9 +166,9 @@ func (p *Provider) additionalData(n uint32, aad []byte) []byte {
 
 // Wrap encrypts dek (16 to 64 bytes) with AES-256-GCM under the primary
 // version (for a keyring file, the primary the file names at the time of
-// the call; see the package doc) and a fresh random 96-bit nonce. The ciphertext is
-// 0x01 || nonce || sealed dek || tag; the GCM additional data binds the
-// keyring id, the version and aad.
+// the call; see the package doc) and a fresh random 96-bit nonce. The
+// ciphertext is 0x01 || nonce || sealed dek || tag; the GCM additional data
+// binds the keyring id, the version and aad.
 func (p *Provider) Wrap(ctx context.Context, dek, aad []byte) (*provider.WrappedKey, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
@@ -196,9 +196,9 @@ func (p *Provider) seal(v *keyVersion, dek, aad []byte) *provider.WrappedKey {
 }
 
 // Unwrap returns the DEK in wk. A version this keyring never had, or has
-// retired, yields ErrKeyNotFound (for a keyring file: after re-reading the
-// file, in case another process added it); any other failure (tampering, wrong aad)
-// yields ErrInvalidCiphertext.
+// retired, yields ErrKeyNotFound (for a keyring file, a version it never
+// had only after re-reading the file, in case another process added it);
+// any other failure (tampering, wrong aad) yields ErrInvalidCiphertext.
 func (p *Provider) Unwrap(ctx context.Context, wk *provider.WrappedKey, aad []byte) ([]byte, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
