@@ -59,14 +59,15 @@
 // and compares device, inode, mode, size, mtime and ctime with the file it
 // last read or wrote; if any differs it re-reads the file, and if the bytes
 // changed it takes the file's versions and primary as they are now. The
-// staleness bound is therefore zero for every call: a call sees any change
-// that was on disk when its stat ran. Wrap never uses a version the file
-// marks retired, and Unwrap refuses it. An Unwrap of a version the keyring
-// does not have re-reads the file whatever the stat says, so a change the
-// identity check could miss (an in-place edit that keeps the size within
-// one timestamp tick) cannot hide a new version. keybroker's own writes
-// replace the file by rename, so they always show. Refresh re-reads the
-// file at once.
+// staleness bound is therefore zero: a call sees every change that was on
+// disk when its stat ran and that altered one of those fields. keybroker's
+// own writes replace the file by rename, which gives it a new inode and a
+// new ctime. A change that alters none of them (an in-place edit keeping
+// the size within one timestamp tick) is seen at the next change or
+// Refresh, except that an Unwrap of a version the keyring does not have
+// re-reads the file whatever the stat says, so no change can hide a new
+// version from Unwrap. Wrap never uses a version the file marks retired,
+// and Unwrap refuses it. Refresh re-reads the file at once.
 //
 // If a re-read fails (the file is gone, malformed, loosened to mode 0644, or
 // names another keyring id), the Provider keeps serving the keyring it last
