@@ -67,10 +67,11 @@
 // Refresh, except that an Unwrap of a version the keyring does not have
 // re-reads the file whatever the stat says, so no change can hide a new
 // version from Unwrap. Wrap never uses a version the file marks retired,
-// and Unwrap refuses it. Refresh re-reads the file at once. Symbolic links
-// in the path are resolved once, by OpenFile: a link re-pointed later (as
-// a Kubernetes Secret volume update does) is not followed; the file it
-// pointed to is, until it is removed.
+// and Unwrap refuses it. Refresh re-reads the file at once. Calls follow
+// the path as it was given, through symbolic links, so a link re-pointed
+// to a new file (as a Kubernetes Secret volume update does) is followed;
+// Rotate and Retire write the file the path resolved to at OpenFile and
+// refuse once it resolves elsewhere.
 //
 // If a re-read fails (the file is gone, malformed, loosened to mode 0644, or
 // names another keyring id), the Provider keeps serving the keyring it last

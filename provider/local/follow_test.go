@@ -493,3 +493,55 @@ func TestFollowWhileAnotherHandleRotates(t *testing.T) {
 		t.Fatalf("Wrap uses version %s, want %d", wk.Version, rotations+1)
 	}
 }
+
+// TestFollowRepointedLink: a keyring named through a symbolic link that is
+// re-pointed to a new file (a Kubernetes Secret volume update swaps such a
+// link) is followed; writing through the moved link is refused.
+func TestFollowRepointedLink(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	g, err := local.Generate("linked")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range []string{"a", "b"} {
+		if err := os.Mkdir(filepath.Join(dir, d), 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := g.Save(filepath.Join(dir, "a", "keyring.json")); err != nil {
+		t.Fatal(err)
+	}
+	link := filepath.Join(dir, "keyring.json")
+	if err := os.Symlink("a/keyring.json", link); err != nil {
+		t.Fatal(err)
+	}
+	p := reopen(t, link)
+	dek := bytes.Repeat([]byte{3}, 32)
+	wk1 := mustWrap(t, p, dek, nil)
+
+	// The new file: the same keyring, rotated.
+	if _, err := g.Rotate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := g.Save(filepath.Join(dir, "b", "keyring.json")); err != nil {
+		t.Fatal(err)
+	}
+	tmpLink := filepath.Join(dir, "keyring.json.new")
+	if err := os.Symlink("b/keyring.json", tmpLink); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmpLink, link); err != nil {
+		t.Fatal(err)
+	}
+
+	if wk := mustWrap(t, p, dek, nil); wk.Version != "2" {
+		t.Errorf("Wrap after the link moved uses version %s, want 2", wk.Version)
+	}
+	mustUnwrap(t, p, wk1, nil, dek)
+	_, err = p.Rotate(ctx)
+	checkErr(t, err, "now resolves to "+filepath.Join(dir, "b", "keyring.json"))
+	if st, err := reopen(t, filepath.Join(dir, "b", "keyring.json")).Describe(ctx); err != nil || st.PrimaryVersion != "2" {
+		t.Errorf("the new file after a refused Rotate: %+v, %v", st, err)
+	}
+}

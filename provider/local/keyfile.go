@@ -340,10 +340,11 @@ func (p *Provider) encode(primary uint32, vs map[uint32]*keyVersion) []byte {
 // beside the keyring can be created, OpenFile takes the lock and removes
 // temporary files a crashed writer left behind.
 func OpenFile(path string) (*Provider, error) {
-	real, err := filepath.Abs(path)
-	if err == nil {
-		real, err = filepath.EvalSymlinks(real)
+	src, err := filepath.Abs(path)
+	if err != nil {
+		return nil, fileErr("open", path, err)
 	}
+	real, err := filepath.EvalSymlinks(src)
 	if err != nil {
 		return nil, fileErr("open", path, err)
 	}
@@ -364,7 +365,7 @@ func OpenFile(path string) (*Provider, error) {
 	if err != nil {
 		return nil, fileErr("open", path, err)
 	}
-	p.path = real
+	p.path, p.src = real, src
 	p.fileSum = sha256.Sum256(data)
 	p.seen = id
 	return p, nil
@@ -539,6 +540,14 @@ func (p *Provider) Save(path string) error {
 // holds now, including changes other processes made. The caller holds
 // writeMu and calls the returned func when done.
 func (p *Provider) lockForWrite(op string) (unlock func(), err error) {
+	// Writing through a re-pointed link would update a file nobody reads.
+	real, err := filepath.EvalSymlinks(p.src)
+	if err != nil {
+		return nil, fileErr(op, p.src, err)
+	}
+	if real != p.path {
+		return nil, fileErr(op, p.src, fmt.Errorf("now resolves to %s, not %s as when opened; reopen it", real, p.path))
+	}
 	unlock, err = lockKeyring(p.path)
 	if err != nil {
 		return nil, fileErr(op, p.path, err)

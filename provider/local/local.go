@@ -58,7 +58,8 @@ var idRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
 type Provider struct {
 	id       string
 	adPrefix []byte // adLabel, len(id), id; immutable
-	path     string // absolute keyring file that Rotate and Retire persist to; "" if none
+	path     string // keyring file that Rotate and Retire persist to, symbolic links resolved at open; "" if none
+	src      string // the keyring file as named at open (absolute), which calls follow
 	envName  string // environment variable the keyring came from; "" if none
 
 	// writeMu serialises everything that reads or writes the keyring file:
@@ -432,7 +433,7 @@ func (p *Provider) follow() {
 	if p.path == "" {
 		return
 	}
-	id := statID(p.path)
+	id := statID(p.src)
 	p.mu.RLock()
 	same := id == p.seen
 	p.mu.RUnlock()
@@ -441,7 +442,7 @@ func (p *Provider) follow() {
 	}
 	p.writeMu.Lock()
 	defer p.writeMu.Unlock()
-	if statID(p.path) != p.seen { // another call may have re-read it meanwhile
+	if statID(p.src) != p.seen { // another call may have re-read it meanwhile
 		p.reload() // a failure is kept in p.stale for Describe
 	}
 }
@@ -451,7 +452,7 @@ func (p *Provider) follow() {
 // file cannot be read or parsed, or names another keyring, p keeps what it
 // has and records why in p.stale. Caller holds writeMu.
 func (p *Provider) reload() error {
-	data, id, err := readKeyringFile(p.path)
+	data, id, err := readKeyringFile(p.src)
 	if err != nil {
 		return p.markStale(id, err)
 	}
@@ -488,7 +489,7 @@ func (p *Provider) reload() error {
 
 func (p *Provider) markStale(id fileID, err error) error {
 	if id == (fileID{}) { // refused before it was opened: remember what stat sees
-		id = statID(p.path)
+		id = statID(p.src)
 	}
 	p.mu.Lock()
 	p.seen, p.stale = id, err
@@ -505,7 +506,7 @@ func (p *Provider) staleError(op string, err error) error {
 	if errors.As(err, &pe) {
 		err = pe.Err // the path is already in the message
 	}
-	return opErr(op, provider.ErrUnavailable, fmt.Errorf("keyring file %s: %w (still using the keyring as last read)", p.path, err))
+	return opErr(op, provider.ErrUnavailable, fmt.Errorf("keyring file %s: %w (still using the keyring as last read)", p.src, err))
 }
 
 func (p *Provider) checkWritable(op string) error {
