@@ -32,6 +32,11 @@ var (
 	// ErrVerify: a freshly written ciphertext did not decrypt to the
 	// plaintext it was made from; the batch was rolled back.
 	ErrVerify = errors.New("pgstore: verification failed")
+	// ErrPooler: the pool reaches PostgreSQL through a connection pooler
+	// (PgBouncer, Supavisor), and the call cannot work through one: New
+	// with a pool in a mode that keeps server-side statements (see
+	// ParseConfig), Migrate at all.
+	ErrPooler = errors.New("pgstore: connection pooler")
 )
 
 // InUseError details ErrRetiredVersionInUse.
