@@ -3,6 +3,7 @@ package pgstore
 import (
 	"context"
 	"fmt"
+	"strings"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -10,12 +11,15 @@ import (
 )
 
 // PoolerSafeMode is the query exec mode ParseConfig and NewPool choose
-// unless the connection string sets default_query_exec_mode: it sends
-// every statement unnamed, with its parameters and execution in one round
-// trip, so it works through a transaction-mode pooler (PgBouncer,
-// Supavisor), where pgx's default (cache_statement, named prepared
-// statements kept per session) fails.
-const PoolerSafeMode = pgx.QueryExecModeExec
+// unless the connection string sets default_query_exec_mode. It keeps no
+// statement on the server between round trips (it caches only statement
+// descriptions, per client connection, and executes through the unnamed
+// statement, parse and execution in one round trip), so it works through a
+// transaction-mode pooler (PgBouncer, Supavisor), where pgx's default
+// (cache_statement, named prepared statements kept per session) fails. It
+// still encodes parameters by their server-side types, which exec and
+// simple_protocol do not (see New).
+const PoolerSafeMode = pgx.QueryExecModeCacheDescribe
 
 // ParseConfig is pgxpool.ParseConfig with one change: unless connString
 // sets default_query_exec_mode, the pool uses PoolerSafeMode rather than
@@ -81,14 +85,19 @@ func behindPooler(ctx context.Context, pool *pgxpool.Pool) (bool, error) {
 	return pid != c.Conn().PgConn().PID(), nil
 }
 
-// checkExecMode refuses a pool that reaches PostgreSQL through a pooler in
-// a mode that relies on server-side statement state across round trips
-// (cache_statement's named statements, describe_exec's unnamed one), unless
-// its connection string chose that mode explicitly (PgBouncer 1.21 and
-// later track protocol-level prepared statements when
+// checkExecMode refuses a pool whose mode pgstore's statements cannot work
+// in: exec and simple_protocol, which guess parameter types from Go types
+// and so send the []byte of a jsonb parameter as bytea; and, through a
+// pooler, the modes that rely on server-side statement state across round
+// trips (cache_statement's named statements, describe_exec's unnamed one),
+// unless the connection string chose that mode explicitly (PgBouncer 1.21
+// and later track protocol-level prepared statements when
 // max_prepared_statements is set).
 func checkExecMode(ctx context.Context, pool *pgxpool.Pool) error {
 	mode := pool.Config().ConnConfig.DefaultQueryExecMode
+	if mode == pgx.QueryExecModeExec || mode == pgx.QueryExecModeSimpleProtocol {
+		return fmt.Errorf("%w: pgx's %s mode sends parameters typed by their Go type, which some of pgstore's are not: use cache_describe (pgstore.NewPool's default) or cache_statement", ErrInvalidArgument, modeName(mode))
+	}
 	if mode != pgx.QueryExecModeCacheStatement && mode != pgx.QueryExecModeDescribeExec || setsExecMode(pool.Config().ConnString()) {
 		return nil
 	}
@@ -97,13 +106,14 @@ func checkExecMode(ctx context.Context, pool *pgxpool.Pool) error {
 		return fmt.Errorf("pgstore: connect: %w", err)
 	}
 	if pooled {
-		name := "cache_statement"
-		if mode == pgx.QueryExecModeDescribeExec {
-			name = "describe_exec"
-		}
-		return fmt.Errorf("%w: the pool reaches PostgreSQL through a connection pooler in pgx's %s mode, whose server-side statements break under transaction pooling: build the pool with pgstore.NewPool or pgstore.ParseConfig, or set default_query_exec_mode in the URL", ErrPooler, name)
+		return fmt.Errorf("%w: the pool reaches PostgreSQL through a connection pooler in pgx's %s mode, whose server-side statements break under transaction pooling: build the pool with pgstore.NewPool or pgstore.ParseConfig, or set default_query_exec_mode=cache_describe in the URL", ErrPooler, modeName(mode))
 	}
 	return nil
+}
+
+// modeName is the default_query_exec_mode value that selects mode.
+func modeName(mode pgx.QueryExecMode) string {
+	return strings.ReplaceAll(mode.String(), " ", "_")
 }
 
 // checkDirect refuses a pool that reaches PostgreSQL through a pooler, for

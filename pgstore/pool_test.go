@@ -146,3 +146,17 @@ func TestTransactionPooler(t *testing.T) {
 		}
 	})
 }
+
+// exec and simple_protocol guess parameter types from Go types and send
+// the audit trail's JSON ([]byte) as bytea; New refuses them rather than
+// failing at the first key rotation.
+func TestNewRefusesGuessingModes(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t, pgstore.Config{})
+	for _, mode := range []string{"exec", "simple_protocol"} {
+		pool := pgtest.PoolFor(t, e.url+"&default_query_exec_mode="+mode)
+		if _, err := pgstore.New(ctx, pool, pgstore.Config{KEK: e.kek}); !errors.Is(err, pgstore.ErrInvalidArgument) || !strings.Contains(err.Error(), mode) {
+			t.Errorf("%s: %v, want ErrInvalidArgument naming the mode", mode, err)
+		}
+	}
+}
