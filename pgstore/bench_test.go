@@ -8,7 +8,9 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/profullstack/keybroker/internal/pgtest"
 	"github.com/profullstack/keybroker/pgstore"
 )
 
@@ -62,17 +64,46 @@ func paired(b *testing.B, plain, encrypted func(i int) error) {
 	b.ReportMetric(float64(tp)/float64(te), "rate-vs-plain")
 }
 
+// benchConns are the connections BenchmarkPut and BenchmarkGet compare,
+// each with plain and encrypted on the same pool: direct in pgx's default
+// mode (a caller-built pgxpool), direct and through PgBouncer in
+// transaction mode (pgtest.PoolerURL, 2 server connections) in the mode
+// pgstore.NewPool picks.
+var benchConns = []struct {
+	name string
+	pool func(b *testing.B, dbURL string) *pgxpool.Pool
+}{
+	{"direct/cache_statement", func(b *testing.B, u string) *pgxpool.Pool { return pgtest.PoolFor(b, u) }},
+	{"direct/cache_describe", func(b *testing.B, u string) *pgxpool.Pool { return newPool(b, u) }},
+	{"pgbouncer/cache_describe", func(b *testing.B, u string) *pgxpool.Pool { return newPool(b, pgtest.PoolerURL(b, u)) }},
+}
+
+func newPool(b *testing.B, dbURL string) *pgxpool.Pool {
+	pool, err := pgstore.NewPool(context.Background(), dbURL)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(pool.Close)
+	return pool
+}
+
 func BenchmarkPut(b *testing.B) {
 	ctx := context.Background()
 	e := newEnv(b, pgstore.Config{})
 	plainTable(b, e)
 	v := benchValue(b)
-	paired(b, func(i int) error {
-		_, err := e.pool.Exec(ctx, plainUpsert, "p", fmt.Sprint("s", i%1000), v)
-		return err
-	}, func(i int) error {
-		return e.store.Put(ctx, "p", fmt.Sprint("s", i%1000), v)
-	})
+	for _, c := range benchConns {
+		b.Run(c.name, func(b *testing.B) {
+			pool := c.pool(b, e.url)
+			s := newStore(b, pool, pgstore.Config{KEK: e.kek})
+			paired(b, func(i int) error {
+				_, err := pool.Exec(ctx, plainUpsert, "p", fmt.Sprint("s", i%1000), v)
+				return err
+			}, func(i int) error {
+				return s.Put(ctx, "p", fmt.Sprint("s", i%1000), v)
+			})
+		})
+	}
 }
 
 func BenchmarkGet(b *testing.B) {
@@ -89,13 +120,19 @@ func BenchmarkGet(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
-	var got []byte
-	paired(b, func(i int) error {
-		return e.pool.QueryRow(ctx, `SELECT value FROM plain_secrets WHERE project_id = $1 AND name = $2`, "p", fmt.Sprint("s", i%1000)).Scan(&got)
-	}, func(i int) error {
-		_, err := e.store.Get(ctx, "p", fmt.Sprint("s", i%1000))
-		return err
-	})
+	for _, c := range benchConns {
+		b.Run(c.name, func(b *testing.B) {
+			pool := c.pool(b, e.url)
+			s := newStore(b, pool, pgstore.Config{KEK: e.kek})
+			var got []byte
+			paired(b, func(i int) error {
+				return pool.QueryRow(ctx, `SELECT value FROM plain_secrets WHERE project_id = $1 AND name = $2`, "p", fmt.Sprint("s", i%1000)).Scan(&got)
+			}, func(i int) error {
+				_, err := s.Get(ctx, "p", fmt.Sprint("s", i%1000))
+				return err
+			})
+		})
+	}
 }
 
 const migrateRows = 100_000
