@@ -148,7 +148,8 @@ func StopDir(dir string) error {
 }
 
 // prepareDir hands the directory to the server's user and checks that user
-// can reach it (a private parent, such as mktemp -d's, gets o+x).
+// can reach it: private ancestors of ours (mktemp -d's, t.TempDir's) get
+// o+x, search only, so it can pass through them.
 func (s *Server) prepareDir() error {
 	if s.cred == nil {
 		return nil
@@ -159,9 +160,14 @@ func (s *Server) prepareDir() error {
 	if _, err := s.run(context.Background(), "", "test", "-x", s.Dir); err == nil {
 		return nil
 	}
-	parent := filepath.Dir(s.Dir)
-	if st, err := os.Stat(parent); err == nil {
-		os.Chmod(parent, st.Mode().Perm()|0o001)
+	for d := filepath.Dir(s.Dir); d != filepath.Dir(d); d = filepath.Dir(d) {
+		st, err := os.Stat(d)
+		if err != nil {
+			break
+		}
+		if sys, ok := st.Sys().(*syscall.Stat_t); ok && int(sys.Uid) == os.Geteuid() && st.Mode().Perm()&0o001 == 0 {
+			os.Chmod(d, st.Mode().Perm()|0o001)
+		}
 	}
 	if _, err := s.run(context.Background(), "", "test", "-x", s.Dir); err != nil {
 		return fmt.Errorf("pgserver: the server's user (uid %d) cannot reach %s", s.cred.Uid, s.Dir)
