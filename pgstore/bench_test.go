@@ -38,44 +38,18 @@ func plainTable(b *testing.B, e *env) {
 const plainUpsert = `INSERT INTO plain_secrets (project_id, name, value) VALUES ($1, $2, $3)
 ON CONFLICT (project_id, name) DO UPDATE SET value = EXCLUDED.value, updated_at = now()`
 
-// paired runs plain and encrypted alternately, one of each per iteration,
-// so that load on the machine affects both alike, and reports each one's
-// time per operation and the encrypted rate relative to the plain one
-// (the target is at least 0.8).
-func paired(b *testing.B, plain, encrypted func(i int) error) {
-	b.SetBytes(2 * benchValueSize)
-	var tp, te time.Duration
-	i := 0
-	for b.Loop() {
-		t0 := time.Now()
-		if err := plain(i); err != nil {
-			b.Fatal(err)
-		}
-		t1 := time.Now()
-		if err := encrypted(i); err != nil {
-			b.Fatal(err)
-		}
-		te += time.Since(t1)
-		tp += t1.Sub(t0)
-		i++
-	}
-	b.ReportMetric(float64(tp.Nanoseconds())/float64(i), "plain-ns/op")
-	b.ReportMetric(float64(te.Nanoseconds())/float64(i), "encrypted-ns/op")
-	b.ReportMetric(float64(tp)/float64(te), "rate-vs-plain")
-}
-
 // benchConns are the connections BenchmarkPut and BenchmarkGet compare,
-// each with plain and encrypted on the same pool: direct in pgx's default
-// mode (a caller-built pgxpool), direct and through PgBouncer in
-// transaction mode (pgtest.PoolerURL, 2 server connections) in the mode
-// pgstore.NewPool picks.
+// plain and encrypted on each: direct in pgx's default mode (a
+// caller-built pgxpool), direct in the mode pgstore.NewPool picks, and
+// through PgBouncer in transaction mode (pgtest.PoolerURL, 2 server
+// connections) in that mode.
 var benchConns = []struct {
 	name string
 	pool func(b *testing.B, dbURL string) *pgxpool.Pool
 }{
-	{"direct/cache_statement", func(b *testing.B, u string) *pgxpool.Pool { return pgtest.PoolFor(b, u) }},
-	{"direct/cache_describe", func(b *testing.B, u string) *pgxpool.Pool { return newPool(b, u) }},
-	{"pgbouncer/cache_describe", func(b *testing.B, u string) *pgxpool.Pool { return newPool(b, pgtest.PoolerURL(b, u)) }},
+	{"direct-cache_statement", func(b *testing.B, u string) *pgxpool.Pool { return pgtest.PoolFor(b, u) }},
+	{"direct-cache_describe", func(b *testing.B, u string) *pgxpool.Pool { return newPool(b, u) }},
+	{"pgbouncer-cache_describe", func(b *testing.B, u string) *pgxpool.Pool { return newPool(b, pgtest.PoolerURL(b, u)) }},
 }
 
 func newPool(b *testing.B, dbURL string) *pgxpool.Pool {
@@ -87,23 +61,61 @@ func newPool(b *testing.B, dbURL string) *pgxpool.Pool {
 	return pool
 }
 
+// pair is the plain and the encrypted operation on one connection.
+type pair struct {
+	conn             string
+	plain, encrypted func(i int) error
+}
+
+// interleaved runs every operation once per iteration, one after the
+// other, so that load on the machine affects all alike, and reports each
+// one's time per operation (<conn>-plain-ns/op, <conn>-encrypted-ns/op)
+// and, per connection, the encrypted rate relative to the plain one
+// (<conn>-rate-vs-plain; the target is at least 0.8).
+func interleaved(b *testing.B, pairs []pair) {
+	b.SetBytes(int64(2*len(pairs)) * benchValueSize)
+	tp := make([]time.Duration, len(pairs))
+	te := make([]time.Duration, len(pairs))
+	i := 0
+	for b.Loop() {
+		for k, p := range pairs {
+			t0 := time.Now()
+			if err := p.plain(i); err != nil {
+				b.Fatal(err)
+			}
+			t1 := time.Now()
+			if err := p.encrypted(i); err != nil {
+				b.Fatal(err)
+			}
+			te[k] += time.Since(t1)
+			tp[k] += t1.Sub(t0)
+		}
+		i++
+	}
+	for k, p := range pairs {
+		b.ReportMetric(float64(tp[k].Nanoseconds())/float64(i), p.conn+"-plain-ns/op")
+		b.ReportMetric(float64(te[k].Nanoseconds())/float64(i), p.conn+"-encrypted-ns/op")
+		b.ReportMetric(float64(tp[k])/float64(te[k]), p.conn+"-rate-vs-plain")
+	}
+}
+
 func BenchmarkPut(b *testing.B) {
 	ctx := context.Background()
 	e := newEnv(b, pgstore.Config{})
 	plainTable(b, e)
 	v := benchValue(b)
+	var pairs []pair
 	for _, c := range benchConns {
-		b.Run(c.name, func(b *testing.B) {
-			pool := c.pool(b, e.url)
-			s := newStore(b, pool, pgstore.Config{KEK: e.kek})
-			paired(b, func(i int) error {
-				_, err := pool.Exec(ctx, plainUpsert, "p", fmt.Sprint("s", i%1000), v)
-				return err
-			}, func(i int) error {
-				return s.Put(ctx, "p", fmt.Sprint("s", i%1000), v)
-			})
-		})
+		pool := c.pool(b, e.url)
+		s := newStore(b, pool, pgstore.Config{KEK: e.kek})
+		pairs = append(pairs, pair{c.name, func(i int) error {
+			_, err := pool.Exec(ctx, plainUpsert, "p", fmt.Sprint("s", i%1000), v)
+			return err
+		}, func(i int) error {
+			return s.Put(ctx, "p", fmt.Sprint("s", i%1000), v)
+		}})
 	}
+	interleaved(b, pairs)
 }
 
 func BenchmarkGet(b *testing.B) {
@@ -120,19 +132,19 @@ func BenchmarkGet(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
+	var pairs []pair
 	for _, c := range benchConns {
-		b.Run(c.name, func(b *testing.B) {
-			pool := c.pool(b, e.url)
-			s := newStore(b, pool, pgstore.Config{KEK: e.kek})
+		pool := c.pool(b, e.url)
+		s := newStore(b, pool, pgstore.Config{KEK: e.kek})
+		pairs = append(pairs, pair{c.name, func(i int) error {
 			var got []byte
-			paired(b, func(i int) error {
-				return pool.QueryRow(ctx, `SELECT value FROM plain_secrets WHERE project_id = $1 AND name = $2`, "p", fmt.Sprint("s", i%1000)).Scan(&got)
-			}, func(i int) error {
-				_, err := s.Get(ctx, "p", fmt.Sprint("s", i%1000))
-				return err
-			})
-		})
+			return pool.QueryRow(ctx, `SELECT value FROM plain_secrets WHERE project_id = $1 AND name = $2`, "p", fmt.Sprint("s", i%1000)).Scan(&got)
+		}, func(i int) error {
+			_, err := s.Get(ctx, "p", fmt.Sprint("s", i%1000))
+			return err
+		}})
 	}
+	interleaved(b, pairs)
 }
 
 const migrateRows = 100_000
