@@ -39,16 +39,17 @@ const plainUpsert = `INSERT INTO plain_secrets (project_id, name, value) VALUES 
 ON CONFLICT (project_id, name) DO UPDATE SET value = EXCLUDED.value, updated_at = now()`
 
 // benchConns are the connections BenchmarkPut and BenchmarkGet compare,
-// plain and encrypted on each: direct in pgx's default mode (a
-// caller-built pgxpool), direct in the mode pgstore.NewPool picks, and
-// through PgBouncer in transaction mode (pgtest.PoolerURL, 2 server
-// connections) in that mode.
+// plain and encrypted on each, all from pgstore.NewPool: direct, where it
+// picks pgx's cache_statement; direct in PoolerSafeMode (cache_describe,
+// named in the URL), the cost of that mode; and through PgBouncer in
+// transaction mode (pgtest.PoolerURL, 2 server connections), where NewPool
+// picks PoolerSafeMode.
 var benchConns = []struct {
 	name string
 	pool func(b *testing.B, dbURL string) *pgxpool.Pool
 }{
-	{"direct-cache_statement", func(b *testing.B, u string) *pgxpool.Pool { return pgtest.PoolFor(b, u) }},
-	{"direct-cache_describe", func(b *testing.B, u string) *pgxpool.Pool { return newPool(b, u) }},
+	{"direct-cache_statement", func(b *testing.B, u string) *pgxpool.Pool { return newPool(b, u) }},
+	{"direct-cache_describe", func(b *testing.B, u string) *pgxpool.Pool { return newPool(b, u+"&default_query_exec_mode=cache_describe") }},
 	{"pgbouncer-cache_describe", func(b *testing.B, u string) *pgxpool.Pool { return newPool(b, pgtest.PoolerURL(b, u)) }},
 }
 

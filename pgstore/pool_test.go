@@ -16,13 +16,15 @@ import (
 	"github.com/profullstack/keybroker/pgstore"
 )
 
+// A mode the URL names is kept; otherwise ParseConfig leaves the choice to
+// its BeforeConnect hook (TestTransactionPooler, TestNewPoolDirectMode).
 func TestParseConfigExecMode(t *testing.T) {
 	for _, c := range []struct {
 		url  string
-		want pgx.QueryExecMode
+		want pgx.QueryExecMode // 0: chosen on connect
 	}{
-		{"postgres://u@h/db", pgstore.PoolerSafeMode},
-		{"postgres://u@h/db?pool_max_conns=3", pgstore.PoolerSafeMode},
+		{"postgres://u@h/db", 0},
+		{"postgres://u@h/db?pool_max_conns=3", 0},
 		{"postgres://u@h/db?default_query_exec_mode=cache_statement", pgx.QueryExecModeCacheStatement},
 		{"host=h user=u default_query_exec_mode=cache_describe", pgx.QueryExecModeCacheDescribe},
 	} {
@@ -30,13 +32,39 @@ func TestParseConfigExecMode(t *testing.T) {
 		if err != nil {
 			t.Fatalf("%s: %v", c.url, err)
 		}
-		if got := cfg.ConnConfig.DefaultQueryExecMode; got != c.want {
+		if hook := cfg.BeforeConnect != nil; hook != (c.want == 0) {
+			t.Errorf("%s: BeforeConnect set: %v", c.url, hook)
+		}
+		if got := cfg.ConnConfig.DefaultQueryExecMode; c.want != 0 && got != c.want {
 			t.Errorf("%s: mode %v, want %v", c.url, got, c.want)
 		}
 	}
 	_, err := pgstore.ParseConfig("postgres://u:hunter2@h:notaport/db")
 	if !errors.Is(err, pgstore.ErrInvalidArgument) || strings.Contains(err.Error(), "hunter2") {
 		t.Fatalf("malformed URL: %v", err)
+	}
+}
+
+// connMode is the exec mode of one of pool's connections.
+func connMode(t *testing.T, pool *pgxpool.Pool) pgx.QueryExecMode {
+	t.Helper()
+	c, err := pool.Acquire(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Release()
+	return c.Conn().Config().DefaultQueryExecMode
+}
+
+// Direct to PostgreSQL, NewPool keeps pgx's fastest mode.
+func TestNewPoolDirectMode(t *testing.T) {
+	pool, err := pgstore.NewPool(context.Background(), pgtest.NewDatabase(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pool.Close()
+	if m := connMode(t, pool); m != pgx.QueryExecModeCacheStatement {
+		t.Fatalf("direct: mode %v, want cache_statement", m)
 	}
 }
 
@@ -114,6 +142,9 @@ func TestTransactionPooler(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer pool.Close()
+		if m := connMode(t, pool); m != pgstore.PoolerSafeMode {
+			t.Fatalf("through the pooler: mode %v, want %v", m, pgstore.PoolerSafeMode)
+		}
 		s := newStore(t, pool, pgstore.Config{KEK: kek})
 		const workers, each = 8, 25
 		var wg sync.WaitGroup
