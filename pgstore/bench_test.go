@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgtype"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/profullstack/keybroker/internal/pgtest"
@@ -49,7 +50,9 @@ var benchConns = []struct {
 	pool func(b *testing.B, dbURL string) *pgxpool.Pool
 }{
 	{"direct-cache_statement", func(b *testing.B, u string) *pgxpool.Pool { return newPool(b, u) }},
-	{"direct-cache_describe", func(b *testing.B, u string) *pgxpool.Pool { return newPool(b, u+"&default_query_exec_mode=cache_describe") }},
+	{"direct-cache_describe", func(b *testing.B, u string) *pgxpool.Pool {
+		return newPool(b, u+"&default_query_exec_mode=cache_describe")
+	}},
 	{"pgbouncer-cache_describe", func(b *testing.B, u string) *pgxpool.Pool { return newPool(b, pgtest.PoolerURL(b, u)) }},
 }
 
@@ -72,7 +75,8 @@ type pair struct {
 // other, so that load on the machine affects all alike, and reports each
 // one's time per operation (<conn>-plain-ns/op, <conn>-encrypted-ns/op)
 // and, per connection, the encrypted rate relative to the plain one
-// (<conn>-rate-vs-plain; the target is at least 0.8).
+// (<conn>-rate-vs-plain; the target is at least 0.8). An empty conn drops
+// the prefix (plain-ns/op, ...).
 func interleaved(b *testing.B, pairs []pair) {
 	b.SetBytes(int64(2*len(pairs)) * benchValueSize)
 	tp := make([]time.Duration, len(pairs))
@@ -94,9 +98,13 @@ func interleaved(b *testing.B, pairs []pair) {
 		i++
 	}
 	for k, p := range pairs {
-		b.ReportMetric(float64(tp[k].Nanoseconds())/float64(i), p.conn+"-plain-ns/op")
-		b.ReportMetric(float64(te[k].Nanoseconds())/float64(i), p.conn+"-encrypted-ns/op")
-		b.ReportMetric(float64(tp[k])/float64(te[k]), p.conn+"-rate-vs-plain")
+		prefix := p.conn
+		if prefix != "" {
+			prefix += "-"
+		}
+		b.ReportMetric(float64(tp[k].Nanoseconds())/float64(i), prefix+"plain-ns/op")
+		b.ReportMetric(float64(te[k].Nanoseconds())/float64(i), prefix+"encrypted-ns/op")
+		b.ReportMetric(float64(tp[k])/float64(te[k]), prefix+"rate-vs-plain")
 	}
 }
 
@@ -283,4 +291,32 @@ func BenchmarkRewrap(b *testing.B) {
 			b.ReportMetric(float64(keys)/elapsed.Seconds(), "datakeys/s")
 		})
 	}
+}
+
+// BenchmarkPutFence measures what Put's fence costs in the database: the
+// same envelope upserted with the unfenced statement (VALUES, as before
+// migration 003) and with Put's fenced one (INSERT ... SELECT from
+// data_keys ... FOR KEY SHARE), alternately, on the same rows.
+func BenchmarkPutFence(b *testing.B) {
+	ctx := context.Background()
+	e := newEnv(b, pgstore.Config{})
+	if err := e.store.Put(ctx, "p", "seed", benchValue(b)); err != nil {
+		b.Fatal(err)
+	}
+	var blob, nonce []byte
+	var id pgtype.UUID
+	if err := e.pool.QueryRow(ctx, `SELECT encrypted_data, nonce, data_key_id FROM keybroker.encrypted_secrets WHERE name = 'seed'`).Scan(&blob, &nonce, &id); err != nil {
+		b.Fatal(err)
+	}
+	const set = ` ON CONFLICT (project_id, name) DO UPDATE SET encrypted_data = EXCLUDED.encrypted_data, nonce = EXCLUDED.nonce,
+    data_key_id = EXCLUDED.data_key_id, updated_at = now()`
+	interleaved(b, []pair{{"", func(i int) error {
+		_, err := e.pool.Exec(ctx, `INSERT INTO keybroker.encrypted_secrets AS s (project_id, name, encrypted_data, nonce, data_key_id)
+VALUES ($1, $2, $3, $4, $5)`+set, "p", fmt.Sprint("a", i%1000), blob, nonce, id)
+		return err
+	}, func(i int) error {
+		_, err := e.pool.Exec(ctx, `INSERT INTO keybroker.encrypted_secrets AS s (project_id, name, encrypted_data, nonce, data_key_id)
+SELECT $1, $2, $3, $4, d.id FROM keybroker.data_keys d WHERE d.id = $5 AND d.project_id = $1 AND d.state <> 'retired' FOR KEY SHARE`+set, "p", fmt.Sprint("b", i%1000), blob, nonce, id)
+		return err
+	}}})
 }

@@ -39,7 +39,8 @@ type MigrateOptions struct {
 	// Source rows of a batch stay locked until it commits.
 	BatchSize int
 	// ClearPlaintext sets ValueColumn to NULL, in the same transaction, for
-	// each row whose secret is stored and verified.
+	// each row whose secret is stored and verified. A NOT NULL ValueColumn
+	// is refused (ErrSource) before any write.
 	ClearPlaintext bool
 	// DryRun validates the source and counts rows, and changes nothing.
 	DryRun bool
@@ -57,25 +58,37 @@ type MigrateOptions struct {
 // MigrateProgress reports MigratePlaintext's progress.
 type MigrateProgress struct {
 	Done    int64  // source rows processed so far by this call
-	Total   int64  // source rows with a value when the call started
+	Total   int64  // source rows with a value (after StartAfter) when the call started
 	LastKey string // key (as text) of the last row committed; empty with Workers > 1
 }
 
 // MigrateResult is what MigratePlaintext did, or (DryRun) would do.
 type MigrateResult struct {
-	Pending        int64  // source rows with a value when the call started
-	Migrated       int64  // secrets written from source rows
-	AlreadyPresent int64  // source rows whose secret was already stored with the same value
-	Conflicts      int64  // source rows whose secret is stored with another value (or does not decrypt): left alone, plaintext kept
-	Cleared        int64  // source values set to NULL
-	LastKey        string // key (as text) of the last row handled; empty with Workers > 1
+	Pending        int64 // source rows with a value (after StartAfter) when the call started
+	Migrated       int64 // secrets written from source rows
+	AlreadyPresent int64 // source rows whose secret was already stored with the same value
+	Conflicts      int64 // source rows whose secret is stored with another value (or does not decrypt): left alone, plaintext kept
+	// ConflictRows names the first MaxConflictRows conflicting rows found
+	// (in key order with one worker); Conflicts counts them all.
+	ConflictRows []MigrateConflict
+	Cleared      int64  // source values set to NULL
+	LastKey      string // key (as text) of the last row handled; empty with Workers > 1
+}
+
+// MaxConflictRows bounds MigrateResult.ConflictRows.
+const MaxConflictRows = 100
+
+// MigrateConflict names a source row left alone because its secret is
+// already stored with another value. It never carries a value.
+type MigrateConflict struct {
+	Key, Project, Name string // the row's key column (as text), project and name
 }
 
 // MigratePlaintext encrypts the plaintext secrets of an existing table into
 // encrypted_secrets. It first checks that the table and columns exist, that
-// the value column's type is usable, the key column unique, and that no row
-// with a value lacks a valid project or name; any problem is one error
-// matching ErrSource, before any write.
+// the value column's type is usable (and, with ClearPlaintext, nullable),
+// the key column unique, and that no row with a value lacks a valid project
+// or name; any problem is one error matching ErrSource, before any write.
 //
 // Rows are read in key order (keyset pagination, so the table is never
 // locked as a whole) in batches, each one transaction: encrypt each value
@@ -83,8 +96,10 @@ type MigrateResult struct {
 // overwritten), read back what is stored and decrypt it, and only if it
 // equals the source bytes count the row as migrated (and, with
 // ClearPlaintext, NULL the source value). A mismatch on a row this batch
-// wrote aborts the batch with ErrVerify. Re-running is safe at any point:
-// rows already stored with the same value count as AlreadyPresent.
+// wrote aborts the batch with ErrVerify. Each batch records its
+// migrate.plaintext event (count: the secrets it wrote) in its own
+// transaction. Re-running is safe at any point: rows already stored with
+// the same value count as AlreadyPresent.
 //
 // MigratePlaintext writes to many projects, so it needs a role that
 // row-level security does not restrict.
@@ -101,7 +116,13 @@ func (s *Store) MigratePlaintext(ctx context.Context, src PlaintextSource, opts 
 	if err != nil {
 		return res, err
 	}
-	if err := s.pool.QueryRow(ctx, m.count).Scan(&res.Pending); err != nil {
+	// Counted after StartAfter, as the batches read, so that a resumed
+	// run's progress ends at Total.
+	count, countArgs := m.count, []any{}
+	if opts.StartAfter != "" {
+		count, countArgs = count+fmt.Sprintf(` AND %s > $1::%s`, m.key, m.keyType), append(countArgs, opts.StartAfter)
+	}
+	if err := s.pool.QueryRow(ctx, count, countArgs...).Scan(&res.Pending); err != nil {
 		return res, fmt.Errorf("pgstore: migrate plaintext: %w", err)
 	}
 	var badKey pgtype.Text
@@ -126,7 +147,7 @@ func (s *Store) MigratePlaintext(ctx context.Context, src PlaintextSource, opts 
 	for _, r := range ranges {
 		g.Go(func() error {
 			for {
-				br, err := s.migrateBatch(gctx, m, r, batch, opts.ClearPlaintext)
+				br, err := s.migrateBatch(gctx, m, src.Table, r, batch, opts.ClearPlaintext)
 				if err != nil || br.n == 0 {
 					return err
 				}
@@ -135,6 +156,7 @@ func (s *Store) MigratePlaintext(ctx context.Context, src PlaintextSource, opts 
 				res.Migrated += br.migrated
 				res.AlreadyPresent += br.present
 				res.Conflicts += br.conflicts
+				res.ConflictRows = append(res.ConflictRows, br.conflictRows[:min(len(br.conflictRows), MaxConflictRows-len(res.ConflictRows))]...)
 				res.Cleared += br.cleared
 				if len(ranges) == 1 {
 					res.LastKey = br.last
@@ -149,11 +171,6 @@ func (s *Store) MigratePlaintext(ctx context.Context, src PlaintextSource, opts 
 		})
 	}
 	if err := g.Wait(); err != nil {
-		return res, err
-	}
-	if err := s.event(ctx, s.pool, "migrate.plaintext", "", 0, nil, res.Migrated, map[string]any{
-		"table": src.Table, "already_present": res.AlreadyPresent, "conflicts": res.Conflicts, "cleared": res.Cleared,
-	}); err != nil {
 		return res, err
 	}
 	return res, nil
@@ -237,20 +254,21 @@ func (s *Store) plaintextSQL(ctx context.Context, src PlaintextSource, clear boo
 		return nil, fmt.Errorf("pgstore: migrate plaintext: %w", err)
 	}
 	type column struct {
-		typ    string // format_type, for casts
-		unique bool
+		typ     string // format_type, for casts
+		unique  bool
+		notNull bool
 	}
 	cols := map[string]column{}
 	rows, err := s.pool.Query(ctx, `SELECT a.attname, format_type(a.atttypid, a.atttypmod),
   EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = a.attrelid AND i.indisunique AND i.indnkeyatts = 1
-          AND i.indkey[0] = a.attnum AND i.indpred IS NULL)
+          AND i.indkey[0] = a.attnum AND i.indpred IS NULL), a.attnotnull
 FROM pg_attribute a WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped`, oid)
 	if err != nil {
 		return nil, fmt.Errorf("pgstore: migrate plaintext: %w", err)
 	}
 	var name string
 	var c column
-	if _, err := pgx.ForEachRow(rows, []any{&name, &c.typ, &c.unique}, func() error { cols[name] = c; return nil }); err != nil {
+	if _, err := pgx.ForEachRow(rows, []any{&name, &c.typ, &c.unique, &c.notNull}, func() error { cols[name] = c; return nil }); err != nil {
 		return nil, fmt.Errorf("pgstore: migrate plaintext: %w", err)
 	}
 	for _, want := range []struct{ role, name string }{{"key", src.KeyColumn}, {"project", src.ProjectColumn}, {"name", src.NameColumn}, {"value", src.ValueColumn}} {
@@ -261,6 +279,11 @@ FROM pg_attribute a WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdroppe
 	key, val := cols[src.KeyColumn], cols[src.ValueColumn]
 	if !key.unique {
 		return nil, fmt.Errorf("%w: key column %q of table %q needs a single-column unique index (for example the primary key)", ErrSource, src.KeyColumn, src.Table)
+	}
+	if clear && val.notNull {
+		// Checked here, before any write: the first batch's UPDATE would
+		// fail after its data keys were made.
+		return nil, fmt.Errorf("%w: value column %q of table %q is NOT NULL, so clearing the plaintext cannot set it to NULL", ErrSource, src.ValueColumn, src.Table)
 	}
 	q := func(col string) string { return pgx.Identifier{col}.Sanitize() }
 	k, p, n, v := q(src.KeyColumn), q(src.ProjectColumn), q(src.NameColumn), q(src.ValueColumn)
@@ -301,11 +324,26 @@ type secretID struct{ project, name string }
 type batchResult struct {
 	n                                     int
 	migrated, present, conflicts, cleared int64
+	conflictRows                          []MigrateConflict // at most MaxConflictRows
 	last                                  string
 }
 
-// migrateBatch migrates the first rows of r in one transaction.
-func (s *Store) migrateBatch(ctx context.Context, m *plaintextQueries, r keyRange, batch int, clear bool) (batchResult, error) {
+// migrateBatch migrates the first rows of r in one transaction, redoing it
+// under fresh data key reservations when a project's data key was retired
+// or removed under it.
+func (s *Store) migrateBatch(ctx context.Context, m *plaintextQueries, table string, r keyRange, batch int, clear bool) (batchResult, error) {
+	for attempt := 1; ; attempt++ {
+		br, err := s.migrateOnce(ctx, m, table, r, batch, clear)
+		if !errors.Is(err, errStaleKey) {
+			return br, err
+		}
+		if attempt == maxWriteAttempts {
+			return br, fmt.Errorf("%w: migrate plaintext: data keys retired or removed on each of %d attempts", ErrNoActiveKey, attempt)
+		}
+	}
+}
+
+func (s *Store) migrateOnce(ctx context.Context, m *plaintextQueries, table string, r keyRange, batch int, clear bool) (batchResult, error) {
 	var br batchResult
 	tx, err := s.pool.Begin(ctx)
 	if err != nil {
@@ -361,8 +399,12 @@ func (s *Store) migrateBatch(ctx context.Context, m *plaintextQueries, r keyRang
 		now[secretID{project, name}] = &c
 		return nil
 	}
+	// Put's fence: a row is inserted only under a data key that is not
+	// retired when the statement runs (see Store.put).
 	ins, err := tx.Query(ctx, `INSERT INTO `+s.q+`.encrypted_secrets (project_id, name, encrypted_data, nonce, data_key_id)
-SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bytea[], $5::uuid[])
+SELECT u.p, u.n, u.b, u.nc, d.id FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bytea[], $5::uuid[]) WITH ORDINALITY AS u(p, n, b, nc, k, i)
+JOIN `+s.q+`.data_keys d ON d.id = u.k AND d.project_id = u.p AND d.state <> 'retired'
+ORDER BY u.i FOR KEY SHARE OF d
 ON CONFLICT (project_id, name) DO NOTHING RETURNING project_id, name, encrypted_data, nonce, data_key_id`, projects, names, blobs, nonces, ids)
 	if err != nil {
 		return br, fmt.Errorf("pgstore: migrate plaintext: insert: %w", err)
@@ -390,8 +432,19 @@ JOIN `+s.q+`.encrypted_secrets s ON s.project_id = u.p AND s.name = u.n`, ps, ns
 			return br, fmt.Errorf("pgstore: migrate plaintext: read existing: %w", err)
 		}
 	}
+	stale := false
+	for i := range keys {
+		if now[secretID{projects[i], names[i]}] == nil { // neither inserted nor there: the fence refused it
+			s.dropReservation(projects[i])
+			stale = true
+		}
+	}
+	if stale {
+		return br, errStaleKey
+	}
 	var clearKeys []string
 	var migrated, present, conflicts int64
+	var conflictRows []MigrateConflict
 	for i := range keys {
 		sid := secretID{projects[i], names[i]}
 		cur := now[sid]
@@ -411,6 +464,9 @@ JOIN `+s.q+`.encrypted_secrets s ON s.project_id = u.p AND s.name = u.n`, ps, ns
 			present++
 		default:
 			conflicts++
+			if len(conflictRows) < MaxConflictRows {
+				conflictRows = append(conflictRows, MigrateConflict{Key: keys[i], Project: sid.project, Name: sid.name})
+			}
 			s.log.Warn("pgstore: migrate plaintext: secret already stored with another value; source row left alone", "key", keys[i], "project", sid.project, "name", sid.name)
 			continue
 		}
@@ -424,8 +480,15 @@ JOIN `+s.q+`.encrypted_secrets s ON s.project_id = u.p AND s.name = u.n`, ps, ns
 		}
 		cleared = ct.RowsAffected()
 	}
+	// The audit event commits with the batch, so a killed run leaves one
+	// per committed batch, its count the secrets it wrote.
+	if err := s.event(ctx, tx, "migrate.plaintext", "", 0, nil, migrated, map[string]any{
+		"table": table, "rows": len(keys), "already_present": present, "conflicts": conflicts, "cleared": cleared,
+	}); err != nil {
+		return br, err
+	}
 	if err := tx.Commit(ctx); err != nil {
 		return br, fmt.Errorf("pgstore: migrate plaintext: commit: %w", err)
 	}
-	return batchResult{n: len(keys), migrated: migrated, present: present, conflicts: conflicts, cleared: cleared, last: keys[len(keys)-1]}, nil
+	return batchResult{n: len(keys), migrated: migrated, present: present, conflicts: conflicts, conflictRows: conflictRows, cleared: cleared, last: keys[len(keys)-1]}, nil
 }

@@ -221,7 +221,12 @@ var dataKeyOpts = []envelope.Option{envelope.WithMaxMessages(envelope.MaxMessage
 
 func uuidParam(id [16]byte) pgtype.UUID { return pgtype.UUID{Bytes: id, Valid: true} }
 
-func cacheID(id [16]byte) string { return string(id[:]) }
+// cacheID is the cache key of data key id of project. The project is part
+// of it so that a data_keys row relabelled to another project is never
+// served from a key cached for the first: it must unwrap under its new
+// project's wrap aad, which it does not. The id has a fixed length, so the
+// concatenation is unambiguous.
+func cacheID(project string, id [16]byte) string { return string(id[:]) + project }
 
 // setProject is the first statement of every project-scoped batch: it names
 // the project for row-level security, for the current transaction only.
@@ -251,30 +256,40 @@ func (s *Store) put(ctx context.Context, project, name string, value []byte) err
 		return fmt.Errorf("%w: secret value is %d bytes, more than %d", ErrInvalidArgument, len(value), MaxValueLen)
 	}
 	aad := secretAAD(project, name)
-	// A data key may be deleted (re-encryption) between our reservation and
-	// the insert; the foreign key then refuses the row and we retry once
-	// with a fresh reservation.
-	for attempt := 0; ; attempt++ {
+	// The insert names the data key only if its row still exists, belongs
+	// to the project and is not retired, reading it FOR KEY SHARE (the
+	// lock the foreign key check takes anyway). Reencrypt locks the keys it
+	// retires FOR UPDATE (and a destroy deletes them), which conflicts: a
+	// Put racing them waits, re-checks the committed row and stores
+	// nothing; it then redoes the encryption under a fresh reservation.
+	// Budget reservations and rewraps (non-key updates) do not conflict. A
+	// spent key is accepted: its reservations were granted within the
+	// budget, and refusing them would make the holder of a key's last
+	// reservation always retry.
+	for attempt := 1; ; attempt++ {
 		id, blob, nonce, err := s.seal(ctx, project, value, aad)
 		if err != nil {
 			return err
 		}
+		var stored bool
 		err = s.scoped(ctx, project, func(b *pgx.Batch) {
 			b.Queue(`INSERT INTO `+s.q+`.encrypted_secrets AS s (project_id, name, encrypted_data, nonce, data_key_id)
-VALUES ($1, $2, $3, $4, $5)
+SELECT $1, $2, $3, $4, d.id FROM `+s.q+`.data_keys d WHERE d.id = $5 AND d.project_id = $1 AND d.state <> 'retired' FOR KEY SHARE
 ON CONFLICT (project_id, name) DO UPDATE
 SET encrypted_data = EXCLUDED.encrypted_data, nonce = EXCLUDED.nonce,
     data_key_id = EXCLUDED.data_key_id, updated_at = now()`,
-				project, name, blob, nonce, uuidParam(id))
+				project, name, blob, nonce, uuidParam(id)).Exec(func(ct pgconn.CommandTag) error { stored = ct.RowsAffected() == 1; return nil })
 		})
-		if err == nil {
+		if err != nil {
+			return fmt.Errorf("pgstore: put %q: %w", name, err)
+		}
+		if stored {
 			return nil
 		}
-		if pgCode(err) == "23503" && attempt == 0 {
-			s.forget(project, id)
-			continue
+		s.forget(project, id)
+		if attempt == maxWriteAttempts {
+			return fmt.Errorf("%w: put %q in project %q: data key retired or removed on each of %d attempts", ErrNoActiveKey, name, project, attempt)
 		}
-		return fmt.Errorf("pgstore: put %q: %w", name, err)
 	}
 }
 
@@ -355,30 +370,53 @@ func (s *Store) open(ctx context.Context, project string, id [16]byte, wk *provi
 
 // dataKey returns the unwrapped data key id of project from the cache,
 // unwrapping wk (or, when wk is nil, the row read from data_keys) on a miss,
-// and the function releasing the cache's lease on it.
+// and the function releasing the cache's lease on it. A data key that does
+// not unwrap under project and id (its wrapped form or kek row altered,
+// moved or missing, a key version the keyring lacks) is the bare
+// envelope.ErrDecrypt, exactly what an altered ciphertext gives, so the
+// two cannot be told apart; an unreachable key service, access denied, a
+// disabled key and ctx's errors are returned as they are
+// (envelope.UnwrapFailure), as are database errors.
 func (s *Store) dataKey(ctx context.Context, project string, id [16]byte, wk *provider.WrappedKey) (*envelope.DataKey, func(), error) {
-	return s.cache.Get(ctx, cacheID(id), func(ctx context.Context) (*envelope.DataKey, error) {
+	return s.cache.Get(ctx, cacheID(project, id), func(ctx context.Context) (*envelope.DataKey, error) {
 		if wk == nil {
 			var err error
 			if wk, err = s.loadWrapped(ctx, project, id); err != nil {
 				return nil, err
 			}
 		}
-		return envelope.UnwrapDataKey(ctx, s.keyring, wk, wrapAAD(project, id), dataKeyOpts...)
+		dk, err := envelope.UnwrapDataKey(ctx, s.keyring, wk, wrapAAD(project, id), dataKeyOpts...)
+		if err != nil {
+			return nil, envelope.UnwrapFailure(err)
+		}
+		return dk, nil
 	})
 }
 
+// loadWrapped reads data key id of project and the kek row that wrapped
+// it. No such row of that project (a foreign key bypassed, a constraint
+// dropped, a partial restore, a row relabelled to another project) is
+// envelope.ErrDecrypt: the secret naming it cannot be decrypted.
 func (s *Store) loadWrapped(ctx context.Context, project string, id [16]byte) (*provider.WrappedKey, error) {
 	wk := &provider.WrappedKey{}
+	var found bool
 	err := s.scoped(ctx, project, func(b *pgx.Batch) {
 		b.Queue(`SELECT d.wrapped_dek, k.provider, k.key_id, k.key_version
 FROM `+s.q+`.data_keys d JOIN `+s.q+`.kek k ON k.id = d.kek_id
 WHERE d.id = $1 AND d.project_id = $2`, uuidParam(id), project).QueryRow(func(r pgx.Row) error {
-			return r.Scan(&wk.Ciphertext, &wk.Provider, &wk.KeyID, &wk.Version)
+			err := r.Scan(&wk.Ciphertext, &wk.Provider, &wk.KeyID, &wk.Version)
+			if errors.Is(err, pgx.ErrNoRows) {
+				return nil
+			}
+			found = err == nil
+			return err
 		})
 	})
 	if err != nil {
 		return nil, fmt.Errorf("pgstore: load data key: %w", err)
+	}
+	if !found {
+		return nil, envelope.ErrDecrypt
 	}
 	return wk, nil
 }
@@ -445,7 +483,11 @@ WHERE project_id = $1 ORDER BY name`, project).Query(func(rows pgx.Rows) error {
 // setting names project, so row-level security (see the package doc)
 // limits fn's statements to that project's rows when the session's role is
 // subject to it. The transaction commits if fn returns nil and rolls back
-// otherwise.
+// otherwise. However fn ends (nil, an error, a panic) and whatever it ran
+// (set_config(..., false), SET, its own COMMIT), the pooled connection goes
+// back to the pool with keybroker.project_id reset for the session, or is
+// closed if it cannot be reset: the next user of the connection never
+// inherits a project.
 func WithProject(ctx context.Context, pool *pgxpool.Pool, project string, fn func(pgx.Tx) error) error {
 	if err := checkProject(project); err != nil {
 		return err
@@ -453,12 +495,30 @@ func WithProject(ctx context.Context, pool *pgxpool.Pool, project string, fn fun
 	if pool == nil || fn == nil {
 		return fmt.Errorf("%w: nil pool or function", ErrInvalidArgument)
 	}
-	return pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
+	conn, err := pool.Acquire(ctx)
+	if err != nil {
+		return fmt.Errorf("pgstore: acquire connection: %w", err)
+	}
+	defer releaseUnscoped(ctx, conn)
+	return pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
 		if _, err := tx.Exec(ctx, setProject, project); err != nil {
 			return fmt.Errorf("pgstore: set project: %w", err)
 		}
 		return fn(tx)
 	})
+}
+
+// releaseUnscoped returns conn to its pool after resetting the session's
+// keybroker.project_id. It runs after the transaction has ended (committed,
+// rolled back, or abandoned by a panic), outside any transaction, so the
+// RESET cannot be undone by one; a connection on which it fails (broken,
+// busy, still in a transaction) is closed, and the pool then drops it.
+func releaseUnscoped(ctx context.Context, conn *pgxpool.Conn) {
+	ctx = context.WithoutCancel(ctx)
+	if _, err := conn.Exec(ctx, "RESET keybroker.project_id"); err != nil {
+		conn.Conn().Close(ctx)
+	}
+	conn.Release()
 }
 
 // project returns this process's reservation state for project.
@@ -481,7 +541,7 @@ func (s *Store) forget(project string, id [16]byte) {
 		pk.valid = false
 	}
 	pk.mu.Unlock()
-	s.cache.Remove(cacheID(id))
+	s.cache.Remove(cacheID(project, id))
 }
 
 // reserve takes one encryption from the budget of project's active data
@@ -491,10 +551,18 @@ func (s *Store) reserve(ctx context.Context, project string) ([16]byte, *envelop
 	pk := s.project(project)
 	pk.mu.Lock()
 	defer pk.mu.Unlock()
+	reloaded := false
 	for {
 		if pk.valid && pk.next < pk.end {
 			pk.next++
 			dk, release, err := s.dataKey(ctx, project, pk.id, nil)
+			if err != nil && !reloaded {
+				// The key's row may be gone (deleted behind pgstore's back):
+				// ask the database for a reservation again, once, which
+				// finds or creates the project's active key.
+				reloaded, pk.valid = true, false
+				continue
+			}
 			return pk.id, dk, release, err
 		}
 		if pk.valid {
@@ -560,8 +628,27 @@ func (s *Store) activeKey(ctx context.Context, project string) ([16]byte, error)
 }
 
 // createKey makes, wraps and stores a new active data key for project,
-// unless another one became active first (created false).
+// unless another one became active first (created false). When the
+// database refuses the key because its KEK version is retired (another
+// process retired it), the keyring is refreshed and a fresh key wrapped
+// once more; a second refusal is ErrRetiredVersion.
 func (s *Store) createKey(ctx context.Context, project string, id *[16]byte) (created bool, err error) {
+	created, err = s.tryCreateKey(ctx, project, id)
+	if !errors.Is(err, ErrRetiredVersion) {
+		return created, err
+	}
+	s.log.Warn("pgstore: primary KEK version is retired; refreshing the keyring", "project", project)
+	if rerr := s.keyring.Refresh(ctx); rerr != nil {
+		return false, fmt.Errorf("%w (refreshing the keyring failed: %v)", err, rerr)
+	}
+	created, err = s.tryCreateKey(ctx, project, id)
+	if errors.Is(err, ErrRetiredVersion) {
+		return false, fmt.Errorf("%w, still after refreshing the keyring", err)
+	}
+	return created, err
+}
+
+func (s *Store) tryCreateKey(ctx context.Context, project string, id *[16]byte) (created bool, err error) {
 	if _, err := rand.Read(id[:]); err != nil {
 		return false, fmt.Errorf("pgstore: new data key id: %w", err)
 	}
@@ -584,13 +671,16 @@ SELECT 'dek.create', $1, $2, $3, 1, $4 WHERE EXISTS (SELECT 1 FROM `+s.q+`.data_
 	})
 	if err != nil || !created {
 		dk.Destroy()
+		if pgCode(err) == sqlstateRetired {
+			return false, fmt.Errorf("%w: %s@%s", ErrRetiredVersion, wk.Ref(), wk.Version)
+		}
 		if err != nil {
 			return false, fmt.Errorf("pgstore: store new data key: %w", err)
 		}
 		return false, nil
 	}
 	// Seed the cache with the key we hold rather than unwrapping it again.
-	_, release, err := s.cache.Get(ctx, cacheID(*id), func(context.Context) (*envelope.DataKey, error) { return dk, nil })
+	_, release, err := s.cache.Get(ctx, cacheID(project, *id), func(context.Context) (*envelope.DataKey, error) { return dk, nil })
 	if err != nil {
 		dk.Destroy()
 		return false, fmt.Errorf("pgstore: %w", err)
@@ -630,23 +720,12 @@ type querier interface {
 	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
 }
 
+// kekRowFor returns the id of the kek row for the version through
+// record_kek (migration 003), which inserts a new row with its kek.record
+// event: the only way a role other than the owner can create one.
 func (s *Store) kekRowFor(ctx context.Context, q querier, prov, keyID, version string) (int64, error) {
-	// Under READ COMMITTED a row inserted concurrently is invisible to the
-	// statement that waited on it, so the lookup is retried once.
 	var id int64
-	var err error
-	for range 2 {
-		err = q.QueryRow(ctx, `WITH ins AS (
-  INSERT INTO `+s.q+`.kek (provider, key_id, key_version) VALUES ($1, $2, $3)
-  ON CONFLICT (provider, key_id, key_version) DO NOTHING RETURNING id)
-SELECT id FROM ins UNION ALL
-SELECT id FROM `+s.q+`.kek WHERE provider = $1 AND key_id = $2 AND key_version = $3
-LIMIT 1`, prov, keyID, version).Scan(&id)
-		if !errors.Is(err, pgx.ErrNoRows) {
-			break
-		}
-	}
-	if err != nil {
+	if err := q.QueryRow(ctx, `SELECT `+s.q+`.record_kek($1, $2, $3, $4)`, prov, keyID, version, s.actorParam()).Scan(&id); err != nil {
 		return 0, fmt.Errorf("pgstore: record kek version: %w", err)
 	}
 	return id, nil
