@@ -88,7 +88,7 @@ func StartBouncer(ctx context.Context, upstream string, opts BouncerOptions) (*B
 		os.RemoveAll(dir)
 		return nil, err
 	}
-	if b.Port, err = FreePort(); err != nil {
+	if b.Port, err = freePort(); err != nil {
 		return fail(err)
 	}
 	ini := fmt.Sprintf(`[databases]

@@ -92,7 +92,7 @@ func Start(ctx context.Context, opts Options) (*Server, error) {
 	// pg_ctl runs the server through the shell: quote the directory.
 	opts0 := "-k '" + dir + "' -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
 	if opts.TCP {
-		if s.Port, err = FreePort(); err != nil {
+		if s.Port, err = freePort(); err != nil {
 			os.RemoveAll(dir)
 			return nil, err
 		}
@@ -175,10 +175,10 @@ func (s *Server) prepareDir() error {
 	return nil
 }
 
-// run runs a program (a PostgreSQL binary when dir is omitted, i.e. name
-// is a name in the binaries' directory) as the server's user and returns
-// its output. It runs in its own process group so that a Ctrl-C at the
-// terminal reaches the caller, which then stops the server in order,
+// run runs the PostgreSQL binary name (or, with name "", the program
+// args[0] from $PATH) as the server's user, in the server's directory, and
+// returns its output. It runs in its own process group so that a Ctrl-C at
+// the terminal reaches the caller, which then stops the server in order,
 // rather than the server directly. Output goes through a file, not a pipe:
 // the server pg_ctl starts inherits the descriptors and would hold a pipe
 // open.
@@ -282,8 +282,8 @@ func baseDir(cred *syscall.Credential) string {
 	}
 }
 
-// FreePort returns a TCP port on 127.0.0.1 that was free a moment ago.
-func FreePort() (int, error) {
+// freePort returns a TCP port on 127.0.0.1 that was free a moment ago.
+func freePort() (int, error) {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return 0, fmt.Errorf("pgserver: find a free port: %w", err)
