@@ -41,10 +41,15 @@ type WriterSummary struct {
 	GetErrors  int64  `json:"get_errors"`  // read-backs that failed
 	BadValues  int64  `json:"bad_values"`  // read-backs that returned another value
 	OperatorOK bool   `json:"operator_ok"` // the operator had done MinCycles when the writer stopped
-	// Errors holds the first few error messages (no values: errors never
-	// carry secrets).
-	Errors []string `json:"errors"`
+	// Errors counts failures by message (operation and error, without the
+	// name or seq), for the first MaxErrorKinds distinct messages. Errors
+	// never carry values or keys.
+	Errors map[string]int `json:"errors"`
 }
+
+// MaxErrorKinds bounds the distinct messages in WriterSummary.Errors
+// (the counts of failures are exact).
+const MaxErrorKinds = 10
 
 // Command is one run of the keybroker CLI by the operator.
 type Command struct {
@@ -58,7 +63,8 @@ type OperatorSummary struct {
 	// Cycles counts the rotate, rewrap, reencrypt and retire rounds the
 	// operator completed while the writers ran (before its stdin closed).
 	Cycles int `json:"cycles"`
-	// Codes counts exit codes by subcommand, e.g. {"rewrap": {"0": 12, "5": 1}}.
+	// Codes counts exit codes by subcommand and flags, e.g.
+	// {"rewrap": {"0": 12, "5": 1}, "rotate --retire": {"0": 3}}.
 	Codes map[string]map[int]int `json:"codes"`
 	// Failures lists every command whose exit code was neither 0 nor 5,
 	// and every command that still exited 5 after MaxReruns reruns.

@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -294,8 +295,13 @@ func checkWriters(t *testing.T, sums []soak.WriterSummary) {
 		t.Logf("writer %d: %d puts acknowledged, %d failed; %d read-backs, %d failed, %d wrong value",
 			s.Worker, s.Puts, s.PutErrors, s.Gets, s.GetErrors, s.BadValues)
 		if s.PutErrors+s.GetErrors+s.BadValues > 0 {
-			t.Errorf("writer %d: %d Puts failed, %d read-backs failed, %d read back another value; first errors:\n  %s",
-				s.Worker, s.PutErrors, s.GetErrors, s.BadValues, strings.Join(s.Errors, "\n  "))
+			var kinds []string
+			for msg, n := range s.Errors {
+				kinds = append(kinds, fmt.Sprintf("%dx %s", n, msg))
+			}
+			slices.Sort(kinds)
+			t.Errorf("writer %d: %d Puts failed, %d read-backs failed, %d read back another value; by message:\n  %s",
+				s.Worker, s.PutErrors, s.GetErrors, s.BadValues, strings.Join(kinds, "\n  "))
 		}
 		if !s.OperatorOK {
 			t.Errorf("writer %d stopped at its time limit before the operator completed %d rounds", s.Worker, minCycles)
@@ -308,8 +314,26 @@ func checkOperator(t *testing.T, s soak.OperatorSummary) {
 	if s.Cycles < minCycles {
 		t.Errorf("operator: %d rounds while the writers ran, want at least %d", s.Cycles, minCycles)
 	}
+	// One line per command and exit code, with the first error.
+	type kind struct {
+		n     int
+		first string
+	}
+	kinds := map[string]*kind{}
+	var order []string
 	for _, c := range s.Failures {
-		t.Errorf("operator: keybroker %s: exit %d: %s", strings.Join(c.Args, " "), c.Code, c.Stderr)
+		k := fmt.Sprintf("keybroker %s: exit %d", strings.Join(c.Args, " "), c.Code)
+		if c.Args[0] == "reencrypt" || c.Args[0] == "retire" {
+			k = fmt.Sprintf("keybroker %s: exit %d", c.Args[0], c.Code)
+		}
+		if kinds[k] == nil {
+			kinds[k] = &kind{first: c.Stderr}
+			order = append(order, k)
+		}
+		kinds[k].n++
+	}
+	for _, k := range order {
+		t.Errorf("operator: %dx %s; first: %s", kinds[k].n, k, kinds[k].first)
 	}
 }
 
@@ -378,11 +402,30 @@ func holdsSeq(got []byte, worker int, n soak.Name) bool {
 // retired version in use), both of which must exit 0.
 func checkCLI(t *testing.T, bins binaries, env []string) {
 	t.Helper()
-	for _, args := range [][]string{{"verify"}, {"status"}} {
-		if c := runCLI(t, bins, env, args...); c.code != 0 {
-			t.Errorf("keybroker %s: exit %d: %s\n%s", args[0], c.code, c.stderr, c.stdout)
-		}
+	var verify struct {
+		Total    int64             `json:"total"`
+		Failures []json.RawMessage `json:"failures"`
 	}
+	c := runCLI(t, bins, env, "verify", "--json")
+	_ = json.Unmarshal([]byte(c.stdout), &verify)
+	t.Logf("keybroker verify: exit %d, %d secrets, %d failed", c.code, verify.Total, len(verify.Failures))
+	if c.code != 0 {
+		t.Errorf("keybroker verify: exit %d: %d of %d secrets do not decrypt: %s", c.code, len(verify.Failures), verify.Total, lastLine(c.stderr))
+	}
+	var status struct {
+		RetiredInUse int64 `json:"retired_in_use"`
+	}
+	c = runCLI(t, bins, env, "status", "--json")
+	_ = json.Unmarshal([]byte(c.stdout), &status)
+	t.Logf("keybroker status: exit %d, %d data keys under retired versions", c.code, status.RetiredInUse)
+	if c.code != 0 {
+		t.Errorf("keybroker status: exit %d: %s", c.code, lastLine(c.stderr))
+	}
+}
+
+func lastLine(s string) string {
+	s = strings.TrimSpace(s)
+	return s[strings.LastIndexByte(s, '\n')+1:]
 }
 
 // checkDatabase checks the invariants the history and the final state
@@ -411,6 +454,7 @@ func checkDatabase(t *testing.T, ctx context.Context, pool *pgxpool.Pool, sums [
 		{"retired data keys left after the last reencrypt", `SELECT count(*) FROM keybroker.data_keys WHERE state = 'retired'`, true},
 		{"KEK versions retired", `SELECT count(*) FROM keybroker.kek WHERE retired_at IS NOT NULL`, false},
 		{"data keys at the end", `SELECT count(*) FROM keybroker.data_keys`, false},
+		{"highest data_keys.messages at the end", `SELECT coalesce(max(messages), 0) FROM keybroker.data_keys`, false},
 	}
 	var report []string
 	for _, c := range checks {

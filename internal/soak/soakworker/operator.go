@@ -68,13 +68,14 @@ func runOperator(ctx context.Context, o options) (*soak.OperatorSummary, error) 
 	return &op.sum, ctx.Err()
 }
 
-// round is one rotation with everything that follows it. Even rounds
-// rotate, rewrap and retire in separate commands; odd ones use rotate
-// --retire. The final round (-1) rotates with --retire and also retires
-// whatever older version is left, so every retirement path runs with the
-// fleet quiet too.
+// round is one rotation with everything that follows it. With `keybroker
+// retire`, even rounds rotate, rewrap and retire in separate commands and
+// odd ones use rotate --retire; without it, every round uses rotate
+// --retire, so that every version but the primary gets retired. The final
+// round (-1) rotates with --retire and then retires whatever older version
+// is left.
 func (op *operator) round(ctx context.Context, n int) {
-	if n%2 == 0 {
+	if op.sum.RetireCommand && n%2 == 0 {
 		op.expect(ctx, op.run(ctx, "rotate"))
 	} else {
 		op.expect(ctx, op.run(ctx, "rotate", "--retire"))
@@ -176,10 +177,16 @@ func (op *operator) run(ctx context.Context, args ...string) soak.Command {
 // stdout.
 func (op *operator) runOutput(ctx context.Context, args ...string) (soak.Command, []byte) {
 	c, out := op.execOutput(ctx, args...)
-	codes := op.sum.Codes[args[0]]
+	key := args[0]
+	for _, a := range args[1:] {
+		if strings.HasPrefix(a, "--") && a != "--json" {
+			key += " " + a
+		}
+	}
+	codes := op.sum.Codes[key]
 	if codes == nil {
 		codes = map[int]int{}
-		op.sum.Codes[args[0]] = codes
+		op.sum.Codes[key] = codes
 	}
 	codes[c.Code]++
 	if c.Code != 0 && c.Code != soak.ExitIncomplete {

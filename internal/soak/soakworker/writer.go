@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -18,9 +19,6 @@ import (
 	_ "github.com/profullstack/keybroker/provider/vault"
 )
 
-// maxErrors bounds the error messages a summary carries (counts are exact).
-const maxErrors = 20
-
 // writer is one writer process: goroutines writing and reading back their
 // own names.
 type writer struct {
@@ -31,6 +29,10 @@ type writer struct {
 	mu  sync.Mutex
 	sum soak.WriterSummary
 }
+
+// errBadValue: a read-back returned a value that is not the name's last
+// acknowledged one (nor a later attempted one).
+var errBadValue = errors.New("not the last acknowledged value")
 
 func runWriter(ctx context.Context, o options) (*soak.WriterSummary, error) {
 	if o.goroutines < 1 || o.names < 1 || o.projects < 1 {
@@ -52,7 +54,7 @@ func runWriter(ctx context.Context, o options) (*soak.WriterSummary, error) {
 		return nil, err
 	}
 	defer store.Close()
-	w := &writer{o: o, store: store, sum: soak.WriterSummary{Worker: o.worker, Errors: []string{}}}
+	w := &writer{o: o, store: store, sum: soak.WriterSummary{Worker: o.worker, Errors: map[string]int{}}}
 
 	start := time.Now()
 	var wg sync.WaitGroup
@@ -84,7 +86,7 @@ func runWriter(ctx context.Context, o options) (*soak.WriterSummary, error) {
 		}
 		n, err := operatorCycles(ctx, pool)
 		if err != nil {
-			w.fail("operator progress: %v", err)
+			w.fail("operator progress", err)
 			continue
 		}
 		if n >= o.minCycles {
@@ -120,7 +122,7 @@ func (w *writer) loop(ctx context.Context, g int, ns []soak.Name, done *atomic.I
 		n.Attempted++
 		if err := w.store.Put(ctx, n.Project, n.Name, soak.Value(w.o.worker, n.Name, n.Attempted)); err != nil {
 			w.count(&w.sum.PutErrors)
-			w.fail("put %s/%s seq %d: %v", n.Project, n.Name, n.Attempted, err)
+			w.fail("put", err)
 		} else {
 			n.Acked = n.Attempted
 			w.count(&w.sum.Puts)
@@ -142,7 +144,7 @@ func (w *writer) readBack(ctx context.Context, n *soak.Name) {
 	w.count(&w.sum.Gets)
 	if err != nil {
 		w.count(&w.sum.GetErrors)
-		w.fail("get %s/%s (acked seq %d): %v", n.Project, n.Name, n.Acked, err)
+		w.fail("read-back", err)
 		return
 	}
 	for seq := n.Acked; seq <= n.Attempted; seq++ {
@@ -151,7 +153,7 @@ func (w *writer) readBack(ctx context.Context, n *soak.Name) {
 		}
 	}
 	w.count(&w.sum.BadValues)
-	w.fail("get %s/%s: not the value of seq %d..%d", n.Project, n.Name, n.Acked, n.Attempted)
+	w.fail("read-back", errBadValue)
 }
 
 func (w *writer) count(c *int64) {
@@ -160,10 +162,13 @@ func (w *writer) count(c *int64) {
 	w.mu.Unlock()
 }
 
-func (w *writer) fail(format string, args ...any) {
+// fail counts a failure under its message: what failed and the error,
+// with names and seqs left out so that repeats of one fault add up.
+func (w *writer) fail(what string, err error) {
+	msg := what + ": " + err.Error()
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	if len(w.sum.Errors) < maxErrors {
-		w.sum.Errors = append(w.sum.Errors, fmt.Sprintf(format, args...))
+	if _, ok := w.sum.Errors[msg]; ok || len(w.sum.Errors) < soak.MaxErrorKinds {
+		w.sum.Errors[msg]++
 	}
 }
