@@ -26,10 +26,12 @@
 //     rerun, up to MaxReruns times; any other non-zero exit code is a
 //     failure. It counts its rounds in the soak.progress row.
 //
-// The writers run for -soak.duration (default 20s, or
-// $KEYBROKER_SOAK_DURATION) and until the operator has completed 2 rounds
-// under them (read from soak.progress), and never more than 3 times the
-// duration. Once every writer has exited, the test closes the operator's
+// Each writer goroutine runs until it has made -soak.ops Puts (default
+// 2000, or $KEYBROKER_SOAK_OPS) or -soak.duration has passed (default 20s,
+// or $KEYBROKER_SOAK_DURATION), whichever comes first, and in any case
+// until the operator has completed 2 rounds under them (read from
+// soak.progress), but never longer than 3 times the duration; a run that
+// hits that cap fails. Once every writer has exited, the test closes the operator's
 // stdin and it runs one final round alone, whose re-encryption is the
 // last one.
 //

@@ -34,6 +34,7 @@ import (
 
 var (
 	flagDuration = flag.Duration("soak.duration", 0, "how long the writers run per backend, at least (default $KEYBROKER_SOAK_DURATION, else 20s)")
+	flagOps      = flag.Int64("soak.ops", 0, "Puts per writer goroutine after which the writers may stop before -soak.duration (default $KEYBROKER_SOAK_OPS, else 2000)")
 	flagSeed     = flag.Uint64("soak.seed", 0, "random seed (default: a fresh one, printed)")
 )
 
@@ -62,6 +63,20 @@ func duration(t *testing.T) time.Duration {
 		return d
 	}
 	return 20 * time.Second
+}
+
+func ops(t *testing.T) int64 {
+	if *flagOps > 0 {
+		return *flagOps
+	}
+	if s := os.Getenv("KEYBROKER_SOAK_OPS"); s != "" {
+		n, err := strconv.ParseInt(s, 10, 64)
+		if err != nil || n <= 0 {
+			t.Fatalf("KEYBROKER_SOAK_OPS=%q: want a positive number", s)
+		}
+		return n
+	}
+	return 2000
 }
 
 // TestSoak runs the fleet against each backend in turn (never in
@@ -196,10 +211,10 @@ func soakRun(t *testing.T, bins binaries, kekURL string) {
 	if seed == 0 {
 		seed = rand.Uint64()
 	}
-	d := duration(t)
+	d, n := duration(t), ops(t)
 	t.Cleanup(func() {
 		if t.Failed() {
-			t.Logf("replay: go test ./internal/soak -run 'TestSoak/%s' -soak.seed=%d -soak.duration=%v", filepath.Base(t.Name()), seed, d)
+			t.Logf("replay: go test ./internal/soak -run 'TestSoak/%s' -soak.seed=%d -soak.duration=%v -soak.ops=%d", filepath.Base(t.Name()), seed, d, n)
 		}
 	})
 	ctx, cancel := context.WithTimeout(context.Background(), 3*d+2*time.Minute)
@@ -220,7 +235,7 @@ func soakRun(t *testing.T, bins binaries, kekURL string) {
 		ws[i] = startChild(t, ctx, bins, env, fmt.Sprintf("writer%d", i), "-role", "writer",
 			"-worker", strconv.Itoa(i), "-goroutines", strconv.Itoa(goroutines), "-names", strconv.Itoa(names),
 			"-projects", strconv.Itoa(projects), "-budget", strconv.Itoa(budget), "-chunk", strconv.Itoa(chunk),
-			"-duration", d.String(), "-limit", (3 * d).String(), "-min-cycles", strconv.Itoa(minCycles),
+			"-ops", strconv.FormatInt(n, 10), "-duration", d.String(), "-limit", (3 * d).String(), "-min-cycles", strconv.Itoa(minCycles),
 			"-seed", strconv.FormatUint(seed, 10))
 	}
 	sums := make([]soak.WriterSummary, writers)
