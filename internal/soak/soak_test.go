@@ -217,10 +217,18 @@ func soakRun(t *testing.T, bins binaries, kekURL string) {
 			t.Logf("replay: go test ./internal/soak -run 'TestSoak/%s' -soak.seed=%d -soak.duration=%v -soak.ops=%d", filepath.Base(t.Name()), seed, d, n)
 		}
 	})
-	ctx, cancel := context.WithTimeout(context.Background(), 3*d+2*time.Minute)
+	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	dbURL := pgtest.NewDatabase(t)
 	pool := pgtest.PoolFor(t, dbURL)
+	// The writers stop by themselves within 3d; children still running a
+	// minute after that are stuck: show what their sessions wait for, then
+	// kill them (exec.CommandContext), which fails the test.
+	stuck := time.AfterFunc(3*d+time.Minute, func() {
+		logSessions(t, pool)
+		cancel()
+	})
+	defer stuck.Stop()
 	if err := pgstore.Migrate(ctx, pool, pgstore.DefaultSchema); err != nil {
 		t.Fatal(err)
 	}
@@ -255,6 +263,33 @@ func soakRun(t *testing.T, bins binaries, kekURL string) {
 	checkFresh(t, ctx, dbURL, kekURL, sums)
 	checkCLI(t, bins, env)
 	checkDatabase(t, ctx, pool, sums)
+}
+
+// logSessions logs the database sessions that are not idle: their state,
+// what they wait for and their statement (SQL text with $n placeholders:
+// pgstore sends values as parameters, so no secret appears).
+func logSessions(t *testing.T, pool *pgxpool.Pool) {
+	rows, err := pool.Query(context.Background(), `SELECT pid, state, coalesce(wait_event_type || ':' || wait_event, ''),
+  pg_blocking_pids(pid)::text, now() - xact_start, left(query, 300)
+FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() AND state <> 'idle'`)
+	if err != nil {
+		t.Logf("stuck children: sessions: %v", err)
+		return
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var (
+			pid             int
+			state, wait     string
+			blockers, query string
+			age             *time.Duration
+		)
+		if err := rows.Scan(&pid, &state, &wait, &blockers, &age, &query); err != nil {
+			t.Logf("stuck children: sessions: %v", err)
+			return
+		}
+		t.Logf("stuck children: session %d %s wait %s blocked by %s xact age %v: %s", pid, state, wait, blockers, age, query)
+	}
 }
 
 // installHistory records, at each commit, every envelope written to
