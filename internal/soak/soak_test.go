@@ -221,10 +221,11 @@ func soakRun(t *testing.T, bins binaries, kekURL string) {
 	defer cancel()
 	dbURL := pgtest.NewDatabase(t)
 	pool := pgtest.PoolFor(t, dbURL)
-	// The writers stop by themselves within 3d; children still running a
-	// minute after that are stuck: show what their sessions wait for, then
-	// kill them (exec.CommandContext), which fails the test.
-	stuck := time.AfterFunc(3*d+time.Minute, func() {
+	// The writers stop by themselves within 3d and the operator's last
+	// round takes seconds; children still running 45s after that are
+	// stuck: show what their sessions wait for, then kill them
+	// (exec.CommandContext), which fails the test.
+	stuck := time.AfterFunc(3*d+45*time.Second, func() {
 		logSessions(t, pool)
 		cancel()
 	})
