@@ -256,6 +256,7 @@ func soakRun(t *testing.T, bins binaries, kekURL string) {
 	op.stdin.Close()
 	var opSum soak.OperatorSummary
 	op.wait(t, &opSum)
+	stuck.Stop()
 	t.Logf("seed %d: writers ran %v, operator %d rounds, whole fleet %v; exit codes %v",
 		seed, writing.Round(time.Millisecond), opSum.Cycles, time.Since(start).Round(time.Millisecond), opSum.Codes)
 
