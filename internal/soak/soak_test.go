@@ -480,6 +480,47 @@ func lastLine(s string) string {
 	return s[strings.LastIndexByte(s, '\n')+1:]
 }
 
+// dbCheck is one count the history and the final state give; want0: an
+// invariant, which must count zero.
+type dbCheck struct {
+	what  string
+	query string
+	want0 bool
+}
+
+const historyRows = "envelopes written (history)"
+
+var dbChecks = []dbCheck{
+	{historyRows, `SELECT count(*) FROM soak.envelopes`, false},
+	{"envelopes committed under a retired data key", `SELECT count(*) FROM soak.envelopes WHERE dek_state = 'retired'`, true},
+	{"envelopes committed under a missing data key", `SELECT count(*) FROM soak.envelopes WHERE dek_state IS NULL`, true},
+	{"envelopes committed under a data key of a retired KEK version", `SELECT count(*) FROM soak.envelopes WHERE kek_retired`, true},
+	{"envelopes committed under a spent data key (reserved before it was spent)", `SELECT count(*) FROM soak.envelopes WHERE dek_state = 'spent'`, false},
+	{"data keys created or rewrapped under a retired KEK version", `SELECT count(*) FROM soak.data_keys WHERE kek_retired`, true},
+	{"nonces used more than once", `SELECT count(*) FROM (SELECT nonce FROM soak.envelopes GROUP BY nonce HAVING count(*) > 1) n`, true},
+	{"data keys that sealed more than the budget", `SELECT count(*) FROM (SELECT data_key_id FROM soak.envelopes GROUP BY data_key_id HAVING count(*) > ` + strconv.Itoa(budget) + `) n`, true},
+	{"data keys with messages over the budget", `SELECT count(*) FROM keybroker.data_keys WHERE messages > ` + strconv.Itoa(budget), true},
+	{"data keys under a retired KEK version at the end", `SELECT count(*) FROM keybroker.data_keys d JOIN keybroker.kek k ON k.id = d.kek_id WHERE k.retired_at IS NOT NULL`, true},
+	{"retired data keys left after the last reencrypt", `SELECT count(*) FROM keybroker.data_keys WHERE state = 'retired'`, true},
+	{"KEK versions retired", `SELECT count(*) FROM keybroker.kek WHERE retired_at IS NOT NULL`, false},
+	{"data keys at the end", `SELECT count(*) FROM keybroker.data_keys`, false},
+	{"highest data_keys.messages at the end", `SELECT coalesce(max(messages), 0) FROM keybroker.data_keys`, false},
+}
+
+// measure runs every dbCheck.
+func measure(t *testing.T, ctx context.Context, pool *pgxpool.Pool) map[string]int64 {
+	t.Helper()
+	got := map[string]int64{}
+	for _, c := range dbChecks {
+		var n int64
+		if err := pool.QueryRow(ctx, c.query).Scan(&n); err != nil {
+			t.Fatalf("%s: %v", c.what, err)
+		}
+		got[c.what] = n
+	}
+	return got
+}
+
 // checkDatabase checks the invariants the history and the final state
 // show.
 func checkDatabase(t *testing.T, ctx context.Context, pool *pgxpool.Pool, sums []soak.WriterSummary) {
@@ -488,39 +529,88 @@ func checkDatabase(t *testing.T, ctx context.Context, pool *pgxpool.Pool, sums [
 	for _, s := range sums {
 		acked += s.Puts
 	}
-	checks := []struct {
-		what  string
-		query string
-		want0 bool
-	}{
-		{"envelopes written (history)", `SELECT count(*) FROM soak.envelopes`, false},
-		{"envelopes committed under a retired data key", `SELECT count(*) FROM soak.envelopes WHERE dek_state = 'retired'`, true},
-		{"envelopes committed under a missing data key", `SELECT count(*) FROM soak.envelopes WHERE dek_state IS NULL`, true},
-		{"envelopes committed under a data key of a retired KEK version", `SELECT count(*) FROM soak.envelopes WHERE kek_retired`, true},
-		{"envelopes committed under a spent data key (reserved before it was spent)", `SELECT count(*) FROM soak.envelopes WHERE dek_state = 'spent'`, false},
-		{"data keys created or rewrapped under a retired KEK version", `SELECT count(*) FROM soak.data_keys WHERE kek_retired`, true},
-		{"nonces used more than once", `SELECT count(*) FROM (SELECT nonce FROM soak.envelopes GROUP BY nonce HAVING count(*) > 1) n`, true},
-		{"data keys that sealed more than the budget", `SELECT count(*) FROM (SELECT data_key_id FROM soak.envelopes GROUP BY data_key_id HAVING count(*) > ` + strconv.Itoa(budget) + `) n`, true},
-		{"data keys with messages over the budget", `SELECT count(*) FROM keybroker.data_keys WHERE messages > ` + strconv.Itoa(budget), true},
-		{"data keys under a retired KEK version at the end", `SELECT count(*) FROM keybroker.data_keys d JOIN keybroker.kek k ON k.id = d.kek_id WHERE k.retired_at IS NOT NULL`, true},
-		{"retired data keys left after the last reencrypt", `SELECT count(*) FROM keybroker.data_keys WHERE state = 'retired'`, true},
-		{"KEK versions retired", `SELECT count(*) FROM keybroker.kek WHERE retired_at IS NOT NULL`, false},
-		{"data keys at the end", `SELECT count(*) FROM keybroker.data_keys`, false},
-		{"highest data_keys.messages at the end", `SELECT coalesce(max(messages), 0) FROM keybroker.data_keys`, false},
-	}
+	got := measure(t, ctx, pool)
 	var report []string
-	for _, c := range checks {
-		var n int64
-		if err := pool.QueryRow(ctx, c.query).Scan(&n); err != nil {
-			t.Fatalf("%s: %v", c.what, err)
-		}
+	for _, c := range dbChecks {
+		n := got[c.what]
 		report = append(report, fmt.Sprintf("%s: %d", c.what, n))
 		if c.want0 && n != 0 {
 			t.Errorf("%s: %d, want 0", c.what, n)
 		}
-		if c.what == "envelopes written (history)" && n < acked {
-			t.Errorf("history holds %d envelopes, fewer than the %d acknowledged Puts: the triggers missed writes", n, acked)
-		}
+	}
+	if got[historyRows] < acked {
+		t.Errorf("history holds %d envelopes, fewer than the %d acknowledged Puts: the triggers missed writes", got[historyRows], acked)
 	}
 	t.Logf("database:\n  %s", strings.Join(report, "\n  "))
+}
+
+// TestHistory shows that the history triggers and dbChecks see what the
+// soak looks for: a nonce written twice, an envelope committed under a data
+// key that its own transaction retired after the write (the trigger runs
+// at commit), a data key created under a retired KEK version, and a data
+// key over its budget; an update that changes no envelope is not counted.
+func TestHistory(t *testing.T) {
+	ctx := context.Background()
+	pool := pgtest.Pool(t)
+	if err := pgstore.Migrate(ctx, pool, pgstore.DefaultSchema); err != nil {
+		t.Fatal(err)
+	}
+	installHistory(t, pool)
+	exec := func(sql string, args ...any) {
+		t.Helper()
+		if _, err := pool.Exec(ctx, sql, args...); err != nil {
+			t.Fatalf("%s: %v", sql, err)
+		}
+	}
+	const (
+		dk1 = "00000000-0000-0000-0000-000000000001"
+		dk2 = "00000000-0000-0000-0000-000000000002"
+		dk3 = "00000000-0000-0000-0000-000000000003"
+	)
+	exec(`INSERT INTO keybroker.kek (provider, key_id, key_version) VALUES ('local', 'k', '1'), ('local', 'k', '2')`)
+	exec(`INSERT INTO keybroker.data_keys (id, project_id, kek_id, wrapped_dek, messages, state)
+SELECT $1::uuid, 'p', id, '\x01', $2, 'spent' FROM keybroker.kek WHERE key_version = '1'`, dk1, budget+1)
+	exec(`INSERT INTO keybroker.data_keys (id, project_id, kek_id, wrapped_dek) SELECT $1::uuid, 'p', id, '\x01' FROM keybroker.kek WHERE key_version = '1'`, dk2)
+	// Two envelopes with one nonce.
+	exec(`INSERT INTO keybroker.encrypted_secrets (project_id, name, encrypted_data, nonce, data_key_id) VALUES
+('p', 'a', '\x01', '\x0a', $1), ('p', 'b', '\x02', '\x0a', $1)`, dk1)
+	// An envelope whose data key is retired before its transaction commits.
+	tx, err := pool.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Rollback(ctx)
+	for _, sql := range []string{
+		`INSERT INTO keybroker.encrypted_secrets (project_id, name, encrypted_data, nonce, data_key_id) VALUES ('p', 'c', '\x03', '\x0c', $1)`,
+		`UPDATE keybroker.data_keys SET state = 'retired' WHERE id = $1`,
+	} {
+		if _, err := tx.Exec(ctx, sql, dk2); err != nil {
+			t.Fatalf("%s: %v", sql, err)
+		}
+	}
+	if err := tx.Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// A data key created under a retired KEK version.
+	exec(`UPDATE keybroker.kek SET retired_at = now() WHERE key_version = '2'`)
+	exec(`INSERT INTO keybroker.data_keys (id, project_id, kek_id, wrapped_dek) SELECT $1::uuid, 'p', id, '\x01' FROM keybroker.kek WHERE key_version = '2'`, dk3)
+	// An update that changes no envelope is not a new one.
+	exec(`UPDATE keybroker.encrypted_secrets SET updated_at = now() WHERE name = 'a'`)
+
+	got := measure(t, ctx, pool)
+	for what, want := range map[string]int64{
+		historyRows:                  3,
+		"nonces used more than once": 1,
+		"envelopes committed under a retired data key":                              1,
+		"envelopes committed under a spent data key (reserved before it was spent)": 2,
+		"data keys created or rewrapped under a retired KEK version":                1,
+		"data keys with messages over the budget":                                   1,
+		"data keys under a retired KEK version at the end":                          1,
+		"retired data keys left after the last reencrypt":                           1,
+		"envelopes committed under a data key of a retired KEK version":             0,
+	} {
+		if got[what] != want {
+			t.Errorf("%s: %d, want %d", what, got[what], want)
+		}
+	}
 }
