@@ -556,10 +556,10 @@ func TestHistory(t *testing.T) {
 		t.Fatal(err)
 	}
 	installHistory(t, pool)
-	exec := func(sql string, args ...any) {
+	sql := func(q string, args ...any) {
 		t.Helper()
-		if _, err := pool.Exec(ctx, sql, args...); err != nil {
-			t.Fatalf("%s: %v", sql, err)
+		if _, err := pool.Exec(ctx, q, args...); err != nil {
+			t.Fatalf("%s: %v", q, err)
 		}
 	}
 	const (
@@ -567,12 +567,12 @@ func TestHistory(t *testing.T) {
 		dk2 = "00000000-0000-0000-0000-000000000002"
 		dk3 = "00000000-0000-0000-0000-000000000003"
 	)
-	exec(`INSERT INTO keybroker.kek (provider, key_id, key_version) VALUES ('local', 'k', '1'), ('local', 'k', '2')`)
-	exec(`INSERT INTO keybroker.data_keys (id, project_id, kek_id, wrapped_dek, messages, state)
+	sql(`INSERT INTO keybroker.kek (provider, key_id, key_version) VALUES ('local', 'k', '1'), ('local', 'k', '2')`)
+	sql(`INSERT INTO keybroker.data_keys (id, project_id, kek_id, wrapped_dek, messages, state)
 SELECT $1::uuid, 'p', id, '\x01', $2, 'spent' FROM keybroker.kek WHERE key_version = '1'`, dk1, budget+1)
-	exec(`INSERT INTO keybroker.data_keys (id, project_id, kek_id, wrapped_dek) SELECT $1::uuid, 'p', id, '\x01' FROM keybroker.kek WHERE key_version = '1'`, dk2)
+	sql(`INSERT INTO keybroker.data_keys (id, project_id, kek_id, wrapped_dek) SELECT $1::uuid, 'p', id, '\x01' FROM keybroker.kek WHERE key_version = '1'`, dk2)
 	// Two envelopes with one nonce.
-	exec(`INSERT INTO keybroker.encrypted_secrets (project_id, name, encrypted_data, nonce, data_key_id) VALUES
+	sql(`INSERT INTO keybroker.encrypted_secrets (project_id, name, encrypted_data, nonce, data_key_id) VALUES
 ('p', 'a', '\x01', '\x0a', $1), ('p', 'b', '\x02', '\x0a', $1)`, dk1)
 	// An envelope whose data key is retired before its transaction commits.
 	tx, err := pool.Begin(ctx)
@@ -580,22 +580,22 @@ SELECT $1::uuid, 'p', id, '\x01', $2, 'spent' FROM keybroker.kek WHERE key_versi
 		t.Fatal(err)
 	}
 	defer tx.Rollback(ctx)
-	for _, sql := range []string{
+	for _, q := range []string{
 		`INSERT INTO keybroker.encrypted_secrets (project_id, name, encrypted_data, nonce, data_key_id) VALUES ('p', 'c', '\x03', '\x0c', $1)`,
 		`UPDATE keybroker.data_keys SET state = 'retired' WHERE id = $1`,
 	} {
-		if _, err := tx.Exec(ctx, sql, dk2); err != nil {
-			t.Fatalf("%s: %v", sql, err)
+		if _, err := tx.Exec(ctx, q, dk2); err != nil {
+			t.Fatalf("%s: %v", q, err)
 		}
 	}
 	if err := tx.Commit(ctx); err != nil {
 		t.Fatal(err)
 	}
 	// A data key created under a retired KEK version.
-	exec(`UPDATE keybroker.kek SET retired_at = now() WHERE key_version = '2'`)
-	exec(`INSERT INTO keybroker.data_keys (id, project_id, kek_id, wrapped_dek) SELECT $1::uuid, 'p', id, '\x01' FROM keybroker.kek WHERE key_version = '2'`, dk3)
+	sql(`UPDATE keybroker.kek SET retired_at = now() WHERE key_version = '2'`)
+	sql(`INSERT INTO keybroker.data_keys (id, project_id, kek_id, wrapped_dek) SELECT $1::uuid, 'p', id, '\x01' FROM keybroker.kek WHERE key_version = '2'`, dk3)
 	// An update that changes no envelope is not a new one.
-	exec(`UPDATE keybroker.encrypted_secrets SET updated_at = now() WHERE name = 'a'`)
+	sql(`UPDATE keybroker.encrypted_secrets SET updated_at = now() WHERE name = 'a'`)
 
 	got := measure(t, ctx, pool)
 	for what, want := range map[string]int64{
