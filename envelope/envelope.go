@@ -243,14 +243,28 @@ func (e *Envelope) load(ctx context.Context, v *view) (*DataKey, func(), error) 
 		return unwrapDataKey(ctx, e.kek, wk, e.cfg.wrapAAD, e.openCfg)
 	})
 	if err != nil {
-		switch {
-		case errors.Is(err, ErrClosed), errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded),
-			errors.Is(err, provider.ErrUnavailable), errors.Is(err, provider.ErrAccessDenied), errors.Is(err, provider.ErrKeyDisabled):
-			return nil, nil, err
-		}
-		return nil, nil, ErrDecrypt
+		return nil, nil, UnwrapFailure(err)
 	}
 	return k, release, nil
+}
+
+// UnwrapFailure is what a decryption reports when the data key it needs
+// did not unwrap with error err: err itself when it says nothing about the
+// wrapped key — ctx's errors, ErrClosed, and provider errors matching
+// provider.ErrUnavailable, ErrAccessDenied or ErrKeyDisabled — so an outage
+// or a configuration change is not mistaken for tampering; otherwise (a
+// wrapped key altered, truncated, moved to other wrap aad, naming a key or
+// version the KEK does not have, or unwrapping to a key of the wrong
+// length) ErrDecrypt, which says nothing about which. Decrypt and stores
+// that keep wrapped keys apart from their envelopes (pgstore) both use it.
+// UnwrapFailure(nil) is nil.
+func UnwrapFailure(err error) error {
+	switch {
+	case err == nil, errors.Is(err, ErrClosed), errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded),
+		errors.Is(err, provider.ErrUnavailable), errors.Is(err, provider.ErrAccessDenied), errors.Is(err, provider.ErrKeyDisabled):
+		return err
+	}
+	return ErrDecrypt
 }
 
 // Close destroys the active DEK and every cached DEK. Later calls return

@@ -3,11 +3,13 @@ package envelope
 import (
 	"bytes"
 	"context"
+	"encoding/hex"
 	"errors"
 	"flag"
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/profullstack/keybroker/provider"
@@ -243,5 +245,26 @@ func TestParseErrors(t *testing.T) {
 	bad.Nonce = bad.Nonce[:NonceSize-1]
 	if _, err := bad.MarshalBinary(); err == nil {
 		t.Fatal("MarshalBinary accepted a short nonce")
+	}
+}
+
+// TestFormatDocument: docs/FORMAT.md shows both golden envelopes in full,
+// and the keys, payload and associated data they were made with.
+func TestFormatDocument(t *testing.T) {
+	raw, err := os.ReadFile(filepath.Join("..", "docs", "FORMAT.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	doc := string(raw)
+	inline, external := goldenBlobs(t)
+	payload := strings.TrimSuffix(goldenPlaintext, "\n")
+	for _, s := range []string{hex.EncodeToString(inline), hex.EncodeToString(external), goldenKeyring,
+		"`" + goldenWrapAAD + "`", "`" + goldenAAD + "`", "`" + goldenKeyID + "`", "`" + payload + "`", "0x20..0x3f"} {
+		if !strings.Contains(doc, s) {
+			t.Errorf("docs/FORMAT.md does not show %s", s)
+		}
+	}
+	if len(goldenPlaintext) != 29 || !strings.HasSuffix(goldenPlaintext, "\n") {
+		t.Error("FORMAT.md describes the golden payload as 29 bytes ending in a newline")
 	}
 }

@@ -10,7 +10,10 @@
 // A provider that is a provider.Describer is asked with Describe (one
 // metadata call); any other with a Wrap of a random throwaway key, which is
 // cleared and dropped. The database check is pgstore's Status (counts,
-// no decryption). A report is reused for Config.TTL, and concurrent checks
+// no decryption). Counts need a role row-level security does not restrict;
+// under one that it binds (a tenant-facing service's) the database is still
+// checked, the counts are left out of the report and
+// StoreReport.CountsOmitted says so: never zeros for rows it cannot see. A report is reused for Config.TTL, and concurrent checks
 // share one refresh, so a probe hammering the endpoint causes at most one
 // round of calls per TTL. A refresh runs under its own Config.Timeout,
 // detached from the caller: a probe whose request times out gets 503 at

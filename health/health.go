@@ -45,8 +45,11 @@ type Config struct {
 	// first is the primary) or one provider. When nil, Store's keyring.
 	KEK provider.KEKProvider
 	// Store, when set, adds the database check and the counts of data keys
-	// and secrets not yet on the primary key version. Its role must see
-	// every project (row-level security), as for pgstore's Status.
+	// and secrets not yet on the primary key version. The counts need a
+	// role that row-level security does not restrict, as pgstore's Status
+	// does; under a role it binds (a tenant-facing service's), the database
+	// is still checked but the counts are left out and
+	// StoreReport.CountsOmitted says why.
 	Store *pgstore.Store
 	// CacheStats, when set, reports how many unwrapped data keys the
 	// process holds (for example Store.CacheStats, or an Envelope's
@@ -94,12 +97,19 @@ type ProviderReport struct {
 	PrimaryVersion string `json:"primary_version,omitempty"`
 }
 
-// StoreReport is the database's line in a Report.
+// StoreReport is the database's line in a Report. The counts are nil
+// (absent from the JSON) when the database did not answer or when
+// CountsOmitted is set; they are never reported as zeros they are not.
 type StoreReport struct {
 	Reachable bool   `json:"reachable"`
 	Outcome   string `json:"outcome"`
-	DataKeys  int64  `json:"data_keys"`
-	Secrets   int64  `json:"secrets"`
+	// CountsOmitted, when set, is why the database answered but the counts
+	// are absent: "counts need a role row-level security does not
+	// restrict" (pgstore.ErrRowSecurity) when the Store's role is bound by
+	// row-level security and would see no project's rows.
+	CountsOmitted string `json:"counts_omitted,omitempty"`
+	DataKeys      *int64 `json:"data_keys,omitempty"`
+	Secrets       *int64 `json:"secrets,omitempty"`
 	// DataKeysToRewrap and SecretsToRewrap count data keys not wrapped
 	// under the primary provider's current version, and the secrets under
 	// them (run `keybroker rewrap`). Nil while that version is unknown.
@@ -107,12 +117,13 @@ type StoreReport struct {
 	SecretsToRewrap  *int64 `json:"secrets_to_rewrap,omitempty"`
 	// RetiredVersionsInUse counts retired key versions still wrapping a
 	// data key: those data keys no longer unwrap.
-	RetiredVersionsInUse int `json:"retired_versions_in_use"`
+	RetiredVersionsInUse *int `json:"retired_versions_in_use,omitempty"`
 	// MaxBudgetUsed is the highest number of encryptions reserved from any
 	// active data key's budget (Budget): how close a project is to getting
-	// a new data key, which needs the key service.
-	MaxBudgetUsed int64 `json:"max_budget_used"`
-	Budget        int64 `json:"budget"`
+	// a new data key, which needs the key service. Budget is the Store's
+	// per-data-key budget, 0 (absent) with the counts.
+	MaxBudgetUsed *int64 `json:"max_budget_used,omitempty"`
+	Budget        int64  `json:"budget,omitempty"`
 }
 
 // Checker answers health checks. Safe for concurrent use.
@@ -250,19 +261,24 @@ func (c *Checker) checkProvider(ctx context.Context, p provider.KEKProvider, pri
 }
 
 func storeReport(st *pgstore.Status, err error, primary ProviderReport) *StoreReport {
+	if errors.Is(err, pgstore.ErrRowSecurity) { // the database answered
+		return &StoreReport{Reachable: true, Outcome: telemetry.OutcomeOK, CountsOmitted: err.Error()}
+	}
 	sr := &StoreReport{Reachable: err == nil, Outcome: telemetry.Outcome(err)}
 	if err != nil {
 		return sr
 	}
-	sr.Secrets = st.Secrets
-	sr.MaxBudgetUsed, sr.Budget = st.MaxActiveUse, st.Budget
+	sr.Budget = st.Budget
+	var dataKeys int64
 	for _, n := range st.DataKeys {
-		sr.DataKeys += n
+		dataKeys += n
 	}
+	retired := 0
+	sr.DataKeys, sr.Secrets, sr.MaxBudgetUsed, sr.RetiredVersionsInUse = &dataKeys, &st.Secrets, &st.MaxActiveUse, &retired
 	var keys, secrets int64
 	for _, v := range st.Versions {
 		if v.RetiredAt != nil && v.DataKeys > 0 {
-			sr.RetiredVersionsInUse++
+			retired++
 		}
 		if v.Provider != primary.Ref.Provider || v.KeyID != primary.Ref.KeyID || v.Version != primary.PrimaryVersion {
 			keys += v.DataKeys

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -14,6 +15,7 @@ import (
 
 	kms "cloud.google.com/go/kms/apiv1"
 	"cloud.google.com/go/kms/apiv1/kmspb"
+	"github.com/jackc/pgx/v5"
 	"go.opentelemetry.io/otel/attribute"
 	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
 	"go.opentelemetry.io/otel/sdk/metric/metricdata"
@@ -227,7 +229,7 @@ func TestStoreCountsAndRateLimit(t *testing.T) {
 		t.Errorf("20 concurrent checks made %d describe calls, want 1", n)
 	}
 	r := reports[0]
-	if r.Status != health.OK || r.Store == nil || r.Store.DataKeys != 2 || r.Store.Secrets != 3 ||
+	if r.Status != health.OK || r.Store == nil || *r.Store.DataKeys != 2 || *r.Store.Secrets != 3 ||
 		r.Store.DataKeysToRewrap == nil || *r.Store.DataKeysToRewrap != 0 || *r.Store.SecretsToRewrap != 0 {
 		t.Fatalf("report %+v, store %+v; want ok, 2 data keys, 3 secrets, nothing to rewrap", r, r.Store)
 	}
@@ -351,8 +353,62 @@ func TestStoreWithKeyServiceStopped(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if r.Status != health.Degraded || !r.Store.Reachable || r.Store.Secrets != 2 || r.Store.DataKeysToRewrap == nil ||
-		*r.Store.DataKeysToRewrap != 0 || r.Store.MaxBudgetUsed < 2 || *r.CachedDataKeys != 1 {
+	if r.Status != health.Degraded || !r.Store.Reachable || *r.Store.Secrets != 2 || r.Store.DataKeysToRewrap == nil ||
+		*r.Store.DataKeysToRewrap != 0 || *r.Store.MaxBudgetUsed < 2 || *r.CachedDataKeys != 1 {
 		t.Fatalf("after the stop: %+v, store %+v; want degraded, database reachable, 2 secrets, nothing to rewrap, budget used, 1 cached key", r, r.Store)
+	}
+}
+
+// Under a role row-level security binds (a tenant-facing service's), the
+// store line says the database answered and why the counts are absent; it
+// never serves zeros for a database that holds secrets.
+func TestStoreUnderRowSecurity(t *testing.T) {
+	ctx := context.Background()
+	dbURL := pgtest.NewDatabase(t)
+	owner := pgtest.PoolFor(t, dbURL)
+	if err := pgstore.Migrate(ctx, owner, pgstore.DefaultSchema); err != nil {
+		t.Fatal(err)
+	}
+	kek, err := local.Generate("health")
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := pgstore.New(ctx, owner, pgstore.Config{KEK: kek})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	for i := range 10 {
+		if err := st.Put(ctx, fmt.Sprintf("p%d", i%2), fmt.Sprintf("s%d", i), []byte("v")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	role, roleURL := pgtest.NewRole(t, dbURL)
+	r := pgx.Identifier{role}.Sanitize()
+	if _, err := owner.Exec(ctx, `GRANT USAGE ON SCHEMA keybroker TO `+r+`;
+		GRANT SELECT ON keybroker.schema_version TO `+r+`;
+		GRANT SELECT, INSERT ON keybroker.kek, keybroker.key_events TO `+r+`;
+		GRANT SELECT, INSERT, UPDATE, DELETE ON keybroker.data_keys, keybroker.encrypted_secrets TO `+r); err != nil {
+		t.Fatal(err)
+	}
+	tenant, err := pgstore.New(ctx, pgtest.PoolFor(t, roleURL), pgstore.Config{KEK: kek})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tenant.Close()
+	c, err := health.New(health.Config{Store: tenant, TTL: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	code, body := serve(t, c)
+	if code != http.StatusOK || !strings.Contains(body, `"store":{"reachable":true,"outcome":"ok","counts_omitted":"pgstore: counts need a role row-level security does not restrict"}`) {
+		t.Fatalf("tenant role: %d %s; want 200, the store reachable, counts omitted with the reason", code, body)
+	}
+	owned, err := health.New(health.Config{Store: st, TTL: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep, err := owned.Check(ctx); err != nil || rep.Store.CountsOmitted != "" || rep.Store.Secrets == nil || *rep.Store.Secrets != 10 {
+		t.Fatalf("owner: %+v, %v; want 10 secrets", rep.Store, err)
 	}
 }

@@ -15,7 +15,8 @@
 // # Schema
 //
 // Migrate creates a schema (default "keybroker"; lower-case letters,
-// digits and underscores, always quoted in SQL) holding four tables,
+// digits and underscores, always quoted in SQL; not pg_* or
+// information_schema, which pg_dump leaves out) holding four tables,
 // versioned by jackc/tern migrations embedded in the binary and recorded in
 // <schema>.schema_version. Concurrent Migrate calls serialise on advisory
 // locks; each migration is one transaction. New refuses a schema at another
@@ -54,7 +55,14 @@
 // key id columns disagree with its envelope header. Each data key is wrapped
 // with associated data "keybroker/dek/v1", project id and data key id, so a
 // wrapped key moved to another row or project fails to unwrap. The purpose
-// strings keep the two uses, and future layouts, apart.
+// strings keep the two uses, and future layouts, apart. docs/STORAGE.md
+// specifies the tables and both associated data byte by byte, with a worked
+// example.
+//
+// Errors. Get returns one error, matching envelope.ErrDecrypt, for every
+// row that does not decrypt, whether the ciphertext or the data key (its
+// wrapped form, its kek row, its row missing) was altered; outages, access
+// denied and disabled keys stay distinct (see Get).
 //
 // Data keys and nonces. Each project has one active data key (a random
 // 256-bit AES-GCM key), reused for up to Config.Budget encryptions and then
@@ -64,7 +72,9 @@
 // lost, never reused). Nonces are random 96-bit values made by envelope;
 // the default budget of 2^24 keeps the chance of a nonce collision under
 // one key below 2^-49. Unwrapped data keys are kept in an envelope.KeyCache
-// (bounded by entries and TTL, destroyed on eviction and Close).
+// (bounded by entries and TTL, destroyed on eviction and Close), keyed by
+// project and data key id, so a data_keys row relabelled to another project
+// is unwrapped again under that project, and fails.
 //
 // Rotation. RotateKEK makes a new KEK version and Rewrap rewraps data keys
 // to it (or from another provider of a provider.Keyring to its primary),
@@ -91,7 +101,10 @@
 // (row_security_active). If so, each Store call sets keybroker.project_id
 // to its project for its own transaction only (set_config(..., true),
 // sent in the same round trip). Application queries on these tables can do
-// the same with WithProject. The policies are a second line of defence
+// the same with WithProject, which resets the setting on its connection
+// afterwards even if the function set it for the whole session. Status
+// needs an exempt role: under a bound one it returns ErrRowSecurity rather
+// than counts of nothing. The policies are a second line of defence
 // against a query that forgets its WHERE project_id: the setting is chosen
 // by the application, not authenticated by the database.
 package pgstore

@@ -32,6 +32,10 @@ var (
 	// ErrVerify: a freshly written ciphertext did not decrypt to the
 	// plaintext it was made from; the batch was rolled back.
 	ErrVerify = errors.New("pgstore: verification failed")
+	// ErrRowSecurity: Status was asked of a Store whose role row-level
+	// security binds; it would count only the rows of the project its
+	// statements name (none), so it refuses rather than report zeros.
+	ErrRowSecurity = errors.New("pgstore: counts need a role row-level security does not restrict")
 )
 
 // InUseError details ErrRetiredVersionInUse.

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"io/fs"
 	"regexp"
+	"strconv"
+	"strings"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -32,12 +34,29 @@ var identRE = regexp.MustCompile(`^[a-z_][a-z0-9_]{0,62}$`)
 
 // checkSchema validates a schema name: lower-case letters, digits and
 // underscores, starting with a letter or underscore, at most 63 bytes (so it
-// needs no case folding and is never truncated), and not pg_*.
+// needs no case folding and is never truncated), and not one PostgreSQL
+// reserves: pg_* (catalogs, pg_toast, pg_temp) or information_schema, which
+// pg_dump leaves out of backups, so secrets stored there would vanish from
+// them. public is an ordinary schema and allowed. The error quotes at most
+// the first 64 bytes of a bad name.
 func checkSchema(name string) error {
-	if !identRE.MatchString(name) || len(name) >= 3 && name[:3] == "pg_" {
-		return fmt.Errorf("%w: schema name %q must match [a-z_][a-z0-9_]{0,62} and not start with pg_", ErrInvalidArgument, name)
+	if !identRE.MatchString(name) {
+		return fmt.Errorf("%w: schema name %s must match [a-z_][a-z0-9_]{0,62}", ErrInvalidArgument, quoteShort(name))
+	}
+	if strings.HasPrefix(name, "pg_") || name == "information_schema" {
+		return fmt.Errorf("%w: schema name %q is reserved by PostgreSQL (pg_*, information_schema)", ErrInvalidArgument, name)
 	}
 	return nil
+}
+
+// quoteShort quotes s for an error message, cut to its first 64 bytes with
+// "…" marking the cut, so a huge argument cannot make a huge error line.
+func quoteShort(s string) string {
+	const n = 64
+	if len(s) <= n {
+		return strconv.Quote(s)
+	}
+	return strconv.Quote(s[:n]) + "…"
 }
 
 // SchemaVersion is the schema version this package's migrations produce.

@@ -3,6 +3,7 @@ package pgstore_test
 import (
 	"context"
 	"errors"
+	"strings"
 	"sync"
 	"testing"
 
@@ -51,12 +52,28 @@ func TestMigrateConcurrentAndIdempotent(t *testing.T) {
 
 func TestMigrateRejectsBadSchemaName(t *testing.T) {
 	pool := pgtest.Pool(t)
-	for _, name := range []string{`x"; DROP TABLE y; --`, "Upper", "pg_catalog", "1abc", "a-b"} {
+	huge := strings.Repeat("x", 10<<20) + "-"
+	for _, name := range []string{`x"; DROP TABLE y; --`, "Upper", "pg_catalog", "pg_temp", "pg_toast", "information_schema", "1abc", "a-b", huge} {
 		err := pgstore.Migrate(context.Background(), pool, name)
 		if !errors.Is(err, pgstore.ErrInvalidArgument) {
-			t.Errorf("schema %q: got %v, want ErrInvalidArgument", name, err)
+			t.Errorf("schema %.80q: got %.200v, want ErrInvalidArgument", name, err)
+			continue
+		}
+		if msg := err.Error(); len(msg) > 200 || strings.Contains(msg, "\n") {
+			t.Errorf("schema %.80q: error of %d bytes: %.200s", name, len(msg), msg)
+		}
+		if _, err := pgstore.New(context.Background(), pool, pgstore.Config{Schema: name, KEK: newKEK(t, "k")}); !errors.Is(err, pgstore.ErrInvalidArgument) {
+			t.Errorf("New with schema %.80q: %.200v, want ErrInvalidArgument", name, err)
 		}
 	}
+	if err := pgstore.Migrate(context.Background(), pool, huge); err.Error() != `pgstore: invalid argument: schema name "`+huge[:64]+`"… must match [a-z_][a-z0-9_]{0,62}` {
+		t.Errorf("huge name: %.200s", err)
+	}
+	// public is an ordinary schema.
+	if err := pgstore.Migrate(context.Background(), pool, "public"); err != nil {
+		t.Fatalf("public: %v", err)
+	}
+	newStore(t, pool, pgstore.Config{Schema: "public", KEK: newKEK(t, "k")})
 	var n int
 	if err := pool.QueryRow(context.Background(), `SELECT count(*) FROM pg_namespace WHERE nspname NOT LIKE 'pg\_%' AND nspname NOT IN ('public','information_schema')`).Scan(&n); err != nil || n != 0 {
 		t.Fatalf("schemas created: %d (%v)", n, err)

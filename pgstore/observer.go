@@ -27,8 +27,13 @@ func (s *Store) Put(ctx context.Context, project, name string, value []byte) err
 }
 
 // Get returns the secret name of project, or an error matching ErrNotFound.
-// A row whose ciphertext, nonce, data key or associated data do not agree
-// yields an error matching envelope.ErrDecrypt and no plaintext.
+// Every failure to decrypt that is about the stored rows — a ciphertext,
+// nonce or header altered or moved, a data key whose wrapped form or kek
+// row was altered or moved, or that the keyring has no key version for, a
+// data_keys row that is missing — yields the same error, matching
+// envelope.ErrDecrypt, and no plaintext. Errors that say nothing about the
+// rows are returned as themselves: the database's, ctx's, and the key
+// service's provider.ErrUnavailable, ErrAccessDenied and ErrKeyDisabled.
 func (s *Store) Get(ctx context.Context, project, name string) ([]byte, error) {
 	if s.obs == nil {
 		return s.get(ctx, project, name)

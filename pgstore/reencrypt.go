@@ -238,7 +238,7 @@ AND NOT EXISTS (SELECT 1 FROM `+s.q+`.encrypted_secrets s WHERE s.project_id = d
 			return 0, 0, fmt.Errorf("pgstore: reencrypt: destroy retired data keys: %w", err)
 		}
 		for _, id := range gone {
-			s.cache.Remove(cacheID(id.Bytes))
+			s.cache.Remove(cacheID(project, id.Bytes))
 		}
 		return int64(len(gone)), remaining, nil
 	}

@@ -3,6 +3,7 @@ package pgstore_test
 import (
 	"context"
 	"errors"
+	"net/url"
 	"strings"
 	"testing"
 
@@ -13,21 +14,29 @@ import (
 	"github.com/profullstack/keybroker/pgstore"
 )
 
+// tenantURL makes a role that row-level security binds (not owner, not
+// superuser), with the grants the package doc lists, and returns a URL
+// connecting as it.
+func tenantURL(t *testing.T, e *env) string {
+	t.Helper()
+	role, roleURL := pgtest.NewRole(t, e.url)
+	r := pgx.Identifier{role}.Sanitize()
+	if _, err := e.pool.Exec(context.Background(), `GRANT USAGE ON SCHEMA keybroker TO `+r+`;
+		GRANT SELECT ON keybroker.schema_version TO `+r+`;
+		GRANT SELECT, INSERT ON keybroker.kek, keybroker.key_events TO `+r+`;
+		GRANT SELECT, INSERT, UPDATE, DELETE ON keybroker.data_keys, keybroker.encrypted_secrets TO `+r); err != nil {
+		t.Fatal(err)
+	}
+	return roleURL
+}
+
 // A tenant role (not owner, not superuser) sees and changes only the rows
 // of the project its transaction names.
 func TestRowLevelSecurity(t *testing.T) {
 	ctx := context.Background()
 	e := newEnv(t, pgstore.Config{})
 	putMany(t, e.store, 2, 3) // p0, p1
-	role, roleURL := pgtest.NewRole(t, e.url)
-	r := pgx.Identifier{role}.Sanitize()
-	if _, err := e.pool.Exec(ctx, `GRANT USAGE ON SCHEMA keybroker TO `+r+`;
-		GRANT SELECT ON keybroker.schema_version TO `+r+`;
-		GRANT SELECT, INSERT ON keybroker.kek, keybroker.key_events TO `+r+`;
-		GRANT SELECT, INSERT, UPDATE, DELETE ON keybroker.data_keys, keybroker.encrypted_secrets TO `+r); err != nil {
-		t.Fatal(err)
-	}
-	tenant := pgtest.PoolFor(t, roleURL)
+	tenant := pgtest.PoolFor(t, tenantURL(t, e))
 
 	countIn := func(pool *pgxpool.Pool, project, sql string) (n int64) {
 		t.Helper()
@@ -98,5 +107,100 @@ func TestRowLevelSecurity(t *testing.T) {
 	}
 	if err := pgstore.WithProject(ctx, tenant, "", nil); !errors.Is(err, pgstore.ErrInvalidArgument) {
 		t.Fatalf("empty project: %v", err)
+	}
+}
+
+// Whatever a function run by WithProject does to keybroker.project_id for
+// the whole session, and however it ends, the next user of the pooled
+// connection sees no project and, under row-level security, no rows.
+func TestWithProjectLeavesNoProject(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t, pgstore.Config{})
+	putMany(t, e.store, 1, 3) // p0
+	u, err := url.Parse(tenantURL(t, e))
+	if err != nil {
+		t.Fatal(err)
+	}
+	q := u.Query()
+	q.Set("pool_max_conns", "1") // every statement below shares one connection
+	u.RawQuery = q.Encode()
+	tenant := pgtest.PoolFor(t, u.String())
+	errFn := errors.New("fn failed")
+	for _, c := range []struct {
+		name string
+		fn   func(ctx context.Context, cancel func(), tx pgx.Tx) error
+	}{
+		{"set_config for the session", func(ctx context.Context, _ func(), tx pgx.Tx) error {
+			_, err := tx.Exec(ctx, `SELECT set_config('keybroker.project_id', 'p0', false)`)
+			return err
+		}},
+		{"SET, then an error", func(ctx context.Context, _ func(), tx pgx.Tx) error {
+			if _, err := tx.Exec(ctx, `SET keybroker.project_id = 'p0'`); err != nil {
+				return err
+			}
+			return errFn
+		}},
+		{"its own COMMIT, then SET", func(ctx context.Context, _ func(), tx pgx.Tx) error {
+			_, err := tx.Exec(ctx, `COMMIT; SET keybroker.project_id = 'p0'`)
+			return err
+		}},
+		{"its own COMMIT, SET, then an error", func(ctx context.Context, _ func(), tx pgx.Tx) error {
+			if _, err := tx.Exec(ctx, `COMMIT; SET keybroker.project_id = 'p0'`); err != nil {
+				return err
+			}
+			return errFn
+		}},
+		{"SET, then ctx cancelled", func(ctx context.Context, cancel func(), tx pgx.Tx) error {
+			_, err := tx.Exec(ctx, `SET keybroker.project_id = 'p0'`)
+			cancel()
+			return err
+		}},
+		{"its own COMMIT, SET, then a panic", func(ctx context.Context, _ func(), tx pgx.Tx) error {
+			if _, err := tx.Exec(ctx, `COMMIT; SET keybroker.project_id = 'p0'`); err != nil {
+				return err
+			}
+			panic("fn panicked")
+		}},
+	} {
+		func() {
+			ctx, cancel := context.WithCancel(ctx)
+			defer cancel()
+			defer func() { _ = recover() }()
+			_ = pgstore.WithProject(ctx, tenant, "p0", func(tx pgx.Tx) error { return c.fn(ctx, cancel, tx) })
+		}()
+		var setting string
+		var n int64
+		if err := tenant.QueryRow(ctx, `SELECT coalesce(current_setting('keybroker.project_id', true), ''), (SELECT count(*) FROM keybroker.encrypted_secrets)`).Scan(&setting, &n); err != nil {
+			t.Fatalf("%s: %v", c.name, err)
+		}
+		if setting != "" || n != 0 {
+			t.Errorf("%s: the next user of the connection has keybroker.project_id %q and sees %d secrets", c.name, setting, n)
+		}
+	}
+	// WithProject still scopes its own transaction.
+	var n int64
+	if err := pgstore.WithProject(ctx, tenant, "p0", func(tx pgx.Tx) error {
+		return tx.QueryRow(ctx, `SELECT count(*) FROM keybroker.encrypted_secrets`).Scan(&n)
+	}); err != nil || n != 3 {
+		t.Fatalf("WithProject p0: %d secrets, %v", n, err)
+	}
+}
+
+// Status under a role row-level security binds refuses, with one line
+// saying why, rather than count no project's rows as zeros.
+func TestStatusUnderRowSecurity(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t, pgstore.Config{})
+	putMany(t, e.store, 2, 5)
+	ts := newStore(t, pgtest.PoolFor(t, tenantURL(t, e)), pgstore.Config{KEK: e.kek})
+	st, err := ts.Status(ctx)
+	if !errors.Is(err, pgstore.ErrRowSecurity) || st != nil {
+		t.Fatalf("tenant Status: %+v, %v; want ErrRowSecurity", st, err)
+	}
+	if err.Error() != "pgstore: counts need a role row-level security does not restrict" {
+		t.Fatalf("error %q", err)
+	}
+	if st, err := e.store.Status(ctx); err != nil || st.Secrets != 10 {
+		t.Fatalf("owner Status: %+v, %v", st, err)
 	}
 }

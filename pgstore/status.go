@@ -39,8 +39,20 @@ type VersionStatus struct {
 
 // Status reports counts of data keys and secrets per KEK version, data
 // keys by state, and budget use. It needs a role that row-level security
-// does not restrict to see every project.
+// does not restrict: under one it sees no project's rows, and returns an
+// error matching ErrRowSecurity (after the database answered) instead of
+// counts.
 func (s *Store) Status(ctx context.Context) (*Status, error) {
+	// Checked on every call, like New does once: FORCE ROW LEVEL SECURITY
+	// may have been added since.
+	var restricted bool
+	if err := s.pool.QueryRow(ctx, `SELECT row_security_active($1::regclass) OR row_security_active($2::regclass)`,
+		pgx.Identifier{s.schema, "data_keys"}.Sanitize(), pgx.Identifier{s.schema, "encrypted_secrets"}.Sanitize()).Scan(&restricted); err != nil {
+		return nil, fmt.Errorf("pgstore: status: %w", err)
+	}
+	if restricted {
+		return nil, ErrRowSecurity
+	}
 	st := &Status{DataKeys: map[string]int64{}, Budget: s.budget}
 	rows, err := s.pool.Query(ctx, `SELECT k.provider, k.key_id, k.key_version, k.created_at, k.retired_at,
   count(d.id), coalesce(sum(sc.n), 0)::bigint

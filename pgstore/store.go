@@ -216,7 +216,12 @@ var dataKeyOpts = []envelope.Option{envelope.WithMaxMessages(envelope.MaxMessage
 
 func uuidParam(id [16]byte) pgtype.UUID { return pgtype.UUID{Bytes: id, Valid: true} }
 
-func cacheID(id [16]byte) string { return string(id[:]) }
+// cacheID is the cache key of data key id of project. The project is part
+// of it so that a data_keys row relabelled to another project is never
+// served from a key cached for the first: it must unwrap under its new
+// project's wrap aad, which it does not. The id has a fixed length, so the
+// concatenation is unambiguous.
+func cacheID(project string, id [16]byte) string { return string(id[:]) + project }
 
 // setProject is the first statement of every project-scoped batch: it names
 // the project for row-level security, for the current transaction only.
@@ -350,30 +355,53 @@ func (s *Store) open(ctx context.Context, project string, id [16]byte, wk *provi
 
 // dataKey returns the unwrapped data key id of project from the cache,
 // unwrapping wk (or, when wk is nil, the row read from data_keys) on a miss,
-// and the function releasing the cache's lease on it.
+// and the function releasing the cache's lease on it. A data key that does
+// not unwrap under project and id (its wrapped form or kek row altered,
+// moved or missing, a key version the keyring lacks) is the bare
+// envelope.ErrDecrypt, exactly what an altered ciphertext gives, so the
+// two cannot be told apart; an unreachable key service, access denied, a
+// disabled key and ctx's errors are returned as they are
+// (envelope.UnwrapFailure), as are database errors.
 func (s *Store) dataKey(ctx context.Context, project string, id [16]byte, wk *provider.WrappedKey) (*envelope.DataKey, func(), error) {
-	return s.cache.Get(ctx, cacheID(id), func(ctx context.Context) (*envelope.DataKey, error) {
+	return s.cache.Get(ctx, cacheID(project, id), func(ctx context.Context) (*envelope.DataKey, error) {
 		if wk == nil {
 			var err error
 			if wk, err = s.loadWrapped(ctx, project, id); err != nil {
 				return nil, err
 			}
 		}
-		return envelope.UnwrapDataKey(ctx, s.keyring, wk, wrapAAD(project, id), dataKeyOpts...)
+		dk, err := envelope.UnwrapDataKey(ctx, s.keyring, wk, wrapAAD(project, id), dataKeyOpts...)
+		if err != nil {
+			return nil, envelope.UnwrapFailure(err)
+		}
+		return dk, nil
 	})
 }
 
+// loadWrapped reads data key id of project and the kek row that wrapped
+// it. No such row of that project (a foreign key bypassed, a constraint
+// dropped, a partial restore, a row relabelled to another project) is
+// envelope.ErrDecrypt: the secret naming it cannot be decrypted.
 func (s *Store) loadWrapped(ctx context.Context, project string, id [16]byte) (*provider.WrappedKey, error) {
 	wk := &provider.WrappedKey{}
+	var found bool
 	err := s.scoped(ctx, project, func(b *pgx.Batch) {
 		b.Queue(`SELECT d.wrapped_dek, k.provider, k.key_id, k.key_version
 FROM `+s.q+`.data_keys d JOIN `+s.q+`.kek k ON k.id = d.kek_id
 WHERE d.id = $1 AND d.project_id = $2`, uuidParam(id), project).QueryRow(func(r pgx.Row) error {
-			return r.Scan(&wk.Ciphertext, &wk.Provider, &wk.KeyID, &wk.Version)
+			err := r.Scan(&wk.Ciphertext, &wk.Provider, &wk.KeyID, &wk.Version)
+			if errors.Is(err, pgx.ErrNoRows) {
+				return nil
+			}
+			found = err == nil
+			return err
 		})
 	})
 	if err != nil {
 		return nil, fmt.Errorf("pgstore: load data key: %w", err)
+	}
+	if !found {
+		return nil, envelope.ErrDecrypt
 	}
 	return wk, nil
 }
@@ -440,7 +468,11 @@ WHERE project_id = $1 ORDER BY name`, project).Query(func(rows pgx.Rows) error {
 // setting names project, so row-level security (see the package doc)
 // limits fn's statements to that project's rows when the session's role is
 // subject to it. The transaction commits if fn returns nil and rolls back
-// otherwise.
+// otherwise. However fn ends (nil, an error, a panic) and whatever it ran
+// (set_config(..., false), SET, its own COMMIT), the pooled connection goes
+// back to the pool with keybroker.project_id reset for the session, or is
+// closed if it cannot be reset: the next user of the connection never
+// inherits a project.
 func WithProject(ctx context.Context, pool *pgxpool.Pool, project string, fn func(pgx.Tx) error) error {
 	if err := checkProject(project); err != nil {
 		return err
@@ -448,12 +480,30 @@ func WithProject(ctx context.Context, pool *pgxpool.Pool, project string, fn fun
 	if pool == nil || fn == nil {
 		return fmt.Errorf("%w: nil pool or function", ErrInvalidArgument)
 	}
-	return pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
+	conn, err := pool.Acquire(ctx)
+	if err != nil {
+		return fmt.Errorf("pgstore: acquire connection: %w", err)
+	}
+	defer releaseUnscoped(ctx, conn)
+	return pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
 		if _, err := tx.Exec(ctx, setProject, project); err != nil {
 			return fmt.Errorf("pgstore: set project: %w", err)
 		}
 		return fn(tx)
 	})
+}
+
+// releaseUnscoped returns conn to its pool after resetting the session's
+// keybroker.project_id. It runs after the transaction has ended (committed,
+// rolled back, or abandoned by a panic), outside any transaction, so the
+// RESET cannot be undone by one; a connection on which it fails (broken,
+// busy, still in a transaction) is closed, and the pool then drops it.
+func releaseUnscoped(ctx context.Context, conn *pgxpool.Conn) {
+	ctx = context.WithoutCancel(ctx)
+	if _, err := conn.Exec(ctx, "RESET keybroker.project_id"); err != nil {
+		conn.Conn().Close(ctx)
+	}
+	conn.Release()
 }
 
 // project returns this process's reservation state for project.
@@ -476,7 +526,7 @@ func (s *Store) forget(project string, id [16]byte) {
 		pk.valid = false
 	}
 	pk.mu.Unlock()
-	s.cache.Remove(cacheID(id))
+	s.cache.Remove(cacheID(project, id))
 }
 
 // reserve takes one encryption from the budget of project's active data
@@ -585,7 +635,7 @@ SELECT 'dek.create', $1, $2, $3, 1, $4 WHERE EXISTS (SELECT 1 FROM `+s.q+`.data_
 		return false, nil
 	}
 	// Seed the cache with the key we hold rather than unwrapping it again.
-	_, release, err := s.cache.Get(ctx, cacheID(*id), func(context.Context) (*envelope.DataKey, error) { return dk, nil })
+	_, release, err := s.cache.Get(ctx, cacheID(project, *id), func(context.Context) (*envelope.DataKey, error) { return dk, nil })
 	if err != nil {
 		dk.Destroy()
 		return false, fmt.Errorf("pgstore: %w", err)

@@ -85,3 +85,56 @@ func TestStoreObserver(t *testing.T) {
 		t.Error("no kms.wrap span")
 	}
 }
+
+// A Get whose data key has been tampered with (its wrapped form edited in
+// the database) counts as decrypt_failed, the outcome docs/OPERATIONS.md
+// alerts on for tampering, exactly as an edited ciphertext does; the
+// key-service call it made records the service's own verdict.
+func TestStoreObserverTamperedDataKey(t *testing.T) {
+	ctx := context.Background()
+	r := newRecorder(t)
+	pool := pgtest.Pool(t)
+	if err := pgstore.Migrate(ctx, pool, pgstore.DefaultSchema); err != nil {
+		t.Fatal(err)
+	}
+	kek, err := local.Generate("tel")
+	if err != nil {
+		t.Fatal(err)
+	}
+	kr, err := r.tel.Keyring(kek)
+	if err != nil {
+		t.Fatal(err)
+	}
+	open := func() *pgstore.Store {
+		st, err := pgstore.New(ctx, pool, pgstore.Config{KEK: kr, Observer: r.tel.StoreObserver()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { st.Close() })
+		return st
+	}
+	for _, name := range []string{"a", "b"} {
+		if err := open().Put(ctx, "p1", name, []byte("v")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := pool.Exec(ctx, `UPDATE keybroker.encrypted_secrets SET encrypted_data = set_byte(encrypted_data, 40, get_byte(encrypted_data, 40) # 1) WHERE name = 'a'`); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := open().Get(ctx, "p1", "a"); err == nil {
+		t.Fatal("edited ciphertext decrypted")
+	}
+	if _, err := pool.Exec(ctx, `UPDATE keybroker.data_keys SET wrapped_dek = set_byte(wrapped_dek, 20, get_byte(wrapped_dek, 20) # 1)`); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := open().Get(ctx, "p1", "b"); err == nil { // a fresh Store: the data key is unwrapped from the row
+		t.Fatal("edited data key unwrapped")
+	}
+	got := r.collect(t)
+	if v := value(t, got, telemetry.MetricOperations, "keybroker.operation=get,keybroker.outcome=decrypt_failed"); v != 2 {
+		t.Errorf("get decrypt_failed = %v, want 2 (edited ciphertext, edited data key)", v)
+	}
+	if v := value(t, got, telemetry.MetricKMSCalls, "keybroker.backend=local,keybroker.operation=unwrap,keybroker.outcome=invalid_ciphertext"); v != 1 {
+		t.Errorf("unwraps invalid_ciphertext = %v, want 1", v)
+	}
+}

@@ -44,15 +44,20 @@ const (
 	AttrComponent = attribute.Key("keybroker.component")
 )
 
-// Outcomes: the values of AttrOutcome.
+// Outcomes: the values of AttrOutcome. A decryption (Envelope's Decrypt,
+// pgstore's Get) whose ciphertext or data key was altered, moved, or wrapped
+// under a key the keyring lacks has outcome decrypt_failed in
+// MetricOperations, whichever it was; the key-service call such a data key
+// caused has the service's own verdict (invalid_ciphertext or
+// key_not_found) in MetricKMSCalls.
 const (
 	OutcomeOK                = "ok"
 	OutcomeDecryptFailed     = "decrypt_failed" // envelope.ErrDecrypt
-	OutcomeKeyNotFound       = "key_not_found"
+	OutcomeKeyNotFound       = "key_not_found"  // provider.ErrKeyNotFound
 	OutcomeAccessDenied      = "access_denied"
 	OutcomeKeyDisabled       = "key_disabled"
 	OutcomeUnavailable       = "unavailable"
-	OutcomeInvalidCiphertext = "invalid_ciphertext"
+	OutcomeInvalidCiphertext = "invalid_ciphertext" // provider.ErrInvalidCiphertext
 	OutcomeCanceled          = "canceled"
 	OutcomeDeadline          = "deadline_exceeded"
 	OutcomeClosed            = "closed"

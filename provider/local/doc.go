@@ -65,7 +65,9 @@
 //	"keybroker/local/v1" 0x00 || len(id) (1 byte) || id || version (4 bytes, big endian) || aad
 //
 // so a ciphertext relabelled with another keyring id or version, or given
-// other aad, fails authentication. Nonces come from crypto/rand inside
+// other aad, fails authentication. The leading 0x01 (the format version)
+// is not part of the additional data; Unwrap refuses any other value, so
+// changing it fails all the same. docs/STORAGE.md works an example. Nonces come from crypto/rand inside
 // crypto/cipher (NewGCMWithRandomNonce). With random 96-bit nonces one key
 // version must not wrap more than 2^32 DEKs; rotate well before that.
 //
