@@ -33,8 +33,8 @@ import (
 )
 
 var (
-	flagDuration = flag.Duration("soak.duration", 0, "how long the writers run per backend, at least (default $KEYBROKER_SOAK_DURATION, else 20s)")
-	flagOps      = flag.Int64("soak.ops", 0, "Puts per writer goroutine after which the writers may stop before -soak.duration (default $KEYBROKER_SOAK_OPS, else 2000)")
+	flagDuration = flag.Duration("soak.duration", 0, "how long the writers run per backend, at least (default $KEYBROKER_SOAK_DURATION, else 25s)")
+	flagOps      = flag.Int64("soak.ops", 0, "Puts per writer goroutine after which the writers may stop before -soak.duration (default $KEYBROKER_SOAK_OPS, else 4000)")
 	flagSeed     = flag.Uint64("soak.seed", 0, "random seed (default: a fresh one, printed)")
 )
 
@@ -62,7 +62,7 @@ func duration(t *testing.T) time.Duration {
 		}
 		return d
 	}
-	return 20 * time.Second
+	return 25 * time.Second
 }
 
 func ops(t *testing.T) int64 {
@@ -76,7 +76,7 @@ func ops(t *testing.T) int64 {
 		}
 		return n
 	}
-	return 2000
+	return 4000
 }
 
 // TestSoak runs the fleet against each backend in turn (never in
