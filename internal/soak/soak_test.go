@@ -33,7 +33,7 @@ import (
 )
 
 var (
-	flagDuration = flag.Duration("soak.duration", 0, "how long the writers run per backend, at least (default $KEYBROKER_SOAK_DURATION, else 25s)")
+	flagDuration = flag.Duration("soak.duration", 0, "how long the writers run per backend unless they made -soak.ops Puts first (default $KEYBROKER_SOAK_DURATION, else 25s)")
 	flagOps      = flag.Int64("soak.ops", 0, "Puts per writer goroutine after which the writers may stop before -soak.duration (default $KEYBROKER_SOAK_OPS, else 4000)")
 	flagSeed     = flag.Uint64("soak.seed", 0, "random seed (default: a fresh one, printed)")
 )

@@ -31,7 +31,7 @@ func main() {
 	flag.IntVar(&o.names, "names", 10, "writer: secret names per goroutine")
 	flag.IntVar(&o.projects, "projects", 40, "projects the names are spread over")
 	flag.Int64Var(&o.ops, "ops", 0, "writer: Puts per goroutine before it may stop (0: until -duration)")
-	flag.DurationVar(&o.duration, "duration", 30*time.Second, "writer: run at least this long (and until the operator did -min-cycles)")
+	flag.DurationVar(&o.duration, "duration", 30*time.Second, "writer: run this long unless every goroutine made -ops Puts first (and until the operator did -min-cycles)")
 	flag.DurationVar(&o.limit, "limit", 90*time.Second, "writer: stop after this long whatever the operator did")
 	flag.IntVar(&o.minCycles, "min-cycles", 2, "writer: operator rounds to wait for before stopping")
 	flag.Int64Var(&o.budget, "budget", 100, "writer: pgstore Config.Budget")
