@@ -39,7 +39,8 @@ type MigrateOptions struct {
 	// Source rows of a batch stay locked until it commits.
 	BatchSize int
 	// ClearPlaintext sets ValueColumn to NULL, in the same transaction, for
-	// each row whose secret is stored and verified.
+	// each row whose secret is stored and verified. A NOT NULL ValueColumn
+	// is refused (ErrSource) before any write.
 	ClearPlaintext bool
 	// DryRun validates the source and counts rows, and changes nothing.
 	DryRun bool
@@ -57,25 +58,37 @@ type MigrateOptions struct {
 // MigrateProgress reports MigratePlaintext's progress.
 type MigrateProgress struct {
 	Done    int64  // source rows processed so far by this call
-	Total   int64  // source rows with a value when the call started
+	Total   int64  // source rows with a value (after StartAfter) when the call started
 	LastKey string // key (as text) of the last row committed; empty with Workers > 1
 }
 
 // MigrateResult is what MigratePlaintext did, or (DryRun) would do.
 type MigrateResult struct {
-	Pending        int64  // source rows with a value when the call started
-	Migrated       int64  // secrets written from source rows
-	AlreadyPresent int64  // source rows whose secret was already stored with the same value
-	Conflicts      int64  // source rows whose secret is stored with another value (or does not decrypt): left alone, plaintext kept
-	Cleared        int64  // source values set to NULL
-	LastKey        string // key (as text) of the last row handled; empty with Workers > 1
+	Pending        int64 // source rows with a value (after StartAfter) when the call started
+	Migrated       int64 // secrets written from source rows
+	AlreadyPresent int64 // source rows whose secret was already stored with the same value
+	Conflicts      int64 // source rows whose secret is stored with another value (or does not decrypt): left alone, plaintext kept
+	// ConflictRows names the first MaxConflictRows conflicting rows found
+	// (in key order with one worker); Conflicts counts them all.
+	ConflictRows []MigrateConflict
+	Cleared      int64  // source values set to NULL
+	LastKey      string // key (as text) of the last row handled; empty with Workers > 1
+}
+
+// MaxConflictRows bounds MigrateResult.ConflictRows.
+const MaxConflictRows = 100
+
+// MigrateConflict names a source row left alone because its secret is
+// already stored with another value. It never carries a value.
+type MigrateConflict struct {
+	Key, Project, Name string // the row's key column (as text), project and name
 }
 
 // MigratePlaintext encrypts the plaintext secrets of an existing table into
 // encrypted_secrets. It first checks that the table and columns exist, that
-// the value column's type is usable, the key column unique, and that no row
-// with a value lacks a valid project or name; any problem is one error
-// matching ErrSource, before any write.
+// the value column's type is usable (and, with ClearPlaintext, nullable),
+// the key column unique, and that no row with a value lacks a valid project
+// or name; any problem is one error matching ErrSource, before any write.
 //
 // Rows are read in key order (keyset pagination, so the table is never
 // locked as a whole) in batches, each one transaction: encrypt each value
@@ -101,7 +114,13 @@ func (s *Store) MigratePlaintext(ctx context.Context, src PlaintextSource, opts 
 	if err != nil {
 		return res, err
 	}
-	if err := s.pool.QueryRow(ctx, m.count).Scan(&res.Pending); err != nil {
+	// Counted after StartAfter, as the batches read, so that a resumed
+	// run's progress ends at Total.
+	count, countArgs := m.count, []any{}
+	if opts.StartAfter != "" {
+		count, countArgs = count+fmt.Sprintf(` AND %s > $1::%s`, m.key, m.keyType), append(countArgs, opts.StartAfter)
+	}
+	if err := s.pool.QueryRow(ctx, count, countArgs...).Scan(&res.Pending); err != nil {
 		return res, fmt.Errorf("pgstore: migrate plaintext: %w", err)
 	}
 	var badKey pgtype.Text
@@ -135,6 +154,7 @@ func (s *Store) MigratePlaintext(ctx context.Context, src PlaintextSource, opts 
 				res.Migrated += br.migrated
 				res.AlreadyPresent += br.present
 				res.Conflicts += br.conflicts
+				res.ConflictRows = append(res.ConflictRows, br.conflictRows[:min(len(br.conflictRows), MaxConflictRows-len(res.ConflictRows))]...)
 				res.Cleared += br.cleared
 				if len(ranges) == 1 {
 					res.LastKey = br.last
@@ -237,20 +257,21 @@ func (s *Store) plaintextSQL(ctx context.Context, src PlaintextSource, clear boo
 		return nil, fmt.Errorf("pgstore: migrate plaintext: %w", err)
 	}
 	type column struct {
-		typ    string // format_type, for casts
-		unique bool
+		typ     string // format_type, for casts
+		unique  bool
+		notNull bool
 	}
 	cols := map[string]column{}
 	rows, err := s.pool.Query(ctx, `SELECT a.attname, format_type(a.atttypid, a.atttypmod),
   EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = a.attrelid AND i.indisunique AND i.indnkeyatts = 1
-          AND i.indkey[0] = a.attnum AND i.indpred IS NULL)
+          AND i.indkey[0] = a.attnum AND i.indpred IS NULL), a.attnotnull
 FROM pg_attribute a WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped`, oid)
 	if err != nil {
 		return nil, fmt.Errorf("pgstore: migrate plaintext: %w", err)
 	}
 	var name string
 	var c column
-	if _, err := pgx.ForEachRow(rows, []any{&name, &c.typ, &c.unique}, func() error { cols[name] = c; return nil }); err != nil {
+	if _, err := pgx.ForEachRow(rows, []any{&name, &c.typ, &c.unique, &c.notNull}, func() error { cols[name] = c; return nil }); err != nil {
 		return nil, fmt.Errorf("pgstore: migrate plaintext: %w", err)
 	}
 	for _, want := range []struct{ role, name string }{{"key", src.KeyColumn}, {"project", src.ProjectColumn}, {"name", src.NameColumn}, {"value", src.ValueColumn}} {
@@ -261,6 +282,11 @@ FROM pg_attribute a WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdroppe
 	key, val := cols[src.KeyColumn], cols[src.ValueColumn]
 	if !key.unique {
 		return nil, fmt.Errorf("%w: key column %q of table %q needs a single-column unique index (for example the primary key)", ErrSource, src.KeyColumn, src.Table)
+	}
+	if clear && val.notNull {
+		// Checked here, before any write: the first batch's UPDATE would
+		// fail after its data keys were made.
+		return nil, fmt.Errorf("%w: value column %q of table %q is NOT NULL, so clearing the plaintext cannot set it to NULL", ErrSource, src.ValueColumn, src.Table)
 	}
 	q := func(col string) string { return pgx.Identifier{col}.Sanitize() }
 	k, p, n, v := q(src.KeyColumn), q(src.ProjectColumn), q(src.NameColumn), q(src.ValueColumn)
@@ -301,6 +327,7 @@ type secretID struct{ project, name string }
 type batchResult struct {
 	n                                     int
 	migrated, present, conflicts, cleared int64
+	conflictRows                          []MigrateConflict // at most MaxConflictRows
 	last                                  string
 }
 
@@ -392,6 +419,7 @@ JOIN `+s.q+`.encrypted_secrets s ON s.project_id = u.p AND s.name = u.n`, ps, ns
 	}
 	var clearKeys []string
 	var migrated, present, conflicts int64
+	var conflictRows []MigrateConflict
 	for i := range keys {
 		sid := secretID{projects[i], names[i]}
 		cur := now[sid]
@@ -411,6 +439,9 @@ JOIN `+s.q+`.encrypted_secrets s ON s.project_id = u.p AND s.name = u.n`, ps, ns
 			present++
 		default:
 			conflicts++
+			if len(conflictRows) < MaxConflictRows {
+				conflictRows = append(conflictRows, MigrateConflict{Key: keys[i], Project: sid.project, Name: sid.name})
+			}
 			s.log.Warn("pgstore: migrate plaintext: secret already stored with another value; source row left alone", "key", keys[i], "project", sid.project, "name", sid.name)
 			continue
 		}
@@ -427,5 +458,5 @@ JOIN `+s.q+`.encrypted_secrets s ON s.project_id = u.p AND s.name = u.n`, ps, ns
 	if err := tx.Commit(ctx); err != nil {
 		return br, fmt.Errorf("pgstore: migrate plaintext: commit: %w", err)
 	}
-	return batchResult{n: len(keys), migrated: migrated, present: present, conflicts: conflicts, cleared: cleared, last: keys[len(keys)-1]}, nil
+	return batchResult{n: len(keys), migrated: migrated, present: present, conflicts: conflicts, conflictRows: conflictRows, cleared: cleared, last: keys[len(keys)-1]}, nil
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
 
@@ -66,6 +67,9 @@ func TestMigratePlaintext(t *testing.T) {
 			if res.Migrated != 48 || res.AlreadyPresent != 1 || res.Conflicts != 1 || res.Cleared != 49 || res.LastKey != "50" {
 				t.Fatalf("result: %+v", res)
 			}
+			if want := []pgstore.MigrateConflict{{Key: "2", Project: "proj2", Name: "name2"}}; !slices.Equal(res.ConflictRows, want) {
+				t.Fatalf("conflict rows %+v, want %+v", res.ConflictRows, want)
+			}
 			if len(progress) != 8 || progress[7].Done != 50 || progress[7].LastKey != "50" {
 				t.Fatalf("progress: %+v", progress)
 			}
@@ -101,8 +105,11 @@ func TestMigratePlaintextResume(t *testing.T) {
 	ctx := context.Background()
 	e := newEnv(t, pgstore.Config{})
 	legacy(t, e.pool, "bytea", 30)
-	res, err := e.store.MigratePlaintext(ctx, legacySource, pgstore.MigrateOptions{BatchSize: 10, StartAfter: "20"})
-	if err != nil || res.Migrated != 10 || res.LastKey != "30" {
+	var last pgstore.MigrateProgress
+	res, err := e.store.MigratePlaintext(ctx, legacySource, pgstore.MigrateOptions{BatchSize: 10, StartAfter: "20",
+		Progress: func(p pgstore.MigrateProgress) { last = p }})
+	// Pending counts the rows after StartAfter, so progress ends at Total.
+	if err != nil || res.Migrated != 10 || res.Pending != 10 || last.Done != last.Total || res.LastKey != "30" {
 		t.Fatalf("from 20: %+v, %v", res, err)
 	}
 	secrets := snapshotSecrets(t, e)
@@ -127,7 +134,9 @@ func TestMigratePlaintextBadSource(t *testing.T) {
 	e := newEnv(t, pgstore.Config{})
 	legacy(t, e.pool, "bytea", 5)
 	if _, err := e.pool.Exec(ctx, `CREATE TABLE nokey (id bigint, project text, secret_name text, value bytea);
-		CREATE TABLE badtype (id bigint PRIMARY KEY, project text, secret_name text, value int)`); err != nil {
+		CREATE TABLE badtype (id bigint PRIMARY KEY, project text, secret_name text, value int);
+		CREATE TABLE required (id bigint PRIMARY KEY, project text, secret_name text, value bytea NOT NULL);
+		INSERT INTO required VALUES (1, 'proj1', 'name1', 'v')`); err != nil {
 		t.Fatal(err)
 	}
 	src := func(f func(*pgstore.PlaintextSource)) pgstore.PlaintextSource {
@@ -144,6 +153,7 @@ func TestMigratePlaintextBadSource(t *testing.T) {
 		{`no key column "ID"`, src(func(s *pgstore.PlaintextSource) { s.KeyColumn = "ID" })},
 		{"unique index", src(func(s *pgstore.PlaintextSource) { s.Table = "nokey" })},
 		{"has type integer", src(func(s *pgstore.PlaintextSource) { s.Table = "badtype" })},
+		{`value column "value" of table "required" is NOT NULL`, src(func(s *pgstore.PlaintextSource) { s.Table = "required" })},
 		{"want table or schema", src(func(s *pgstore.PlaintextSource) { s.Table = "a.b.c" })},
 		{"identifier", src(func(s *pgstore.PlaintextSource) { s.NameColumn = "" })},
 		{`does not exist`, src(func(s *pgstore.PlaintextSource) { s.Table = `legacy_secrets"; DROP TABLE legacy_secrets; --` })},

@@ -105,7 +105,7 @@ func resolveConfig(fs *pflag.FlagSet) (config, error) {
 		KEK:         resolve(fs, "kek", envKEK, file.KEK, ""),
 		DatabaseURL: resolve(fs, "database-url", envDatabaseURL, file.DatabaseURL, ""),
 		Schema:      resolve(fs, "schema", envSchema, file.Schema, ""),
-		LogLevel:    resolve(fs, "log-level", envLogLevel, file.LogLevel, ""), // "": info, demo: warn
+		LogLevel:    resolve(fs, "log-level", envLogLevel, file.LogLevel, ""), // "": defaultLogLevel, demo: warn
 		LogFormat:   resolve(fs, "log-format", envLogFormat, file.LogFormat, "text"),
 	}
 	// --kek-decrypt-only is a comma-separated list like the variable; the

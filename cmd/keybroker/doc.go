@@ -18,6 +18,7 @@
 //	status            data keys and secrets per provider and KEK version
 //	verify            decrypt every secret, report failures by project/name
 //	keygen            new local keyring file (0600, never overwrites)
+//	version           the build: module version, VCS revision, Go version
 //
 // # Configuration
 //
@@ -31,9 +32,16 @@
 // # Exit codes
 //
 // 0 success; 1 error (nothing partially written, a rerun continues);
-// 2 usage (flags, arguments, configuration, unknown provider scheme);
-// 3 status found a retired KEK version still wrapping data keys;
-// 4 verify found secrets that do not decrypt; 130 interrupted.
+// 2 usage (flags, arguments, configuration from any source, a provider URL
+// or keyring its backend refuses to open); 3 status found a retired or
+// missing KEK version still wrapping data keys; 4 verify found secrets that
+// do not decrypt; 130 interrupted.
+//
+// # Logs
+//
+// On stderr through log/slog: level warn by default when stderr is a
+// terminal (the per-data-key and per-batch info lines would bury the
+// progress bar), info otherwise, where they are the record.
 //
 // # Security
 //
@@ -69,5 +77,8 @@
 // double as keybroker, and testdata/script/*.txtar run against a fresh
 // database per script from internal/pgtest, with the commands `sql` (raw
 // SQL, to inspect or corrupt rows) and `exits N` (exit status). One test
-// drives keybroker in a tmux pane to check the progress bar and Ctrl-C.
+// drives keybroker in a tmux pane to check the progress bar, the default
+// log level and Ctrl-C. The man pages in docs/man are generated from the
+// command tree (`go generate ./cmd/keybroker`, the hidden `keybroker man
+// DIR`); TestManPages fails when they are out of date.
 package main

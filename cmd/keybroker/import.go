@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"strconv"
 
 	"github.com/profullstack/keybroker/pgstore"
 	"github.com/spf13/cobra"
@@ -24,9 +25,19 @@ type importResult struct {
 	Imported       int64  `json:"imported"`
 	AlreadyPresent int64  `json:"already_present"`
 	Conflicts      int64  `json:"conflicts"`
-	Cleared        int64  `json:"cleared"`
-	LastKey        string `json:"last_key,omitempty"`
-	DryRun         bool   `json:"dry_run"`
+	// ConflictRows names the first pgstore.MaxConflictRows conflicts.
+	ConflictRows []importConflict `json:"conflict_rows"`
+	Cleared      int64            `json:"cleared"`
+	LastKey      string           `json:"last_key,omitempty"`
+	DryRun       bool             `json:"dry_run"`
+}
+
+// importConflict is a source row left alone because its secret is stored
+// with another value: where it is, never what it holds.
+type importConflict struct {
+	Project string `json:"project"`
+	Name    string `json:"name"`
+	Key     string `json:"key"`
 }
 
 // importPlaintext encrypts the plaintext column into the store, with
@@ -60,11 +71,15 @@ func (a *app) importPlaintext(ctx context.Context, s *session, spec importSpec, 
 		a.log.Info("imported plaintext", "table", spec.Table, "column", spec.Column, "imported", res.Migrated,
 			"already_present", res.AlreadyPresent, "conflicts", res.Conflicts, "cleared", res.Cleared)
 	}
-	return &importResult{
+	out := &importResult{
 		Table: spec.Table, Column: spec.Column, Pending: res.Pending, Imported: res.Migrated,
-		AlreadyPresent: res.AlreadyPresent, Conflicts: res.Conflicts, Cleared: res.Cleared,
+		AlreadyPresent: res.AlreadyPresent, Conflicts: res.Conflicts, ConflictRows: []importConflict{}, Cleared: res.Cleared,
 		LastKey: res.LastKey, DryRun: dryRun,
-	}, nil
+	}
+	for _, c := range res.ConflictRows {
+		out.ConflictRows = append(out.ConflictRows, importConflict{Project: c.Project, Name: c.Name, Key: c.Key})
+	}
+	return out, nil
 }
 
 func newImportCmd(a *app) *cobra.Command {
@@ -78,10 +93,12 @@ stores each row's COLUMN value as the secret --name-column of project
 --project-column. Every stored secret is decrypted and compared with its
 source before the batch commits; a secret already stored with the same value
 counts as already present, one stored with another value is left alone and
-reported as a conflict. The table, columns and rows are checked before
+reported as a conflict: named (project, name and key, never the value) on
+stdout and in --json's conflict_rows, the first ` + strconv.Itoa(pgstore.MaxConflictRows) + ` of them. The table, columns and rows are checked before
 anything is written. Each batch commits on its own, so an interrupted run
 keeps its finished batches and a rerun continues. --clear-plaintext sets
-each imported source value to NULL in the same transaction.`,
+each imported source value to NULL in the same transaction; on a NOT NULL
+COLUMN it is refused before anything is written (--dry-run says so too).`,
 		Args: args(cobra.ExactArgs(2)),
 		RunE: func(cmd *cobra.Command, argv []string) error {
 			spec.Table, spec.Column = argv[0], argv[1]
@@ -98,6 +115,12 @@ each imported source value to NULL in the same transaction.`,
 				if dryRun {
 					fmt.Fprintf(w, "dry run: would import %d rows from %s.%s\n", res.Pending, res.Table, res.Column)
 					return
+				}
+				for _, c := range res.ConflictRows {
+					fmt.Fprintf(w, "CONFLICT %s/%s (%s %s): already stored with another value; source row left alone\n", c.Project, c.Name, spec.KeyColumn, c.Key)
+				}
+				if more := res.Conflicts - int64(len(res.ConflictRows)); more > 0 {
+					fmt.Fprintf(w, "CONFLICT ... and %d more\n", more)
 				}
 				fmt.Fprintf(w, "imported %d secrets from %s.%s (%d already present, %d conflicts, %d plaintext values cleared)\n",
 					res.Imported, res.Table, res.Column, res.AlreadyPresent, res.Conflicts, res.Cleared)

@@ -55,9 +55,14 @@ func (a *app) openKeyring(ctx context.Context) (*provider.Keyring, error) {
 	return kr, nil
 }
 
+// openProvider opens one provider URL. Opening checks the URL and the
+// backend's local configuration (parameters, keyring file, credentials
+// source); any failure is a usage error (exit 2), since rerunning with the
+// same configuration cannot help, except an unavailable key service, a
+// timeout or cancellation, which stay errors (exit 1).
 func openProvider(ctx context.Context, rawURL string) (provider.KEKProvider, error) {
 	p, err := provider.Open(ctx, rawURL)
-	if errors.Is(err, provider.ErrUnknownScheme) {
+	if err != nil && !errors.Is(err, provider.ErrUnavailable) && !errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil {
 		return nil, &codeError{code: exitUsage, err: err}
 	}
 	return p, err

@@ -31,7 +31,9 @@ Configuration (highest precedence first):
   3. config file         --config FILE, a JSON object with the keys
                          kek, kek_decrypt_only (array), database_url, schema,
                          log_level, log_format; unknown keys are an error
-  4. defaults            log level info, log format text
+  4. defaults            log level warn when stderr is a terminal (so per-key
+                         and per-batch info lines do not bury the progress
+                         bar), info otherwise; log format text
 
 Provider URLs:
   local:///path/keyring.json   or local://env/VARNAME   (keybroker keygen makes one)
@@ -53,15 +55,20 @@ and verify work across all projects.
 Exit codes:
   0    success
   1    error (nothing was partially written; rerunning continues)
-  2    usage: bad flag, argument or configuration
-  3    status: a retired key version is still referenced
+  2    usage: bad flag, argument or configuration (any config source; a
+       provider URL or keyring its backend refuses to open)
+  3    status: data keys are still wrapped under a retired or missing key
+       version
   4    verify: at least one secret failed to decrypt
-  130  interrupted (Ctrl-C or SIGTERM); rerun to continue`
+  130  interrupted (Ctrl-C or SIGTERM); rerun to continue
+
+keybroker version (or --version) prints the build: module version, VCS
+revision, time and modified flag (when the build recorded them), Go version.`
 
 // app is the state shared by all commands.
 type app struct {
-	stdout, stderr io.Writer
-	stdoutTTY      bool
+	stdout, stderr       io.Writer
+	stdoutTTY, stderrTTY bool
 
 	cfg     config
 	log     *slog.Logger
@@ -80,6 +87,7 @@ func run(args []string) int {
 		stdout:    os.Stdout,
 		stderr:    os.Stderr,
 		stdoutTTY: term.IsTerminal(int(os.Stdout.Fd())),
+		stderrTTY: term.IsTerminal(int(os.Stderr.Fd())),
 		logOut:    &logWriter{w: os.Stderr},
 	}
 	root := newRootCmd(a)
@@ -105,6 +113,7 @@ func newRootCmd(a *app) *cobra.Command {
 		Use:           "keybroker",
 		Short:         "Envelope encryption for MeshHook's secrets in PostgreSQL",
 		Long:          helpText,
+		Version:       buildVersion().String(),
 		SilenceErrors: true,
 		SilenceUsage:  true,
 		PersistentPreRunE: func(cmd *cobra.Command, _ []string) error {
@@ -112,6 +121,7 @@ func newRootCmd(a *app) *cobra.Command {
 			return a.setup(cmd)
 		},
 	}
+	root.SetVersionTemplate("{{.Version}}")
 	root.SetOut(a.stdout)
 	root.SetErr(a.stderr)
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error {
@@ -123,7 +133,7 @@ func newRootCmd(a *app) *cobra.Command {
 	pf.StringSlice("kek-decrypt-only", nil, "decrypt-only KEK provider URLs, comma-separated (env KEYBROKER_KEK_DECRYPT_ONLY)")
 	pf.String("database-url", "", "PostgreSQL URL (env KEYBROKER_DATABASE_URL)")
 	pf.String("schema", "", "schema holding keybroker's tables (env KEYBROKER_SCHEMA)")
-	pf.String("log-level", "", "debug, info, warn or error (default info)")
+	pf.String("log-level", "", "debug, info, warn or error (default warn on a terminal, info otherwise)")
 	pf.String("log-format", "", "text or json (default text)")
 	pf.BoolVar(&a.json, "json", false, "machine-readable JSON output on stdout")
 
@@ -135,6 +145,8 @@ func newRootCmd(a *app) *cobra.Command {
 		newImportCmd(a),
 		newStatusCmd(a), newVerifyCmd(a),
 		newKeygenCmd(a),
+		newVersionCmd(a),
+		newManCmd(a),
 	)
 	return root
 }
@@ -146,7 +158,17 @@ func (a *app) setup(cmd *cobra.Command) error {
 		return err
 	}
 	a.cfg = cfg
-	return a.setLogger("info")
+	return a.setLogger(a.defaultLogLevel())
+}
+
+// defaultLogLevel is warn when the logs go to a terminal, where a person
+// watches the progress bar and reads results on stdout, and info otherwise
+// (log files, journald, CI), where the info lines are the record.
+func (a *app) defaultLogLevel() string {
+	if a.stderrTTY {
+		return "warn"
+	}
+	return "info"
 }
 
 // setLogger builds the stderr logger at the configured level, or at def

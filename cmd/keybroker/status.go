@@ -24,9 +24,11 @@ type versionStatus struct {
 	Provider string `json:"provider"`
 	KeyID    string `json:"key_id"`
 	Version  string `json:"version"`
-	// State: "primary" (wraps new data keys), "active" (still unwraps),
-	// "retired" (retired in keybroker or the key service), "unconfigured"
-	// (no configured provider serves the key).
+	// State: "primary" (the primary provider's version: wraps new data
+	// keys), "active" (still unwraps), "retired" (retired in keybroker),
+	// "missing" (a configured provider serves the key but does not list the
+	// version as usable: retired or destroyed in the key service, or the
+	// wrong keyring), "unconfigured" (no configured provider serves the key).
 	State    string `json:"state"`
 	DataKeys int64  `json:"data_keys"`
 	Secrets  int64  `json:"secrets"`
@@ -36,7 +38,8 @@ type statusResult struct {
 	Providers    []providerStatus `json:"providers"`
 	Versions     []versionStatus  `json:"versions"`
 	RetiredInUse int64            `json:"retired_in_use"` // data keys under retired versions
-	Unconfigured int64            `json:"unconfigured"`   // data keys no configured provider can unwrap
+	Missing      int64            `json:"missing"`        // data keys under missing versions
+	Unconfigured int64            `json:"unconfigured"`   // data keys under keys no configured provider serves
 	Secrets      int64            `json:"secrets"`
 	Projects     int64            `json:"projects"`
 	DataKeys     map[string]int64 `json:"data_keys"` // by state: active, spent, retired
@@ -82,35 +85,44 @@ func (a *app) status(ctx context.Context, s *session) (*statusResult, error) {
 	}
 	res.Secrets, res.Projects, res.DataKeys = st.Secrets, st.Projects, st.DataKeys
 	res.Budget, res.MaxBudgetUse = st.Budget, st.MaxActiveUse
-	seenPrimary := map[provider.KeyRef]bool{}
+	primary := provider.KeyRef{Provider: res.Providers[0].Provider, KeyID: res.Providers[0].KeyID}
+	listed := map[versionKey]bool{}
 	for _, sv := range st.Versions {
 		v := versionStatus{Provider: sv.Provider, KeyID: sv.KeyID, Version: sv.Version, DataKeys: sv.DataKeys, Secrets: sv.Secrets}
 		ref := provider.KeyRef{Provider: v.Provider, KeyID: v.KeyID}
 		d := described[ref]
 		configured := slices.ContainsFunc(res.Providers, func(p providerStatus) bool { return p.Provider == ref.Provider && p.KeyID == ref.KeyID })
 		switch {
-		case sv.RetiredAt != nil || (d.ok && len(d.st.Versions) > 0 && !slices.Contains(d.st.Versions, v.Version)):
+		case sv.RetiredAt != nil:
 			v.State = "retired"
 			res.RetiredInUse += v.DataKeys
 		case !configured:
 			v.State = "unconfigured"
 			res.Unconfigured += v.DataKeys
-		case d.ok && v.Version == d.st.PrimaryVersion:
+		case d.ok && len(d.st.Versions) > 0 && !slices.Contains(d.st.Versions, v.Version):
+			// Describe lists only usable versions, so whether the key
+			// service retired this one or never had it (another keyring
+			// with the same id) cannot be told apart here.
+			v.State = "missing"
+			res.Missing += v.DataKeys
+		case ref == primary && d.ok && v.Version == d.st.PrimaryVersion:
 			v.State = "primary"
-			seenPrimary[ref] = true
 		default:
 			v.State = "active"
 		}
+		listed[versionKey{ref, v.Version}] = true
 		res.Versions = append(res.Versions, v)
 	}
 	// A primary version that has wrapped nothing yet is still worth showing.
-	for _, p := range res.Providers {
-		ref := provider.KeyRef{Provider: p.Provider, KeyID: p.KeyID}
-		if p.PrimaryVersion != "" && !seenPrimary[ref] {
-			res.Versions = append(res.Versions, versionStatus{Provider: p.Provider, KeyID: p.KeyID, Version: p.PrimaryVersion, State: "primary"})
-		}
+	if v := res.Providers[0].PrimaryVersion; v != "" && !listed[versionKey{primary, v}] {
+		res.Versions = append(res.Versions, versionStatus{Provider: primary.Provider, KeyID: primary.KeyID, Version: v, State: "primary"})
 	}
 	return res, unreachable
+}
+
+type versionKey struct {
+	ref     provider.KeyRef
+	version string
 }
 
 func newStatusCmd(a *app) *cobra.Command {
@@ -119,11 +131,16 @@ func newStatusCmd(a *app) *cobra.Command {
 		Short: "Report data keys and secrets per KEK provider and version",
 		Long: `status lists each configured KEK provider (primary first, then the
 decrypt-only ones) and every KEK version the database records, with how
-many data keys and secrets depend on it and its state: primary, active,
-retired, or unconfigured (no configured provider serves it). It only reads.
+many data keys and secrets depend on it and its state: primary (the
+primary provider's current version), active (still unwraps), retired
+(retired in keybroker), missing (the configured provider serves the key
+but not this version: retired or destroyed in the key service, or the
+wrong keyring), or unconfigured (no configured provider serves the key).
+It only reads.
 
-Exit status 3 when a retired version still wraps data keys (run rewrap with
-a provider that can still unwrap them); 1 when a key service is unreachable.`,
+Exit status 3 when a retired or missing version still wraps data keys (run
+rewrap with a provider that can still unwrap them); 1 when a key service is
+unreachable.`,
 		Args: args(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			s, err := a.openStore(cmd.Context())
@@ -143,6 +160,8 @@ a provider that can still unwrap them); 1 when a key service is unreachable.`,
 				return fmt.Errorf("status: %w", err)
 			case res.RetiredInUse > 0:
 				return &codeError{code: exitRetiredUsed, err: fmt.Errorf("status: %d data keys are still wrapped under retired KEK versions: rewrap them", res.RetiredInUse)}
+			case res.Missing > 0:
+				return &codeError{code: exitRetiredUsed, err: fmt.Errorf("status: %d data keys are under key versions no configured provider can unwrap: configure the right keyring or key service, or rewrap them with one that can", res.Missing)}
 			}
 			return nil
 		},
@@ -163,6 +182,9 @@ func (r *statusResult) print(w io.Writer) {
 	tw.Flush()
 	fmt.Fprintf(w, "\n%d secrets in %d projects; data keys: %d active, %d spent, %d retired; busiest active key used %d of %d encryptions\n",
 		r.Secrets, r.Projects, r.DataKeys["active"], r.DataKeys["spent"], r.DataKeys["retired"], r.MaxBudgetUse, r.Budget)
+	if r.Missing > 0 {
+		fmt.Fprintf(w, "warning: %d data keys are under key versions the configured providers do not have (retired or destroyed in the key service, or the wrong keyring)\n", r.Missing)
+	}
 	if r.Unconfigured > 0 {
 		fmt.Fprintf(w, "warning: %d data keys are under keys no configured provider serves\n", r.Unconfigured)
 	}

@@ -16,7 +16,8 @@ import (
 )
 
 // TestTerminal drives keybroker in a real terminal (a tmux pane): a long
-// operation shows the progress bar with its count and rate, and Ctrl-C in
+// operation shows the progress bar with its count and rate and no info log
+// lines, and Ctrl-C in
 // the middle of demo exits 130 with one line and leaves no temporary
 // directory or server behind.
 func TestTerminal(t *testing.T) {
@@ -90,6 +91,11 @@ func TestTerminal(t *testing.T) {
 	}
 	if strings.Contains(pane, "whsec_") {
 		t.Errorf("plaintext secret on the terminal:\n%s", pane)
+	}
+	// On a terminal the default log level is warn: no per-data-key or
+	// per-batch info lines bury the bar.
+	if strings.Contains(pane, "level=INFO") {
+		t.Errorf("info log lines on the terminal:\n%s", pane)
 	}
 
 	// Ctrl-C during demo's import, once its bar shows. As root the demo's

@@ -23,7 +23,7 @@ const verifyWorkers = 8
 type verifyFailure struct {
 	Project string `json:"project"`
 	Name    string `json:"name"`
-	Error   string `json:"error"`
+	Error   string `json:"error"` // one line; never secret bytes
 }
 
 type verifyResult struct {
@@ -105,7 +105,7 @@ func (a *app) verifyAll(ctx context.Context, s *session, op string, check func(p
 		case errors.Is(o.err, pgstore.ErrNotFound):
 			// Deleted while we ran: nothing to verify.
 		case o.err != nil:
-			res.Failures = append(res.Failures, verifyFailure{o.k.project, o.k.name, o.err.Error()})
+			res.Failures = append(res.Failures, verifyFailure{o.k.project, o.k.name, oneLine(o.err)})
 			a.log.Warn("secret failed verification", "project", o.k.project, "name", o.k.name, "err", o.err)
 		default:
 			res.OK++
@@ -125,9 +125,12 @@ func (a *app) verifyAll(ctx context.Context, s *session, op string, check func(p
 
 // secretFailure reports whether err is about one secret (its ciphertext,
 // its data key, or a wrong value) rather than about reaching the database
-// or key service.
+// or key service. A data key row that is missing (pgx.ErrNoRows from the
+// lookup; only possible with foreign keys bypassed) is the secret's
+// failure too, so that one dangling row does not hide the others.
 func secretFailure(err error) bool {
 	return errors.Is(err, envelope.ErrDecrypt) ||
+		errors.Is(err, pgx.ErrNoRows) ||
 		errors.Is(err, provider.ErrInvalidCiphertext) ||
 		errors.Is(err, provider.ErrKeyNotFound) ||
 		errors.Is(err, provider.ErrKeyDisabled) ||
@@ -142,10 +145,11 @@ func newVerifyCmd(a *app) *cobra.Command {
 		Use:   "verify",
 		Short: "Decrypt every secret and report those that fail (by project and name)",
 		Long: `verify decrypts every stored secret and reports, by project and name,
-each one that fails: a corrupt row, a data key that no configured KEK can
-unwrap, a retired key version. Values are never printed. Exit status 4 when
-any secret failed; an unreachable database or key service is an error
-(status 1) instead.`,
+each one that fails, with a one-line reason: a corrupt row, a data key that
+no configured KEK can unwrap or whose row is gone, a retired key version.
+Every row is checked whatever the others hold. Values are never printed.
+Exit status 4 when any secret failed; an unreachable database or key
+service stops the run with an error (status 1) instead.`,
 		Args: args(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			s, err := a.openStore(cmd.Context())
