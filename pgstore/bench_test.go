@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgtype"
 
 	"github.com/profullstack/keybroker/pgstore"
 )
@@ -233,4 +234,32 @@ func BenchmarkRewrap(b *testing.B) {
 			b.ReportMetric(float64(keys)/elapsed.Seconds(), "datakeys/s")
 		})
 	}
+}
+
+// BenchmarkPutFence measures what Put's fence costs in the database: the
+// same envelope upserted with the unfenced statement (VALUES, as before
+// migration 003) and with Put's fenced one (INSERT ... SELECT from
+// data_keys ... FOR KEY SHARE), alternately, on the same rows.
+func BenchmarkPutFence(b *testing.B) {
+	ctx := context.Background()
+	e := newEnv(b, pgstore.Config{})
+	if err := e.store.Put(ctx, "p", "seed", benchValue(b)); err != nil {
+		b.Fatal(err)
+	}
+	var blob, nonce []byte
+	var id pgtype.UUID
+	if err := e.pool.QueryRow(ctx, `SELECT encrypted_data, nonce, data_key_id FROM keybroker.encrypted_secrets WHERE name = 'seed'`).Scan(&blob, &nonce, &id); err != nil {
+		b.Fatal(err)
+	}
+	const set = ` ON CONFLICT (project_id, name) DO UPDATE SET encrypted_data = EXCLUDED.encrypted_data, nonce = EXCLUDED.nonce,
+    data_key_id = EXCLUDED.data_key_id, updated_at = now()`
+	paired(b, func(i int) error {
+		_, err := e.pool.Exec(ctx, `INSERT INTO keybroker.encrypted_secrets AS s (project_id, name, encrypted_data, nonce, data_key_id)
+VALUES ($1, $2, $3, $4, $5)`+set, "p", fmt.Sprint("a", i%1000), blob, nonce, id)
+		return err
+	}, func(i int) error {
+		_, err := e.pool.Exec(ctx, `INSERT INTO keybroker.encrypted_secrets AS s (project_id, name, encrypted_data, nonce, data_key_id)
+SELECT $1, $2, $3, $4, d.id FROM keybroker.data_keys d WHERE d.id = $5 AND d.project_id = $1 AND d.state <> 'retired' FOR KEY SHARE`+set, "p", fmt.Sprint("b", i%1000), blob, nonce, id)
+		return err
+	})
 }

@@ -32,9 +32,31 @@
 //   - encrypted_secrets: one envelope per (project id, name) in
 //     encrypted_data, the nonce its header carries, and the data key id it
 //     names.
-//   - key_events: the audit trail of key management (dek.create, kek.rotate,
-//     kek.rewrap, kek.retire, dek.retire, dek.reencrypt, dek.destroy,
-//     migrate.plaintext) with counts and Config.Actor.
+//   - key_events: the audit trail of key management (kek.record, dek.create,
+//     kek.rotate, kek.rewrap, dek.corrupt, kek.retire, kek.retire.provider,
+//     dek.retire, dek.reencrypt, dek.destroy, migrate.plaintext) with counts
+//     and Config.Actor. Each batch's event commits in the batch's own
+//     transaction, so a killed run leaves exactly the events of what it
+//     committed.
+//
+// # Fences
+//
+// The third migration puts the invariants a fleet relies on into the
+// database, so they hold whatever any process has in memory:
+//
+//   - kek rows are created only by the SECURITY DEFINER function
+//     record_kek (owned by the migrating role), which writes the kek.record
+//     event in the same statement.
+//   - A trigger on data_keys refuses (SQLSTATE KB001) a data key inserted
+//     or rewrapped under a retired kek row, reading that row FOR SHARE
+//     against RetireKEK's FOR UPDATE. A Store refused so refreshes its
+//     keyring (provider.Keyring.Refresh) and wraps again once; a second
+//     refusal is ErrRetiredVersion.
+//   - Put, MigratePlaintext and Reencrypt store an envelope only if its
+//     data key row exists, belongs to the project and is not retired when
+//     the statement runs (read FOR KEY SHARE; Reencrypt locks the keys it
+//     retires FOR UPDATE, so a racing write waits and sees the retirement). Otherwise the write is redone under a fresh reservation, up
+//     to a bound, then fails with ErrNoActiveKey; nothing is written.
 //
 // Foreign keys are ON DELETE RESTRICT: a data key any secret needs, or a kek
 // row any data key needs, cannot be deleted; a secret can only reference a
@@ -78,7 +100,10 @@
 //
 // Rotation. RotateKEK makes a new KEK version and Rewrap rewraps data keys
 // to it (or from another provider of a provider.Keyring to its primary),
-// touching data_keys only. RetireKEK refuses a version still in use. When
+// touching data_keys only, reporting data keys it skipped (locked by
+// another transaction past RewrapOptions.LockWait) or found corrupt, and
+// recounting what remains. RetireKEK refuses a version still in use, and
+// commits the database side before the key service's. When
 // a data key may be exposed, Reencrypt moves a project's secrets to a fresh
 // data key, verifying each row, then deletes the old data key's row, which
 // crypto-shreds whatever it encrypted; the foreign key makes that delete
@@ -91,11 +116,24 @@
 // project_id equals the setting keybroker.project_id. It binds roles that
 // are neither superuser, BYPASSRLS, nor the tables' owner, so give each
 // tenant-facing service such a role, with USAGE on the schema, SELECT on
-// schema_version, SELECT and INSERT on kek and key_events, and SELECT,
-// INSERT, UPDATE, DELETE on data_keys and encrypted_secrets. The owner is
+// schema_version and kek, SELECT and INSERT on key_events, SELECT, INSERT,
+// UPDATE, DELETE on data_keys and encrypted_secrets, and EXECUTE on the
+// function record_kek(text, text, text, text) — and no INSERT, UPDATE or
+// DELETE on kek (the third migration revokes them from every role but the
+// owner), so a tenant can neither forge a KEK version nor mark one retired:
+//
+//	GRANT USAGE ON SCHEMA keybroker TO tenant;
+//	GRANT SELECT ON keybroker.schema_version, keybroker.kek TO tenant;
+//	GRANT SELECT, INSERT ON keybroker.key_events TO tenant;
+//	GRANT SELECT, INSERT, UPDATE, DELETE ON keybroker.data_keys, keybroker.encrypted_secrets TO tenant;
+//	GRANT EXECUTE ON FUNCTION keybroker.record_kek(text, text, text, text) TO tenant;
+//
+// The owner is
 // exempt unless you also run ALTER TABLE ... FORCE ROW LEVEL SECURITY
-// (optional; the key-management calls Rewrap, RetireKEK, Status and
-// MigratePlaintext span projects and need an exempt role).
+// (optional, and then record_kek cannot write its event; the
+// key-management calls Rewrap, RetireKEK, Status and MigratePlaintext span
+// projects and need an exempt role, and RetireKEK updates kek, which only
+// the owner may).
 //
 // New detects whether the policies bind its pool's role
 // (row_security_active). If so, each Store call sets keybroker.project_id

@@ -32,11 +32,36 @@ var (
 	// ErrVerify: a freshly written ciphertext did not decrypt to the
 	// plaintext it was made from; the batch was rolled back.
 	ErrVerify = errors.New("pgstore: verification failed")
+	// ErrRetiredVersion: the database refused a data key wrapped under a
+	// retired KEK version (another process retired it), and wrapping again
+	// after provider.Keyring.Refresh still gave a retired version: this
+	// process's key configuration is stale; restart it or fix the keyring.
+	// Nothing was written.
+	ErrRetiredVersion = errors.New("pgstore: primary KEK version is retired")
+	// ErrNoActiveKey: a write found its project's data key retired or gone
+	// at commit time (a concurrent Reencrypt, or a data key row removed
+	// behind pgstore's back) on every one of its bounded attempts, each
+	// under a fresh data key reservation. Nothing was written; retrying
+	// later is safe.
+	ErrNoActiveKey = errors.New("pgstore: no usable data key at commit")
+	// ErrRetireIncomplete: RetireKEK committed the retirement in the
+	// database but could not retire the version in the key service
+	// (unreachable, refused, read-only keyring). New data keys can no
+	// longer use the version; call RetireKEK again to finish.
+	ErrRetireIncomplete = errors.New("pgstore: retired in the database, not yet in the key service (retire again to finish)")
 	// ErrRowSecurity: Status was asked of a Store whose role row-level
 	// security binds; it would count only the rows of the project its
 	// statements name (none), so it refuses rather than report zeros.
 	ErrRowSecurity = errors.New("pgstore: counts need a role row-level security does not restrict")
 )
+
+// sqlstateRetired is the SQLSTATE the data_keys_kek_fence trigger raises
+// (migration 003) for a data key under a retired KEK version.
+const sqlstateRetired = "KB001"
+
+// maxWriteAttempts bounds how often a write is redone under a fresh data
+// key reservation when the database refuses its key (ErrNoActiveKey).
+const maxWriteAttempts = 4
 
 // InUseError details ErrRetiredVersionInUse.
 type InUseError struct {

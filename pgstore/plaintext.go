@@ -96,8 +96,10 @@ type MigrateConflict struct {
 // overwritten), read back what is stored and decrypt it, and only if it
 // equals the source bytes count the row as migrated (and, with
 // ClearPlaintext, NULL the source value). A mismatch on a row this batch
-// wrote aborts the batch with ErrVerify. Re-running is safe at any point:
-// rows already stored with the same value count as AlreadyPresent.
+// wrote aborts the batch with ErrVerify. Each batch records its
+// migrate.plaintext event (count: the secrets it wrote) in its own
+// transaction. Re-running is safe at any point: rows already stored with
+// the same value count as AlreadyPresent.
 //
 // MigratePlaintext writes to many projects, so it needs a role that
 // row-level security does not restrict.
@@ -145,7 +147,7 @@ func (s *Store) MigratePlaintext(ctx context.Context, src PlaintextSource, opts 
 	for _, r := range ranges {
 		g.Go(func() error {
 			for {
-				br, err := s.migrateBatch(gctx, m, r, batch, opts.ClearPlaintext)
+				br, err := s.migrateBatch(gctx, m, src.Table, r, batch, opts.ClearPlaintext)
 				if err != nil || br.n == 0 {
 					return err
 				}
@@ -169,11 +171,6 @@ func (s *Store) MigratePlaintext(ctx context.Context, src PlaintextSource, opts 
 		})
 	}
 	if err := g.Wait(); err != nil {
-		return res, err
-	}
-	if err := s.event(ctx, s.pool, "migrate.plaintext", "", 0, nil, res.Migrated, map[string]any{
-		"table": src.Table, "already_present": res.AlreadyPresent, "conflicts": res.Conflicts, "cleared": res.Cleared,
-	}); err != nil {
 		return res, err
 	}
 	return res, nil
@@ -331,8 +328,22 @@ type batchResult struct {
 	last                                  string
 }
 
-// migrateBatch migrates the first rows of r in one transaction.
-func (s *Store) migrateBatch(ctx context.Context, m *plaintextQueries, r keyRange, batch int, clear bool) (batchResult, error) {
+// migrateBatch migrates the first rows of r in one transaction, redoing it
+// under fresh data key reservations when a project's data key was retired
+// or removed under it.
+func (s *Store) migrateBatch(ctx context.Context, m *plaintextQueries, table string, r keyRange, batch int, clear bool) (batchResult, error) {
+	for attempt := 1; ; attempt++ {
+		br, err := s.migrateOnce(ctx, m, table, r, batch, clear)
+		if !errors.Is(err, errStaleKey) {
+			return br, err
+		}
+		if attempt == maxWriteAttempts {
+			return br, fmt.Errorf("%w: migrate plaintext: data keys retired or removed on each of %d attempts", ErrNoActiveKey, attempt)
+		}
+	}
+}
+
+func (s *Store) migrateOnce(ctx context.Context, m *plaintextQueries, table string, r keyRange, batch int, clear bool) (batchResult, error) {
 	var br batchResult
 	tx, err := s.pool.Begin(ctx)
 	if err != nil {
@@ -388,8 +399,12 @@ func (s *Store) migrateBatch(ctx context.Context, m *plaintextQueries, r keyRang
 		now[secretID{project, name}] = &c
 		return nil
 	}
+	// Put's fence: a row is inserted only under a data key that is not
+	// retired when the statement runs (see Store.put).
 	ins, err := tx.Query(ctx, `INSERT INTO `+s.q+`.encrypted_secrets (project_id, name, encrypted_data, nonce, data_key_id)
-SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bytea[], $5::uuid[])
+SELECT u.p, u.n, u.b, u.nc, d.id FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bytea[], $5::uuid[]) WITH ORDINALITY AS u(p, n, b, nc, k, i)
+JOIN `+s.q+`.data_keys d ON d.id = u.k AND d.project_id = u.p AND d.state <> 'retired'
+ORDER BY u.i FOR KEY SHARE OF d
 ON CONFLICT (project_id, name) DO NOTHING RETURNING project_id, name, encrypted_data, nonce, data_key_id`, projects, names, blobs, nonces, ids)
 	if err != nil {
 		return br, fmt.Errorf("pgstore: migrate plaintext: insert: %w", err)
@@ -416,6 +431,16 @@ JOIN `+s.q+`.encrypted_secrets s ON s.project_id = u.p AND s.name = u.n`, ps, ns
 		if _, err := pgx.ForEachRow(back, []any{&project, &name, &st.blob, &st.nonce, &st.id}, scan); err != nil {
 			return br, fmt.Errorf("pgstore: migrate plaintext: read existing: %w", err)
 		}
+	}
+	stale := false
+	for i := range keys {
+		if now[secretID{projects[i], names[i]}] == nil { // neither inserted nor there: the fence refused it
+			s.dropReservation(projects[i])
+			stale = true
+		}
+	}
+	if stale {
+		return br, errStaleKey
 	}
 	var clearKeys []string
 	var migrated, present, conflicts int64
@@ -454,6 +479,13 @@ JOIN `+s.q+`.encrypted_secrets s ON s.project_id = u.p AND s.name = u.n`, ps, ns
 			return br, fmt.Errorf("pgstore: migrate plaintext: clear source: %w", err)
 		}
 		cleared = ct.RowsAffected()
+	}
+	// The audit event commits with the batch, so a killed run leaves one
+	// per committed batch, its count the secrets it wrote.
+	if err := s.event(ctx, tx, "migrate.plaintext", "", 0, nil, migrated, map[string]any{
+		"table": table, "rows": len(keys), "already_present": present, "conflicts": conflicts, "cleared": cleared,
+	}); err != nil {
+		return br, err
 	}
 	if err := tx.Commit(ctx); err != nil {
 		return br, fmt.Errorf("pgstore: migrate plaintext: commit: %w", err)

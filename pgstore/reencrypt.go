@@ -3,7 +3,9 @@ package pgstore
 import (
 	"context"
 	"crypto/subtle"
+	"errors"
 	"fmt"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgtype"
@@ -21,6 +23,11 @@ type ReencryptOptions struct {
 	// Resume continues an interrupted call: it re-encrypts the secrets
 	// still under retired data keys without retiring the current one.
 	Resume bool
+	// Wait is how long Reencrypt keeps retrying, with growing pauses, to
+	// re-encrypt what is still under the retired data keys and destroy
+	// them while some remain referenced. Zero: one pass (RemainingKeys
+	// then says what is left).
+	Wait time.Duration
 	// Progress, when set, is called after each committed batch.
 	Progress func(ReencryptProgress)
 }
@@ -37,7 +44,7 @@ type ReencryptResult struct {
 	Reencrypted   int64 // secrets re-encrypted by this call
 	RetiredKeys   int64 // data keys this call retired
 	DestroyedKeys int64 // retired data keys deleted because no secret needs them any more
-	RemainingKeys int64 // retired data keys still referenced (re-run with Resume)
+	RemainingKeys int64 // retired data keys still referenced when the call returned (re-run with Resume, or a longer Wait)
 }
 
 // Reencrypt re-encrypts every secret of project under a fresh data key, for
@@ -49,10 +56,20 @@ type ReencryptResult struct {
 // row. Finally it deletes every retired data key no secret references: its
 // wrapped form is gone, so nothing it encrypted can ever be decrypted.
 //
+// Writers in every process are fenced by the database: a Put (and
+// MigratePlaintext, and Reencrypt's own update) stores an envelope only if
+// its data key is not retired when the statement runs, reading the key's
+// row FOR KEY SHARE; the retire locks the keys FOR UPDATE, so a write
+// racing it waits and then sees the committed state.
+// Once the retiring transaction has committed, no process stores anything
+// under the retired keys; writers whose reservation was on them redo the
+// encryption under the project's new key.
+//
 // A failing batch is rolled back, leaving its secrets as they were; the
 // retired keys stay retired and still decrypt, and a call with Resume
-// finishes the work. Rows locked by concurrent writers are skipped and
-// reported through RemainingKeys. Run one Reencrypt per project at a time.
+// finishes the work. Retired keys still referenced at the end (after
+// retrying for up to ReencryptOptions.Wait) are reported through
+// RemainingKeys. Run one Reencrypt per project at a time.
 func (s *Store) Reencrypt(ctx context.Context, project string, opts ReencryptOptions) (ReencryptResult, error) {
 	var res ReencryptResult
 	if err := checkProject(project); err != nil {
@@ -81,6 +98,11 @@ WHERE s.project_id = $1 AND d.state = ANY($2)`, project, states).QueryRow(func(r
 	}
 	if !opts.Resume {
 		err := WithProject(ctx, s.pool, project, func(tx pgx.Tx) error {
+			// FOR UPDATE first: the writers' fence reads the key FOR KEY
+			// SHARE, which a non-key UPDATE alone would not make wait.
+			if _, err := tx.Exec(ctx, `SELECT id FROM `+s.q+`.data_keys WHERE project_id = $1 AND state IN ('active', 'spent') FOR UPDATE`, project); err != nil {
+				return err
+			}
 			ct, err := tx.Exec(ctx, `UPDATE `+s.q+`.data_keys SET state = 'retired' WHERE project_id = $1 AND state IN ('active', 'spent')`, project)
 			if err != nil {
 				return err
@@ -93,26 +115,30 @@ WHERE s.project_id = $1 AND d.state = ANY($2)`, project, states).QueryRow(func(r
 		}
 		s.dropReservation(project)
 	}
-	for {
-		n, err := s.reencryptBatch(ctx, project, batch)
-		res.Reencrypted += n
+	deadline := time.Now().Add(opts.Wait)
+	for pause := 10 * time.Millisecond; ; pause = min(2*pause, time.Second) {
+		if err := s.reencryptPass(ctx, project, batch, &res, opts.Progress); err != nil {
+			return res, err
+		}
+		destroyed, remaining, err := s.destroyRetired(ctx, project)
+		res.DestroyedKeys += destroyed
+		res.RemainingKeys = remaining
 		if err != nil {
 			return res, err
 		}
-		if n == 0 {
+		if remaining == 0 || !time.Now().Add(pause).Before(deadline) {
 			break
 		}
-		if opts.Progress != nil {
-			opts.Progress(ReencryptProgress{Done: res.Reencrypted, Total: res.Pending})
+		t := time.NewTimer(pause)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return res, ctx.Err()
+		case <-t.C:
 		}
 	}
-	destroyed, remaining, err := s.destroyRetired(ctx, project)
-	res.DestroyedKeys, res.RemainingKeys = destroyed, remaining
-	if err != nil {
-		return res, err
-	}
 	s.log.Info("pgstore: re-encrypted project", "project", project, "secrets", res.Reencrypted,
-		"destroyed_keys", destroyed, "remaining_keys", remaining)
+		"destroyed_keys", res.DestroyedKeys, "remaining_keys", res.RemainingKeys)
 	return res, nil
 }
 
@@ -124,66 +150,134 @@ func (s *Store) dropReservation(project string) {
 	pk.mu.Unlock()
 }
 
-func (s *Store) reencryptBatch(ctx context.Context, project string, batch int) (int64, error) {
-	var n int64
-	err := WithProject(ctx, s.pool, project, func(tx pgx.Tx) error {
-		rows, err := tx.Query(ctx, `SELECT s.name, s.encrypted_data, s.nonce, s.data_key_id, d.wrapped_dek, k.provider, k.key_id, k.key_version
+// errStaleKey aborts a write whose new data key was retired or removed
+// before its statement ran: it is redone under a fresh one.
+var errStaleKey = errors.New("pgstore: data key retired or removed concurrently")
+
+// reencryptPass re-encrypts, batch by batch, the project's secrets under
+// retired data keys, until a read finds none or three batches in a row
+// change nothing (rows rewritten meanwhile by writers other than pgstore).
+func (s *Store) reencryptPass(ctx context.Context, project string, batch int, res *ReencryptResult, progress func(ReencryptProgress)) error {
+	for idle := 0; idle < 3; {
+		read, n, err := s.reencryptBatch(ctx, project, batch)
+		res.Reencrypted += n
+		if err != nil {
+			return err
+		}
+		if read == 0 {
+			return nil
+		}
+		if n == 0 {
+			idle++
+			continue
+		}
+		idle = 0
+		if progress != nil {
+			progress(ReencryptProgress{Done: res.Reencrypted, Total: res.Pending})
+		}
+	}
+	return nil
+}
+
+// reencryptBatch re-encrypts up to batch secrets still under retired keys
+// and returns how many it read and how many it changed. It holds no lock
+// while it decrypts and encrypts: the read takes none, and the update, in
+// one statement, replaces only rows still holding the envelope read (same
+// data key and nonce), under a new key that is not retired then (the same
+// fence as Put's). A row a writer changed meanwhile is left to
+// the writer, whose fence kept it off the retired keys. Writers never wait
+// for this batch's decryption, encryption or key service calls.
+func (s *Store) reencryptBatch(ctx context.Context, project string, batch int) (read, n int64, err error) {
+	for attempt := 1; ; attempt++ {
+		read, n, err = s.reencryptOnce(ctx, project, batch)
+		if !errors.Is(err, errStaleKey) {
+			return read, n, err
+		}
+		s.dropReservation(project)
+		if attempt == maxWriteAttempts {
+			return read, 0, fmt.Errorf("%w: reencrypt project %q: new data key retired or removed on each of %d attempts", ErrNoActiveKey, project, attempt)
+		}
+	}
+}
+
+func (s *Store) reencryptOnce(ctx context.Context, project string, batch int) (read, n int64, err error) {
+	type row struct {
+		name        string
+		blob, nonce []byte
+		id          pgtype.UUID
+		wk          provider.WrappedKey
+	}
+	var todo []row
+	err = s.scoped(ctx, project, func(b *pgx.Batch) {
+		b.Queue(`SELECT s.name, s.encrypted_data, s.nonce, s.data_key_id, d.wrapped_dek, k.provider, k.key_id, k.key_version
 FROM `+s.q+`.encrypted_secrets s
 JOIN `+s.q+`.data_keys d ON d.id = s.data_key_id
 JOIN `+s.q+`.kek k ON k.id = d.kek_id
 WHERE s.project_id = $1 AND d.state = 'retired'
-ORDER BY s.name LIMIT $2 FOR NO KEY UPDATE OF s SKIP LOCKED`, project, batch)
+ORDER BY s.name LIMIT $2`, project, batch).Query(func(rows pgx.Rows) error {
+			var r row
+			_, err := pgx.ForEachRow(rows, []any{&r.name, &r.blob, &r.nonce, &r.id, &r.wk.Ciphertext, &r.wk.Provider, &r.wk.KeyID, &r.wk.Version}, func() error {
+				todo = append(todo, r)
+				return nil
+			})
+			return err
+		})
+	})
+	if err != nil || len(todo) == 0 {
 		if err != nil {
+			err = fmt.Errorf("pgstore: reencrypt project %q: %w", project, err)
+		}
+		return 0, 0, err
+	}
+	names := make([]string, len(todo))
+	blobs := make([][]byte, len(todo))
+	nonces := make([][]byte, len(todo))
+	ids := make([]pgtype.UUID, len(todo))
+	oldIDs := make([]pgtype.UUID, len(todo))
+	oldNonces := make([][]byte, len(todo))
+	for i := range todo {
+		t := &todo[i]
+		aad := secretAAD(project, t.name)
+		pt, err := s.open(ctx, project, t.id.Bytes, &t.wk, t.blob, t.nonce, aad)
+		if err != nil {
+			return 0, 0, fmt.Errorf("pgstore: reencrypt project %q: secret %q: %w", project, t.name, err)
+		}
+		id, blob, nonce, err := s.sealVerified(ctx, project, pt, aad)
+		provider.Clear(pt)
+		if err != nil {
+			return 0, 0, fmt.Errorf("pgstore: reencrypt project %q: secret %q: %w", project, t.name, err)
+		}
+		names[i], blobs[i], nonces[i], ids[i] = t.name, blob, nonce, uuidParam(id)
+		oldIDs[i], oldNonces[i] = t.id, t.nonce
+	}
+	var keys int64
+	err = WithProject(ctx, s.pool, project, func(tx pgx.Tx) error {
+		if err := tx.QueryRow(ctx, `WITH k AS (SELECT id FROM `+s.q+`.data_keys
+  WHERE project_id = $1 AND id = ANY($5::uuid[]) AND state <> 'retired' FOR KEY SHARE),
+upd AS (UPDATE `+s.q+`.encrypted_secrets s
+  SET encrypted_data = u.b, nonce = u.n, data_key_id = u.k, updated_at = now()
+  FROM unnest($2::text[], $3::bytea[], $4::bytea[], $5::uuid[], $6::uuid[], $7::bytea[]) AS u(name, b, n, k, old, oldn)
+  JOIN k ON k.id = u.k
+  WHERE s.project_id = $1 AND s.name = u.name AND s.data_key_id = u.old AND s.nonce = u.oldn
+  RETURNING 1)
+SELECT (SELECT count(*) FROM k), (SELECT count(*) FROM upd)`, project, names, blobs, nonces, ids, oldIDs, oldNonces).Scan(&keys, &n); err != nil {
 			return err
 		}
-		type row struct {
-			name        string
-			blob, nonce []byte
-			id          pgtype.UUID
-			wk          provider.WrappedKey
+		if keys == 0 {
+			return errStaleKey
 		}
-		var r row
-		var todo []row
-		if _, err := pgx.ForEachRow(rows, []any{&r.name, &r.blob, &r.nonce, &r.id, &r.wk.Ciphertext, &r.wk.Provider, &r.wk.KeyID, &r.wk.Version}, func() error {
-			todo = append(todo, r)
+		if n == 0 {
 			return nil
-		}); err != nil {
-			return err
 		}
-		if len(todo) == 0 {
-			return nil
-		}
-		names := make([]string, len(todo))
-		blobs := make([][]byte, len(todo))
-		nonces := make([][]byte, len(todo))
-		ids := make([]pgtype.UUID, len(todo))
-		for i := range todo {
-			t := &todo[i]
-			aad := secretAAD(project, t.name)
-			pt, err := s.open(ctx, project, t.id.Bytes, &t.wk, t.blob, t.nonce, aad)
-			if err != nil {
-				return fmt.Errorf("secret %q: %w", t.name, err)
-			}
-			id, blob, nonce, err := s.sealVerified(ctx, project, pt, aad)
-			provider.Clear(pt)
-			if err != nil {
-				return fmt.Errorf("secret %q: %w", t.name, err)
-			}
-			names[i], blobs[i], nonces[i], ids[i] = t.name, blob, nonce, uuidParam(id)
-		}
-		if _, err := tx.Exec(ctx, `UPDATE `+s.q+`.encrypted_secrets s
-SET encrypted_data = u.b, nonce = u.n, data_key_id = u.k, updated_at = now()
-FROM unnest($2::text[], $3::bytea[], $4::bytea[], $5::uuid[]) AS u(name, b, n, k)
-WHERE s.project_id = $1 AND s.name = u.name`, project, names, blobs, nonces, ids); err != nil {
-			return err
-		}
-		n = int64(len(todo))
 		return s.event(ctx, tx, "dek.reencrypt", project, 0, nil, n, nil)
 	})
-	if err != nil {
-		return 0, fmt.Errorf("pgstore: reencrypt project %q: %w", project, err)
+	if errors.Is(err, errStaleKey) {
+		return int64(len(todo)), 0, err
 	}
-	return n, nil
+	if err != nil {
+		return int64(len(todo)), 0, fmt.Errorf("pgstore: reencrypt project %q: %w", project, err)
+	}
+	return int64(len(todo)), n, nil
 }
 
 // sealVerified encrypts pt under the project's active data key and checks

@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/profullstack/keybroker/internal/pgtest"
@@ -22,9 +23,10 @@ func tenantURL(t *testing.T, e *env) string {
 	role, roleURL := pgtest.NewRole(t, e.url)
 	r := pgx.Identifier{role}.Sanitize()
 	if _, err := e.pool.Exec(context.Background(), `GRANT USAGE ON SCHEMA keybroker TO `+r+`;
-		GRANT SELECT ON keybroker.schema_version TO `+r+`;
-		GRANT SELECT, INSERT ON keybroker.kek, keybroker.key_events TO `+r+`;
-		GRANT SELECT, INSERT, UPDATE, DELETE ON keybroker.data_keys, keybroker.encrypted_secrets TO `+r); err != nil {
+		GRANT SELECT ON keybroker.schema_version, keybroker.kek TO `+r+`;
+		GRANT SELECT, INSERT ON keybroker.key_events TO `+r+`;
+		GRANT SELECT, INSERT, UPDATE, DELETE ON keybroker.data_keys, keybroker.encrypted_secrets TO `+r+`;
+		GRANT EXECUTE ON FUNCTION keybroker.record_kek(text, text, text, text) TO `+r); err != nil {
 		t.Fatal(err)
 	}
 	return roleURL
@@ -107,6 +109,77 @@ func TestRowLevelSecurity(t *testing.T) {
 	}
 	if err := pgstore.WithProject(ctx, tenant, "", nil); !errors.Is(err, pgstore.ErrInvalidArgument) {
 		t.Fatalf("empty project: %v", err)
+	}
+}
+
+// A tenant role with the documented grants cannot forge or alter kek rows
+// (which status, rewrap and retire trust), yet its Store records new KEK
+// versions through record_kek and keeps working.
+func TestTenantCannotForgeKEK(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t, pgstore.Config{})
+	putMany(t, e.store, 1, 1) // kek row for version 1
+	tenant := pgtest.PoolFor(t, tenantURL(t, e))
+	before := snapshot(t, e.pool)
+	for _, sql := range []string{
+		`INSERT INTO keybroker.kek (provider, key_id, key_version, retired_at) VALUES ('local', 'test', '2', now())`,
+		`UPDATE keybroker.kek SET retired_at = now()`,
+		`UPDATE keybroker.kek SET retired_at = NULL`,
+		`DELETE FROM keybroker.kek`,
+	} {
+		_, err := tenant.Exec(ctx, sql)
+		if pe := (*pgconn.PgError)(nil); !errors.As(err, &pe) || pe.Code != "42501" {
+			t.Errorf("%s: %v, want permission denied", sql, err)
+		}
+	}
+	if snapshot(t, e.pool) != before {
+		t.Fatal("tenant changed the kek table")
+	}
+	// A new KEK version, recorded by the tenant's Store: through the
+	// function, with its audit event, not retired.
+	if _, err := e.kek.Rotate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	ts := newStore(t, tenant, pgstore.Config{KEK: e.kek, Actor: "tenant"})
+	if err := ts.Put(ctx, "p9", "s", []byte("v")); err != nil {
+		t.Fatalf("tenant put: %v", err)
+	}
+	if n := count(t, e.pool, `SELECT count(*) FROM keybroker.kek WHERE key_version = '2' AND retired_at IS NULL`); n != 1 {
+		t.Fatalf("%d unretired kek rows for version 2", n)
+	}
+	if n := count(t, e.pool, `SELECT count(*) FROM keybroker.key_events e JOIN keybroker.kek k ON k.id = e.kek_id
+		WHERE e.event = 'kek.record' AND k.key_version = '2' AND e.actor = 'tenant'`); n != 1 {
+		t.Fatalf("%d kek.record events for version 2", n)
+	}
+	if got, err := ts.Get(ctx, "p9", "s"); err != nil || string(got) != "v" {
+		t.Fatalf("tenant get: %q, %v", got, err)
+	}
+}
+
+// Migration 3 takes back the INSERT on kek that earlier documentation told
+// operators to grant tenants. (The schema is taken back to version 2 by
+// dropping what migration 3 creates.)
+func TestMigrationRevokesTenantKEKWrites(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t, pgstore.Config{})
+	role, _ := pgtest.NewRole(t, e.url)
+	r := pgx.Identifier{role}.Sanitize()
+	if _, err := e.pool.Exec(ctx, `DROP TRIGGER data_keys_kek_fence ON keybroker.data_keys;
+		DROP FUNCTION keybroker.data_keys_kek_fence(); DROP FUNCTION keybroker.record_kek(text, text, text, text);
+		UPDATE keybroker.schema_version SET version = 2;
+		GRANT SELECT, INSERT, UPDATE ON keybroker.kek TO `+r); err != nil {
+		t.Fatal(err)
+	}
+	if err := pgstore.Migrate(ctx, e.pool, ""); err != nil {
+		t.Fatal(err)
+	}
+	var ins, upd, sel bool
+	if err := e.pool.QueryRow(ctx, `SELECT has_table_privilege($1, 'keybroker.kek', 'INSERT'), has_table_privilege($1, 'keybroker.kek', 'UPDATE'),
+		has_table_privilege($1, 'keybroker.kek', 'SELECT')`, role).Scan(&ins, &upd, &sel); err != nil {
+		t.Fatal(err)
+	}
+	if ins || upd || !sel {
+		t.Fatalf("after migration 3: INSERT %v, UPDATE %v, SELECT %v on kek; want false, false, true", ins, upd, sel)
 	}
 }
 

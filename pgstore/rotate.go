@@ -6,11 +6,14 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgtype"
 
+	"github.com/profullstack/keybroker/envelope"
 	"github.com/profullstack/keybroker/provider"
 )
 
@@ -94,6 +97,10 @@ func (s *Store) RotateKEK(ctx context.Context) (KEKVersion, error) {
 	return v, nil
 }
 
+// DefaultLockWait is how long Rewrap waits for a data key another
+// transaction holds locked when RewrapOptions.LockWait is zero.
+const DefaultLockWait = 10 * time.Second
+
 // RewrapOptions configures Rewrap.
 type RewrapOptions struct {
 	// BatchSize is the data keys rewrapped per transaction;
@@ -101,6 +108,12 @@ type RewrapOptions struct {
 	BatchSize int
 	// DryRun counts what would be rewrapped and changes nothing.
 	DryRun bool
+	// LockWait is how long Rewrap waits for each data key another
+	// transaction holds locked (another Rewrap's batch, or the open
+	// transaction of a worker that died) once it has done every unlocked
+	// one, before giving up on it and counting it in
+	// RewrapResult.Skipped. DefaultLockWait when zero; negative: no wait.
+	LockWait time.Duration
 	// Progress, when set, is called after each committed batch.
 	Progress func(RewrapProgress)
 }
@@ -117,11 +130,30 @@ type VersionCount struct {
 	DataKeys int64
 }
 
+// CorruptKey names a data key whose wrapped form does not unwrap (altered,
+// truncated, or not wrapped for this row): Rewrap leaves it as it is.
+type CorruptKey struct {
+	Project   string
+	DataKeyID [16]byte
+	KEKVersion
+}
+
 // RewrapResult is what Rewrap did, or (DryRun) would do.
 type RewrapResult struct {
 	Primary   KEKVersion     // the version data keys were rewrapped to
 	Pending   []VersionCount // data keys not under Primary when the call started, by version
 	Rewrapped int64          // data keys rewrapped by this call (0 in a dry run)
+	// Skipped counts data keys still pending, other than Corrupt, after
+	// another transaction held them locked for longer than LockWait.
+	Skipped int64
+	// Corrupt lists the data keys that failed to unwrap, each also logged
+	// and recorded as a dek.corrupt event; the others were rewrapped.
+	Corrupt []CorruptKey
+	// Remaining counts the data keys not under Primary when the call
+	// returned, recounted then (so it includes Skipped, Corrupt and keys
+	// other processes wrapped under older versions meanwhile). Rewrap is
+	// done only when it is zero; in a dry run it is the pending total.
+	Remaining int64
 }
 
 // Rewrap rewraps every data key not wrapped under the primary KEK version
@@ -130,11 +162,19 @@ type RewrapResult struct {
 // by unwrapping and wrapping again. It changes only data_keys rows: secrets
 // are not touched, so the work is proportional to data keys, not secrets.
 //
-// Each batch is its own transaction and locks its rows with FOR NO KEY
-// UPDATE SKIP LOCKED, so several processes can share the work (each
-// skipping the others' rows), Puts and Gets are not blocked, and a crash
-// loses at most the uncommitted batch, which the next call redoes. Rewrap
-// needs a role that row-level security does not restrict.
+// Each batch is its own transaction, with its kek.rewrap event, and locks
+// its rows with FOR NO KEY UPDATE SKIP LOCKED, so several processes can
+// share the work (each skipping the others' rows), Puts and Gets are not
+// blocked, and a crash loses at most the uncommitted batch. Once no
+// unlocked row is left, Rewrap waits (RewrapOptions.LockWait) for the rows
+// others hold: a concurrent worker's rows are then done by it, a dead
+// worker's are done by this call. A data key that does not unwrap
+// (provider.ErrInvalidCiphertext or envelope.ErrDecrypt) is reported in
+// RewrapResult.Corrupt and never stops the others; any other provider
+// error (unavailable, denied, key not found) stops Rewrap. The result's
+// Remaining is recounted at the end: a caller is done only when it is zero,
+// whatever other workers did. Rewrap needs a role that row-level security
+// does not restrict.
 func (s *Store) Rewrap(ctx context.Context, opts RewrapOptions) (RewrapResult, error) {
 	var res RewrapResult
 	batch := opts.BatchSize
@@ -143,6 +183,10 @@ func (s *Store) Rewrap(ctx context.Context, opts RewrapOptions) (RewrapResult, e
 	}
 	if batch < 1 {
 		return res, fmt.Errorf("%w: batch size %d", ErrInvalidArgument, batch)
+	}
+	wait := opts.LockWait
+	if wait == 0 {
+		wait = DefaultLockWait
 	}
 	primary, primaryID, err := s.primary(ctx)
 	if err != nil {
@@ -168,34 +212,82 @@ WHERE d.kek_id <> $1 GROUP BY 1, 2, 3 ORDER BY 1, 2, 3`, primaryID)
 		total += p.DataKeys
 	}
 	if opts.DryRun || total == 0 {
+		res.Remaining = total
 		return res, nil
 	}
 	kekIDs := map[string]int64{primary.Version: primaryID}
+	corrupt := []pgtype.UUID{}
+	// blocking: every unlocked row is done; wait for those others hold.
+	blocking, timedOut := false, false
 	for {
-		n, err := s.rewrapBatch(ctx, primary, primaryID, kekIDs, batch)
-		res.Rewrapped += n
+		var lockWait time.Duration
+		if blocking {
+			lockWait = wait
+		}
+		n, bad, err := s.rewrapBatch(ctx, primary, primaryID, kekIDs, batch, corrupt, lockWait)
+		if blocking && pgCode(err) == "55P03" { // lock_timeout
+			timedOut = true
+			break
+		}
 		if err != nil {
 			return res, err
 		}
-		if n == 0 {
+		res.Rewrapped += n
+		for _, c := range bad {
+			corrupt = append(corrupt, uuidParam(c.DataKeyID))
+			res.Corrupt = append(res.Corrupt, c)
+		}
+		if n > 0 {
+			s.log.Info("pgstore: rewrapped data keys", "count", n, "done", res.Rewrapped, "to", primary.String())
+			if opts.Progress != nil {
+				opts.Progress(RewrapProgress{Done: res.Rewrapped, Total: total})
+			}
+		}
+		if n > 0 || len(bad) > 0 {
+			blocking = false
+			continue
+		}
+		if blocking || wait < 0 {
 			break
 		}
-		s.log.Info("pgstore: rewrapped data keys", "count", n, "done", res.Rewrapped, "to", primary.String())
-		if opts.Progress != nil {
-			opts.Progress(RewrapProgress{Done: res.Rewrapped, Total: total})
-		}
+		blocking = true
+	}
+	if err := s.pool.QueryRow(ctx, `SELECT count(*), count(*) FILTER (WHERE id <> ALL($2::uuid[])) FROM `+s.q+`.data_keys WHERE kek_id <> $1`,
+		primaryID, corrupt).Scan(&res.Remaining, &res.Skipped); err != nil {
+		return res, fmt.Errorf("pgstore: rewrap: recount: %w", err)
+	}
+	if !timedOut && wait >= 0 {
+		// Keys left, if any, were wrapped under an old version after this
+		// call looked: not skipped, but still Remaining.
+		res.Skipped = 0
 	}
 	return res, nil
 }
 
-// rewrapBatch rewraps up to batch data keys in one transaction and returns
-// how many it committed.
-func (s *Store) rewrapBatch(ctx context.Context, primary KEKVersion, primaryID int64, kekIDs map[string]int64, batch int) (int64, error) {
+// isCorrupt reports whether err says a wrapped data key itself is bad, as
+// opposed to the key service failing or refusing.
+func isCorrupt(err error) bool {
+	return errors.Is(err, provider.ErrInvalidCiphertext) || errors.Is(err, envelope.ErrDecrypt)
+}
+
+// rewrapBatch rewraps up to batch data keys, other than those in exclude,
+// in one transaction and returns how many it committed and which failed
+// to unwrap. With lockWait zero it skips rows other transactions hold;
+// otherwise it waits up to lockWait for each (then fails with SQLSTATE
+// 55P03).
+func (s *Store) rewrapBatch(ctx context.Context, primary KEKVersion, primaryID int64, kekIDs map[string]int64, batch int, exclude []pgtype.UUID, lockWait time.Duration) (int64, []CorruptKey, error) {
 	tx, err := s.pool.Begin(ctx)
 	if err != nil {
-		return 0, fmt.Errorf("pgstore: rewrap: %w", err)
+		return 0, nil, fmt.Errorf("pgstore: rewrap: %w", err)
 	}
 	defer tx.Rollback(context.WithoutCancel(ctx))
+	lock := "SKIP LOCKED"
+	if lockWait > 0 {
+		lock = ""
+		if _, err := tx.Exec(ctx, `SELECT set_config('lock_timeout', $1, true)`, fmt.Sprintf("%dms", max(lockWait.Milliseconds(), 1))); err != nil {
+			return 0, nil, fmt.Errorf("pgstore: rewrap: %w", err)
+		}
+	}
 	type row struct {
 		id      pgtype.UUID
 		project string
@@ -203,9 +295,9 @@ func (s *Store) rewrapBatch(ctx context.Context, primary KEKVersion, primaryID i
 	}
 	rows, err := tx.Query(ctx, `SELECT d.id, d.project_id, d.wrapped_dek, k.provider, k.key_id, k.key_version
 FROM `+s.q+`.data_keys d JOIN `+s.q+`.kek k ON k.id = d.kek_id
-WHERE d.kek_id <> $1 ORDER BY d.id LIMIT $2 FOR NO KEY UPDATE OF d SKIP LOCKED`, primaryID, batch)
+WHERE d.kek_id <> $1 AND d.id <> ALL($3::uuid[]) ORDER BY d.id LIMIT $2 FOR NO KEY UPDATE OF d `+lock, primaryID, batch, exclude)
 	if err != nil {
-		return 0, fmt.Errorf("pgstore: rewrap: %w", err)
+		return 0, nil, fmt.Errorf("pgstore: rewrap: %w", err)
 	}
 	var r row
 	var todo []row
@@ -214,56 +306,80 @@ WHERE d.kek_id <> $1 ORDER BY d.id LIMIT $2 FOR NO KEY UPDATE OF d SKIP LOCKED`,
 		return nil
 	})
 	if err != nil {
-		return 0, fmt.Errorf("pgstore: rewrap: %w", err)
+		return 0, nil, fmt.Errorf("pgstore: rewrap: %w", err)
 	}
 	if len(todo) == 0 {
-		return 0, nil
+		return 0, nil, nil
 	}
-	ids := make([]pgtype.UUID, len(todo))
-	wrapped := make([][]byte, len(todo))
-	keks := make([]int64, len(todo))
+	var (
+		ids     []pgtype.UUID
+		wrapped [][]byte
+		keks    []int64
+		bad     []CorruptKey
+	)
 	from := map[string]int64{}
 	for i := range todo {
 		t := &todo[i]
+		old := KEKVersion{Provider: t.wk.Provider, KeyID: t.wk.KeyID, Version: t.wk.Version}
 		nwk, err := s.keyring.Rewrap(ctx, &t.wk, wrapAAD(t.project, t.id.Bytes))
+		if isCorrupt(err) {
+			s.log.Error("pgstore: rewrap: data key does not unwrap; left as it is", "project", t.project, "data_key", t.id.String(), "kek", old.String())
+			bad = append(bad, CorruptKey{Project: t.project, DataKeyID: t.id.Bytes, KEKVersion: old})
+			if err := s.event(ctx, tx, "dek.corrupt", t.project, 0, &t.id.Bytes, 1, map[string]any{"kek": old.String()}); err != nil {
+				return 0, nil, err
+			}
+			continue
+		}
 		if err != nil {
-			return 0, fmt.Errorf("pgstore: rewrap data key of project %q: %w", t.project, err)
+			return 0, nil, fmt.Errorf("pgstore: rewrap data key of project %q: %w", t.project, err)
 		}
 		if nwk.Provider != primary.Provider || nwk.KeyID != primary.KeyID {
-			return 0, fmt.Errorf("pgstore: rewrap: provider returned a key for %s, want %s:%s", nwk.Ref(), primary.Provider, primary.KeyID)
+			return 0, nil, fmt.Errorf("pgstore: rewrap: provider returned a key for %s, want %s:%s", nwk.Ref(), primary.Provider, primary.KeyID)
 		}
 		kid, ok := kekIDs[nwk.Version]
 		if !ok { // the primary rotated while we worked
 			if kid, err = s.kekRowFor(ctx, s.pool, nwk.Provider, nwk.KeyID, nwk.Version); err != nil {
-				return 0, err
+				return 0, nil, err
 			}
 			kekIDs[nwk.Version] = kid
 		}
-		ids[i], wrapped[i], keks[i] = t.id, nwk.Ciphertext, kid
-		from[KEKVersion{Provider: t.wk.Provider, KeyID: t.wk.KeyID, Version: t.wk.Version}.String()]++
+		ids, wrapped, keks = append(ids, t.id), append(wrapped, nwk.Ciphertext), append(keks, kid)
+		from[old.String()]++
 	}
-	if _, err := tx.Exec(ctx, `UPDATE `+s.q+`.data_keys d SET wrapped_dek = u.w, kek_id = u.k, rewrapped_at = now()
+	if len(ids) > 0 {
+		if _, err := tx.Exec(ctx, `UPDATE `+s.q+`.data_keys d SET wrapped_dek = u.w, kek_id = u.k, rewrapped_at = now()
 FROM unnest($1::uuid[], $2::bytea[], $3::bigint[]) AS u(id, w, k) WHERE d.id = u.id`, ids, wrapped, keks); err != nil {
-		return 0, fmt.Errorf("pgstore: rewrap: %w", err)
-	}
-	if err := s.event(ctx, tx, "kek.rewrap", "", primaryID, nil, int64(len(todo)), map[string]any{"to": primary.String(), "from": from}); err != nil {
-		return 0, err
+			if pgCode(err) == sqlstateRetired {
+				return 0, nil, fmt.Errorf("%w: %s: rewrap to it refused", ErrRetiredVersion, primary)
+			}
+			return 0, nil, fmt.Errorf("pgstore: rewrap: %w", err)
+		}
+		if err := s.event(ctx, tx, "kek.rewrap", "", primaryID, nil, int64(len(ids)), map[string]any{"to": primary.String(), "from": from}); err != nil {
+			return 0, nil, err
+		}
 	}
 	if err := tx.Commit(ctx); err != nil {
-		return 0, fmt.Errorf("pgstore: rewrap: commit: %w", err)
+		return 0, nil, fmt.Errorf("pgstore: rewrap: commit: %w", err)
 	}
-	return int64(len(todo)), nil
+	return int64(len(ids)), bad, nil
 }
 
 // RetireKEK retires KEK version v: refused with ErrPrimaryVersion for the
 // primary version, with ErrUnknownVersion if the kek table does not record
 // it, and with an *InUseError (matching ErrRetiredVersionInUse) while any
-// data key is still wrapped under it (Rewrap first). Otherwise, if the
-// keyring has a provider for v's key that is a provider.Retirer, it retires
-// the version in the key service, then marks the kek row retired and
-// records the event, in one transaction that holds the kek row locked so
-// no data key can be wrapped under it meanwhile. Retiring a retired
-// version again is harmless.
+// data key is still wrapped under it (Rewrap first).
+//
+// The database side commits first: one transaction locks the kek row FOR
+// UPDATE (the data_keys trigger of migration 003 reads it FOR SHARE, so no
+// data key can be created or rewrapped under v meanwhile, nor afterwards),
+// counts the data keys under it, sets retired_at and records kek.retire.
+// Only then, if the keyring has a provider for v's key that is a
+// provider.Retirer, is the version retired in the key service, recorded
+// as kek.retire.provider. A process killed in between leaves v retired in
+// the database but live in the key service, which Store.CheckProviders
+// reports; RetireKEK then fails with ErrRetireIncomplete, and calling it
+// again finishes the work. Retiring a version that is
+// retired on both sides is harmless and records nothing.
 func (s *Store) RetireKEK(ctx context.Context, v KEKVersion) error {
 	primary, _, err := s.primary(ctx)
 	if err != nil {
@@ -278,8 +394,9 @@ func (s *Store) RetireKEK(ctx context.Context, v KEKVersion) error {
 	}
 	defer tx.Rollback(context.WithoutCancel(ctx))
 	var id, inUse int64
-	err = tx.QueryRow(ctx, `SELECT id FROM `+s.q+`.kek WHERE provider = $1 AND key_id = $2 AND key_version = $3 FOR UPDATE`,
-		v.Provider, v.KeyID, v.Version).Scan(&id)
+	var wasRetired bool
+	err = tx.QueryRow(ctx, `SELECT id, retired_at IS NOT NULL FROM `+s.q+`.kek WHERE provider = $1 AND key_id = $2 AND key_version = $3 FOR UPDATE`,
+		v.Provider, v.KeyID, v.Version).Scan(&id, &wasRetired)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return fmt.Errorf("%w: %s", ErrUnknownVersion, v)
 	}
@@ -292,27 +409,58 @@ func (s *Store) RetireKEK(ctx context.Context, v KEKVersion) error {
 	if inUse > 0 {
 		return &InUseError{Provider: v.Provider, KeyID: v.KeyID, Version: v.Version, DataKeys: inUse}
 	}
-	for _, p := range s.keyring.Providers() {
-		if p.Ref() != (provider.KeyRef{Provider: v.Provider, KeyID: v.KeyID}) {
-			continue
+	if !wasRetired {
+		if _, err := tx.Exec(ctx, `UPDATE `+s.q+`.kek SET retired_at = now() WHERE id = $1`, id); err != nil {
+			return fmt.Errorf("pgstore: retire: %w", err)
 		}
-		if r, ok := p.(provider.Retirer); ok {
-			if err := r.Retire(ctx, v.Version); err != nil {
-				return fmt.Errorf("pgstore: retire %s: %w", v, err)
-			}
+		if err := s.event(ctx, tx, "kek.retire", "", id, nil, 1, map[string]any{"version": v.String()}); err != nil {
+			return err
 		}
-	}
-	if _, err := tx.Exec(ctx, `UPDATE `+s.q+`.kek SET retired_at = coalesce(retired_at, now()) WHERE id = $1`, id); err != nil {
-		return fmt.Errorf("pgstore: retire: %w", err)
-	}
-	if err := s.event(ctx, tx, "kek.retire", "", id, nil, 1, map[string]any{"version": v.String()}); err != nil {
-		return err
 	}
 	if err := tx.Commit(ctx); err != nil {
 		return fmt.Errorf("pgstore: retire: commit: %w", err)
 	}
+	r, live, err := s.liveAtProvider(ctx, v)
+	if err != nil {
+		return fmt.Errorf("%w: %s: %w", ErrRetireIncomplete, v, err)
+	}
+	if live {
+		if err := r.Retire(ctx, v.Version); err != nil {
+			return fmt.Errorf("%w: %s: %w", ErrRetireIncomplete, v, err)
+		}
+		if err := s.event(ctx, s.pool, "kek.retire.provider", "", id, nil, 1, map[string]any{"version": v.String()}); err != nil {
+			return err
+		}
+	}
 	s.log.Info("pgstore: retired KEK version", "kek", v.String())
 	return nil
+}
+
+// liveAtProvider returns the keyring's Retirer for v's key and whether v
+// still needs retiring there: true unless the provider is a Describer that
+// lists its live versions without v. With no Retirer for the key, nothing
+// is to be done (live false).
+func (s *Store) liveAtProvider(ctx context.Context, v KEKVersion) (provider.Retirer, bool, error) {
+	for _, p := range s.keyring.Providers() {
+		if p.Ref() != (provider.KeyRef{Provider: v.Provider, KeyID: v.KeyID}) {
+			continue
+		}
+		r, ok := p.(provider.Retirer)
+		if !ok {
+			return nil, false, nil
+		}
+		if d, ok := p.(provider.Describer); ok {
+			st, err := d.Describe(ctx)
+			if err != nil {
+				return nil, false, err
+			}
+			if len(st.Versions) > 0 && !slices.Contains(st.Versions, v.Version) {
+				return r, false, nil
+			}
+		}
+		return r, true, nil
+	}
+	return nil, false, nil
 }
 
 type execer interface {

@@ -3,13 +3,17 @@ package pgstore
 import (
 	"context"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/profullstack/keybroker/provider"
 )
 
-// Status summarises what the database holds. It reads only the database
-// (no key service), so it works when a provider is unreachable.
+// Status summarises what the database holds. Store.Status reads only the
+// database (no key service), so it works when a provider is unreachable;
+// Store.CheckProviders adds what the key services say.
 type Status struct {
 	// Versions lists every KEK version the kek table records, oldest
 	// first, with the data keys wrapped under it and the secrets under
@@ -26,6 +30,17 @@ type Status struct {
 	// highest budget use (data_keys.messages) among active data keys.
 	Budget       int64
 	MaxActiveUse int64
+
+	// Filled only by CheckProviders, which asks the key services:
+	//
+	// RetiredLive lists versions the kek table records as retired that a
+	// provider.Describer of the keyring still lists as live: a retire
+	// interrupted after its database commit. RetireKEK finishes it.
+	RetiredLive []KEKVersion
+	// UnrecordedPrimary lists primary versions of the keyring's
+	// Describers that the kek table does not record: a rotation not yet
+	// (or, killed, never) recorded. PrimaryVersion or Rewrap records it.
+	UnrecordedPrimary []KEKVersion
 }
 
 // VersionStatus is one KEK version's line in Status.
@@ -35,6 +50,43 @@ type VersionStatus struct {
 	RetiredAt *time.Time // nil unless retired
 	DataKeys  int64
 	Secrets   int64
+}
+
+// CheckProviders compares st (from Status) with what the keyring's
+// providers that are provider.Describers report, and fills st.RetiredLive
+// and st.UnrecordedPrimary. It returns the first Describe error, after
+// checking the other providers.
+func (s *Store) CheckProviders(ctx context.Context, st *Status) error {
+	st.RetiredLive, st.UnrecordedPrimary = nil, nil
+	var first error
+	for _, p := range s.keyring.Providers() {
+		d, ok := p.(provider.Describer)
+		if !ok {
+			continue
+		}
+		ps, err := d.Describe(ctx)
+		if err != nil {
+			if first == nil {
+				first = fmt.Errorf("pgstore: status: %w", err)
+			}
+			continue
+		}
+		ref := p.Ref()
+		recorded := false
+		for _, v := range st.Versions {
+			if v.Provider != ref.Provider || v.KeyID != ref.KeyID {
+				continue
+			}
+			recorded = recorded || v.Version == ps.PrimaryVersion
+			if v.RetiredAt != nil && slices.Contains(ps.Versions, v.Version) {
+				st.RetiredLive = append(st.RetiredLive, v.KEKVersion)
+			}
+		}
+		if !recorded && ps.PrimaryVersion != "" {
+			st.UnrecordedPrimary = append(st.UnrecordedPrimary, KEKVersion{Provider: ref.Provider, KeyID: ref.KeyID, Version: ps.PrimaryVersion})
+		}
+	}
+	return first
 }
 
 // Status reports counts of data keys and secrets per KEK version, data

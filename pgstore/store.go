@@ -251,30 +251,40 @@ func (s *Store) put(ctx context.Context, project, name string, value []byte) err
 		return fmt.Errorf("%w: secret value is %d bytes, more than %d", ErrInvalidArgument, len(value), MaxValueLen)
 	}
 	aad := secretAAD(project, name)
-	// A data key may be deleted (re-encryption) between our reservation and
-	// the insert; the foreign key then refuses the row and we retry once
-	// with a fresh reservation.
-	for attempt := 0; ; attempt++ {
+	// The insert names the data key only if its row still exists, belongs
+	// to the project and is not retired, reading it FOR KEY SHARE (the
+	// lock the foreign key check takes anyway). Reencrypt locks the keys it
+	// retires FOR UPDATE (and a destroy deletes them), which conflicts: a
+	// Put racing them waits, re-checks the committed row and stores
+	// nothing; it then redoes the encryption under a fresh reservation.
+	// Budget reservations and rewraps (non-key updates) do not conflict. A
+	// spent key is accepted: its reservations were granted within the
+	// budget, and refusing them would make the holder of a key's last
+	// reservation always retry.
+	for attempt := 1; ; attempt++ {
 		id, blob, nonce, err := s.seal(ctx, project, value, aad)
 		if err != nil {
 			return err
 		}
+		var stored bool
 		err = s.scoped(ctx, project, func(b *pgx.Batch) {
 			b.Queue(`INSERT INTO `+s.q+`.encrypted_secrets AS s (project_id, name, encrypted_data, nonce, data_key_id)
-VALUES ($1, $2, $3, $4, $5)
+SELECT $1, $2, $3, $4, d.id FROM `+s.q+`.data_keys d WHERE d.id = $5 AND d.project_id = $1 AND d.state <> 'retired' FOR KEY SHARE
 ON CONFLICT (project_id, name) DO UPDATE
 SET encrypted_data = EXCLUDED.encrypted_data, nonce = EXCLUDED.nonce,
     data_key_id = EXCLUDED.data_key_id, updated_at = now()`,
-				project, name, blob, nonce, uuidParam(id))
+				project, name, blob, nonce, uuidParam(id)).Exec(func(ct pgconn.CommandTag) error { stored = ct.RowsAffected() == 1; return nil })
 		})
-		if err == nil {
+		if err != nil {
+			return fmt.Errorf("pgstore: put %q: %w", name, err)
+		}
+		if stored {
 			return nil
 		}
-		if pgCode(err) == "23503" && attempt == 0 {
-			s.forget(project, id)
-			continue
+		s.forget(project, id)
+		if attempt == maxWriteAttempts {
+			return fmt.Errorf("%w: put %q in project %q: data key retired or removed on each of %d attempts", ErrNoActiveKey, name, project, attempt)
 		}
-		return fmt.Errorf("pgstore: put %q: %w", name, err)
 	}
 }
 
@@ -536,10 +546,18 @@ func (s *Store) reserve(ctx context.Context, project string) ([16]byte, *envelop
 	pk := s.project(project)
 	pk.mu.Lock()
 	defer pk.mu.Unlock()
+	reloaded := false
 	for {
 		if pk.valid && pk.next < pk.end {
 			pk.next++
 			dk, release, err := s.dataKey(ctx, project, pk.id, nil)
+			if err != nil && !reloaded {
+				// The key's row may be gone (deleted behind pgstore's back):
+				// ask the database for a reservation again, once, which
+				// finds or creates the project's active key.
+				reloaded, pk.valid = true, false
+				continue
+			}
 			return pk.id, dk, release, err
 		}
 		if pk.valid {
@@ -605,8 +623,27 @@ func (s *Store) activeKey(ctx context.Context, project string) ([16]byte, error)
 }
 
 // createKey makes, wraps and stores a new active data key for project,
-// unless another one became active first (created false).
+// unless another one became active first (created false). When the
+// database refuses the key because its KEK version is retired (another
+// process retired it), the keyring is refreshed and a fresh key wrapped
+// once more; a second refusal is ErrRetiredVersion.
 func (s *Store) createKey(ctx context.Context, project string, id *[16]byte) (created bool, err error) {
+	created, err = s.tryCreateKey(ctx, project, id)
+	if !errors.Is(err, ErrRetiredVersion) {
+		return created, err
+	}
+	s.log.Warn("pgstore: primary KEK version is retired; refreshing the keyring", "project", project)
+	if rerr := s.keyring.Refresh(ctx); rerr != nil {
+		return false, fmt.Errorf("%w (refreshing the keyring failed: %v)", err, rerr)
+	}
+	created, err = s.tryCreateKey(ctx, project, id)
+	if errors.Is(err, ErrRetiredVersion) {
+		return false, fmt.Errorf("%w, still after refreshing the keyring", err)
+	}
+	return created, err
+}
+
+func (s *Store) tryCreateKey(ctx context.Context, project string, id *[16]byte) (created bool, err error) {
 	if _, err := rand.Read(id[:]); err != nil {
 		return false, fmt.Errorf("pgstore: new data key id: %w", err)
 	}
@@ -629,6 +666,9 @@ SELECT 'dek.create', $1, $2, $3, 1, $4 WHERE EXISTS (SELECT 1 FROM `+s.q+`.data_
 	})
 	if err != nil || !created {
 		dk.Destroy()
+		if pgCode(err) == sqlstateRetired {
+			return false, fmt.Errorf("%w: %s@%s", ErrRetiredVersion, wk.Ref(), wk.Version)
+		}
 		if err != nil {
 			return false, fmt.Errorf("pgstore: store new data key: %w", err)
 		}
@@ -675,23 +715,12 @@ type querier interface {
 	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
 }
 
+// kekRowFor returns the id of the kek row for the version through
+// record_kek (migration 003), which inserts a new row with its kek.record
+// event: the only way a role other than the owner can create one.
 func (s *Store) kekRowFor(ctx context.Context, q querier, prov, keyID, version string) (int64, error) {
-	// Under READ COMMITTED a row inserted concurrently is invisible to the
-	// statement that waited on it, so the lookup is retried once.
 	var id int64
-	var err error
-	for range 2 {
-		err = q.QueryRow(ctx, `WITH ins AS (
-  INSERT INTO `+s.q+`.kek (provider, key_id, key_version) VALUES ($1, $2, $3)
-  ON CONFLICT (provider, key_id, key_version) DO NOTHING RETURNING id)
-SELECT id FROM ins UNION ALL
-SELECT id FROM `+s.q+`.kek WHERE provider = $1 AND key_id = $2 AND key_version = $3
-LIMIT 1`, prov, keyID, version).Scan(&id)
-		if !errors.Is(err, pgx.ErrNoRows) {
-			break
-		}
-	}
-	if err != nil {
+	if err := q.QueryRow(ctx, `SELECT `+s.q+`.record_kek($1, $2, $3, $4)`, prov, keyID, version, s.actorParam()).Scan(&id); err != nil {
 		return 0, fmt.Errorf("pgstore: record kek version: %w", err)
 	}
 	return id, nil

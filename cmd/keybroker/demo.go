@@ -267,7 +267,7 @@ func (a *app) demoStore(ctx context.Context, pool *pgxpool.Pool, kek *local.Prov
 	}
 	sum.KEKVersions = [2]string{prev.Version, next.Version}
 	if err := sum.step("rewrap", func() error {
-		res, err := a.rewrap(ctx, s, 0, false)
+		res, err := a.rewrap(ctx, s, 0, 0, false)
 		if err != nil {
 			return err
 		}

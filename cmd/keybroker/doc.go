@@ -35,7 +35,10 @@
 // 2 usage (flags, arguments, configuration from any source, a provider URL
 // or keyring its backend refuses to open); 3 status found a retired or
 // missing KEK version still wrapping data keys; 4 verify found secrets that
-// do not decrypt; 130 interrupted.
+// do not decrypt; 5 work remains (rewrap left data keys on older versions,
+// reencrypt left an old data key in use, a retire is half done, or rotate
+// --retire committed part of its work): the message says what committed
+// and what to run; 130 interrupted.
 //
 // # Logs
 //

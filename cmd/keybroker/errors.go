@@ -15,10 +15,11 @@ const (
 	exitUsage       = 2   // bad flags, arguments or configuration
 	exitRetiredUsed = 3   // status: a retired key version is still referenced
 	exitVerifyFail  = 4   // verify: at least one secret did not decrypt
+	exitIncomplete  = 5   // work remains (locked rows, corrupt keys, old keys in use, half-done retire): rerun, or --wait
 	exitInterrupted = 130 // SIGINT/SIGTERM; rerun to continue
 )
 
-// exitError carries an exit code other than exitError through cobra.
+// codeError carries an exit code other than exitError through cobra.
 type codeError struct {
 	code int
 	err  error
@@ -43,6 +44,8 @@ func exitCode(err error) int {
 		return exitInterrupted
 	case errors.Is(err, pgstore.ErrInvalidArgument):
 		return exitUsage
+	case errors.Is(err, pgstore.ErrRetireIncomplete):
+		return exitIncomplete
 	}
 	return exitError
 }
@@ -77,4 +80,10 @@ func resumeHint(err error) string {
 		return h.hint
 	}
 	return "rerun to continue"
+}
+
+// incomplete is the error of a command that committed part of its work:
+// exit code exitIncomplete, with what to run to finish.
+func incomplete(format string, args ...any) error {
+	return &codeError{code: exitIncomplete, err: fmt.Errorf(format, args...)}
 }

@@ -30,6 +30,7 @@ type progress struct {
 	tty   bool
 	bar   *progressbar.ProgressBar // on a terminal, once the total is known
 	op    string
+	unit  string // what is counted, for the rate: "secrets" unless set
 	total int64
 	done  int64
 	step  int64 // next tenth to report, 1..10
@@ -39,7 +40,7 @@ type progress struct {
 // newProgress starts reporting op over total items (total < 0: not yet
 // known; set gives it later).
 func (a *app) newProgress(op string, total int64) *progress {
-	return &progress{a: a, tty: a.stdoutTTY && !a.json, op: op, total: total, step: 1, start: time.Now()}
+	return &progress{a: a, tty: a.stdoutTTY && !a.json, op: op, unit: "secrets", total: total, step: 1, start: time.Now()}
 }
 
 // set records that done of total items are finished. Callers call it from
@@ -70,7 +71,7 @@ func (p *progress) set(done, total int64) {
 	if el := time.Since(p.start).Seconds(); el > 0 {
 		rate = float64(done) / el
 	}
-	fmt.Fprintf(p.a.stderr, "%s: %d/%d (%d%%) %.0f/s\n", p.op, done, p.total, done*100/p.total, rate)
+	fmt.Fprintf(p.a.stderr, "%s: %d/%d (%d%%) %.0f %s/s\n", p.op, done, p.total, done*100/p.total, rate, p.unit)
 }
 
 func (p *progress) startBar() {
@@ -81,7 +82,7 @@ func (p *progress) startBar() {
 		progressbar.OptionSetWidth(30),
 		progressbar.OptionShowCount(),
 		progressbar.OptionShowIts(),
-		progressbar.OptionSetItsString("secrets"),
+		progressbar.OptionSetItsString(p.unit),
 		progressbar.OptionSetPredictTime(true),
 		progressbar.OptionThrottle(50*time.Millisecond),
 		progressbar.OptionOnCompletion(func() { fmt.Fprintln(a.stdout) }),

@@ -60,6 +60,10 @@ Exit codes:
   3    status: data keys are still wrapped under a retired or missing key
        version
   4    verify: at least one secret failed to decrypt
+  5    work remains (rows locked by another process, corrupt keys left as
+       they are, old data keys still in use, a retire half done): the
+       message says what committed; rerun it (or the command it names),
+       or use --wait / --lock-wait
   130  interrupted (Ctrl-C or SIGTERM); rerun to continue
 
 keybroker version (or --version) prints the build: module version, VCS
@@ -141,7 +145,7 @@ func newRootCmd(a *app) *cobra.Command {
 		newDemoCmd(a),
 		newMigrateCmd(a),
 		newPutCmd(a), newGetCmd(a), newDeleteCmd(a), newListCmd(a),
-		newRotateCmd(a), newRewrapCmd(a), newReencryptCmd(a),
+		newRotateCmd(a), newRewrapCmd(a), newReencryptCmd(a), newRetireCmd(a),
 		newImportCmd(a),
 		newStatusCmd(a), newVerifyCmd(a),
 		newKeygenCmd(a),

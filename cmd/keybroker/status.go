@@ -45,6 +45,12 @@ type statusResult struct {
 	DataKeys     map[string]int64 `json:"data_keys"` // by state: active, spent, retired
 	Budget       int64            `json:"budget"`    // encryptions allowed per data key
 	MaxBudgetUse int64            `json:"max_budget_use"`
+	// Half-done work: versions retired in the database but live in the
+	// key service (exit 5; finish with retire), and primary versions not
+	// recorded yet (a warning: a rotation made elsewhere, or a rotate
+	// killed before recording it; the next write or rewrap records it).
+	RetiredLive       []string `json:"retired_live"`
+	UnrecordedPrimary []string `json:"unrecorded_primary"`
 }
 
 // status reports every KEK version the database records, with the data
@@ -82,6 +88,15 @@ func (a *app) status(ctx context.Context, s *session) (*statusResult, error) {
 	st, err := s.store.Status(ctx)
 	if err != nil {
 		return nil, err
+	}
+	res.RetiredLive, res.UnrecordedPrimary = []string{}, []string{}
+	if s.store.CheckProviders(ctx, st) == nil { // a Describe error is already in unreachable
+		for _, v := range st.RetiredLive {
+			res.RetiredLive = append(res.RetiredLive, v.String())
+		}
+		for _, v := range st.UnrecordedPrimary {
+			res.UnrecordedPrimary = append(res.UnrecordedPrimary, v.String())
+		}
 	}
 	res.Secrets, res.Projects, res.DataKeys = st.Secrets, st.Projects, st.DataKeys
 	res.Budget, res.MaxBudgetUse = st.Budget, st.MaxActiveUse
@@ -139,8 +154,11 @@ wrong keyring), or unconfigured (no configured provider serves the key).
 It only reads.
 
 Exit status 3 when a retired or missing version still wraps data keys (run
-rewrap with a provider that can still unwrap them); 1 when a key service is
-unreachable.`,
+rewrap with a provider that can still unwrap them); 5 when a retire is half
+done (a version retired in the database but still live in the key service:
+run retire VERSION); 1 when a key service is unreachable. A primary version
+not recorded in the database yet (a rotation made in the key service, or a
+rotate killed before recording it) is a warning: rewrap records it.`,
 		Args: args(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			s, err := a.openStore(cmd.Context())
@@ -162,6 +180,8 @@ unreachable.`,
 				return &codeError{code: exitRetiredUsed, err: fmt.Errorf("status: %d data keys are still wrapped under retired KEK versions: rewrap them", res.RetiredInUse)}
 			case res.Missing > 0:
 				return &codeError{code: exitRetiredUsed, err: fmt.Errorf("status: %d data keys are under key versions no configured provider can unwrap: configure the right keyring or key service, or rewrap them with one that can", res.Missing)}
+			case len(res.RetiredLive) > 0:
+				return incomplete("status: %s retired in the database but still live in the key service: run keybroker retire %s", res.RetiredLive[0], res.RetiredLive[0])
 			}
 			return nil
 		},
@@ -182,6 +202,12 @@ func (r *statusResult) print(w io.Writer) {
 	tw.Flush()
 	fmt.Fprintf(w, "\n%d secrets in %d projects; data keys: %d active, %d spent, %d retired; busiest active key used %d of %d encryptions\n",
 		r.Secrets, r.Projects, r.DataKeys["active"], r.DataKeys["spent"], r.DataKeys["retired"], r.MaxBudgetUse, r.Budget)
+	for _, v := range r.RetiredLive {
+		fmt.Fprintf(w, "warning: %s is retired in the database but still live in the key service: run keybroker retire %s\n", v, v)
+	}
+	for _, v := range r.UnrecordedPrimary {
+		fmt.Fprintf(w, "warning: primary version %s is not recorded in the database yet (rewrap records it)\n", v)
+	}
 	if r.Missing > 0 {
 		fmt.Fprintf(w, "warning: %d data keys are under key versions the configured providers do not have (retired or destroyed in the key service, or the wrong keyring)\n", r.Missing)
 	}
