@@ -27,7 +27,7 @@
 //     failure. It counts its rounds in the soak.progress row.
 //
 // Each writer goroutine runs until it has made -soak.ops Puts (default
-// 4000, or $KEYBROKER_SOAK_OPS) or -soak.duration has passed (default 25s,
+// 8000, or $KEYBROKER_SOAK_OPS) or -soak.duration has passed (default 25s,
 // or $KEYBROKER_SOAK_DURATION), whichever comes first, and in any case
 // until the operator has completed 2 rounds under them (read from
 // soak.progress), but never longer than 3 times the duration; a run that

@@ -34,7 +34,7 @@ import (
 
 var (
 	flagDuration = flag.Duration("soak.duration", 0, "how long the writers run per backend unless they made -soak.ops Puts first (default $KEYBROKER_SOAK_DURATION, else 25s)")
-	flagOps      = flag.Int64("soak.ops", 0, "Puts per writer goroutine after which the writers may stop before -soak.duration (default $KEYBROKER_SOAK_OPS, else 4000)")
+	flagOps      = flag.Int64("soak.ops", 0, "Puts per writer goroutine after which the writers may stop before -soak.duration (default $KEYBROKER_SOAK_OPS, else 8000)")
 	flagSeed     = flag.Uint64("soak.seed", 0, "random seed (default: a fresh one, printed)")
 )
 
@@ -76,7 +76,7 @@ func ops(t *testing.T) int64 {
 		}
 		return n
 	}
-	return 4000
+	return 8000
 }
 
 // TestSoak runs the fleet against each backend in turn (never in
@@ -537,6 +537,23 @@ func checkDatabase(t *testing.T, ctx context.Context, pool *pgxpool.Pool, sums [
 		if c.want0 && n != 0 {
 			t.Errorf("%s: %d, want 0", c.what, n)
 		}
+	}
+	if got["data keys with messages over the budget"] > 0 {
+		// Which keys, and how far over: a reservation of another size
+		// than the writers' chunk points at a process with another budget.
+		rows, err := pool.Query(ctx, `SELECT project_id, messages FROM keybroker.data_keys WHERE messages > $1 ORDER BY messages DESC LIMIT 5`, budget)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for rows.Next() {
+			var project string
+			var messages int64
+			if err := rows.Scan(&project, &messages); err != nil {
+				t.Fatal(err)
+			}
+			t.Logf("over budget: a data key of %s has messages = %d (budget %d, writers reserve %d at a time)", project, messages, budget, chunk)
+		}
+		rows.Close()
 	}
 	if got[historyRows] < acked {
 		t.Errorf("history holds %d envelopes, fewer than the %d acknowledged Puts: the triggers missed writes", got[historyRows], acked)
