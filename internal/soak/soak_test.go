@@ -563,9 +563,10 @@ func checkDatabase(t *testing.T, ctx context.Context, pool *pgxpool.Pool, sums [
 
 // TestHistory shows that the history triggers and dbChecks see what the
 // soak looks for: a nonce written twice, an envelope committed under a data
-// key that its own transaction retired after the write (the trigger runs
-// at commit), a data key created under a retired KEK version, and a data
-// key over its budget; an update that changes no envelope is not counted.
+// key that its own transaction retired after the write and a data key
+// committed under a KEK version retired the same way (the triggers run at
+// commit), and a data key over its budget; an update that changes no
+// envelope is not counted.
 func TestHistory(t *testing.T) {
 	ctx := context.Background()
 	pool := pgtest.Pool(t)
@@ -591,26 +592,29 @@ SELECT $1::uuid, 'p', id, '\x01', $2, 'spent' FROM keybroker.kek WHERE key_versi
 	// Two envelopes with one nonce.
 	sql(`INSERT INTO keybroker.encrypted_secrets (project_id, name, encrypted_data, nonce, data_key_id) VALUES
 ('p', 'a', '\x01', '\x0a', $1), ('p', 'b', '\x02', '\x0a', $1)`, dk1)
-	// An envelope whose data key is retired before its transaction commits.
-	tx, err := pool.Begin(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer tx.Rollback(ctx)
-	for _, q := range []string{
-		`INSERT INTO keybroker.encrypted_secrets (project_id, name, encrypted_data, nonce, data_key_id) VALUES ('p', 'c', '\x03', '\x0c', $1)`,
-		`UPDATE keybroker.data_keys SET state = 'retired' WHERE id = $1`,
-	} {
-		if _, err := tx.Exec(ctx, q, dk2); err != nil {
-			t.Fatalf("%s: %v", q, err)
+	// An envelope whose data key is retired, and a data key whose KEK
+	// version is retired, each after the write but before its transaction
+	// commits (keybroker's own fences check at the write).
+	inTx := func(arg any, qs ...string) {
+		t.Helper()
+		tx, err := pool.Begin(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer tx.Rollback(ctx)
+		for _, q := range qs {
+			if _, err := tx.Exec(ctx, q, arg); err != nil {
+				t.Fatalf("%s: %v", q, err)
+			}
+		}
+		if err := tx.Commit(ctx); err != nil {
+			t.Fatal(err)
 		}
 	}
-	if err := tx.Commit(ctx); err != nil {
-		t.Fatal(err)
-	}
-	// A data key created under a retired KEK version.
-	sql(`UPDATE keybroker.kek SET retired_at = now() WHERE key_version = '2'`)
-	sql(`INSERT INTO keybroker.data_keys (id, project_id, kek_id, wrapped_dek) SELECT $1::uuid, 'p', id, '\x01' FROM keybroker.kek WHERE key_version = '2'`, dk3)
+	inTx(dk2, `INSERT INTO keybroker.encrypted_secrets (project_id, name, encrypted_data, nonce, data_key_id) VALUES ('p', 'c', '\x03', '\x0c', $1)`,
+		`UPDATE keybroker.data_keys SET state = 'retired' WHERE id = $1`)
+	inTx(dk3, `INSERT INTO keybroker.data_keys (id, project_id, kek_id, wrapped_dek) SELECT $1::uuid, 'p', id, '\x01' FROM keybroker.kek WHERE key_version = '2'`,
+		`UPDATE keybroker.kek SET retired_at = now() WHERE key_version = '2' AND $1::uuid IS NOT NULL`)
 	// An update that changes no envelope is not a new one.
 	sql(`UPDATE keybroker.encrypted_secrets SET updated_at = now() WHERE name = 'a'`)
 
