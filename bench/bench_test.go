@@ -50,7 +50,7 @@ func keyServices(tb testing.TB) *KeyServices {
 
 // postgres returns a superuser URL: KEYBROKER_BENCH_DATABASE_URL, else
 // KEYBROKER_TEST_DATABASE_URL (scripts/test.sh), else a server started
-// with scripts/pg.sh.
+// by internal/pgserver.
 func postgres(tb testing.TB) string {
 	tb.Helper()
 	pgOnce.Do(func() {

@@ -344,7 +344,7 @@ func (rep *Report) Markdown() string {
 		"- Each round visits every payload size and, within it, the contenders in an order rotated by one from the previous round; the " +
 		"median round is reported, so a noisy moment on this shared machine lands in one round of one contender.\n" +
 		"- Encrypt includes everything a caller needs to get storable bytes (nonce generation, framing, serialization); decrypt starts from those bytes.\n" +
-		"- PostgreSQL is the server `KEYBROKER_BENCH_DATABASE_URL` names (a superuser URL; a fresh database is created and dropped) or a throwaway one started with scripts/pg.sh; server CPU per row is measured only for the latter.\n" +
+		"- PostgreSQL is the server `KEYBROKER_BENCH_DATABASE_URL` names (a superuser URL; a fresh database is created and dropped) or a throwaway one started by internal/pgserver; server CPU per row is measured only for the latter.\n" +
 		"- Key-service counts come from code, not inference: a counting `provider.KEKProvider` decorator, a counter on each direct API call, and a counting reverse proxy in front of each server.\n\n")
 	return b.String()
 }
@@ -563,9 +563,9 @@ func WriteSection(path, section string) error {
 }
 
 // RepoRoot returns the repository root: the nearest directory at or above
-// the working directory holding scripts/pg.sh.
+// the working directory holding scripts/test.sh.
 func RepoRoot() (string, error) {
-	p, err := findScript("scripts/pg.sh")
+	p, err := findScript("scripts/test.sh")
 	if err != nil {
 		return "", err
 	}

@@ -22,6 +22,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/profullstack/keybroker/internal/pgserver"
 )
 
 // FindBinary returns the path of a server binary that `make deps` builds:
@@ -223,29 +225,16 @@ func StartLocalKMS() (*Process, error) {
 	return p, nil
 }
 
-// StartPostgres starts a throwaway PostgreSQL server with scripts/pg.sh
-// and returns its superuser URL, its data directory and a function that
-// stops and removes it.
+// StartPostgres starts a throwaway PostgreSQL server on a free loopback
+// port (internal/pgserver, the launcher the tests and `keybroker demo`
+// use) and returns its superuser URL, its data directory and a function
+// that stops and removes it.
 func StartPostgres(ctx context.Context) (url, dataDir string, stop func(), err error) {
-	script, err := findScript("scripts/pg.sh")
+	s, err := pgserver.Start(ctx, pgserver.Options{TCP: true})
 	if err != nil {
-		return "", "", nil, err
+		return "", "", nil, fmt.Errorf("bench: %w", err)
 	}
-	dir, err := os.MkdirTemp("", "kbbench-pg-")
-	if err != nil {
-		return "", "", nil, err
-	}
-	os.Chmod(dir, 0o755) // the server may run as the postgres user
-	var stderr bytes.Buffer
-	cmd := exec.CommandContext(ctx, "bash", script, "start", dir)
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
-	stop = func() { exec.Command("bash", script, "stop", dir).Run(); os.RemoveAll(dir) }
-	if err != nil {
-		stop()
-		return "", "", nil, fmt.Errorf("bench: %s start: %w: %s", script, err, strings.TrimSpace(stderr.String()))
-	}
-	return strings.TrimSpace(string(out)), filepath.Join(dir, "data"), stop, nil
+	return s.URL, s.DataDir(), func() { s.Stop() }, nil
 }
 
 // findScript looks for rel in the working directory and its parents (the

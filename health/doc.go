@@ -18,7 +18,10 @@
 // round of calls per TTL. A refresh runs under its own Config.Timeout,
 // detached from the caller: a probe whose request times out gets 503 at
 // once and the refresh still lands for the next probe. Nothing waits
-// without a deadline.
+// without a deadline. A rotation made elsewhere (another process, the
+// key service's console) shows in the first report refreshed after the
+// provider sees it, so within TTL plus Timeout for every backend; see
+// docs/OPERATIONS.md for when each provider sees it.
 //
 // # Degraded is not down
 //

@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -356,6 +357,57 @@ func TestStoreWithKeyServiceStopped(t *testing.T) {
 	if r.Status != health.Degraded || !r.Store.Reachable || *r.Store.Secrets != 2 || r.Store.DataKeysToRewrap == nil ||
 		*r.Store.DataKeysToRewrap != 0 || *r.Store.MaxBudgetUsed < 2 || *r.CachedDataKeys != 1 {
 		t.Fatalf("after the stop: %+v, store %+v; want degraded, database reachable, 2 secrets, nothing to rewrap, budget used, 1 cached key", r, r.Store)
+	}
+}
+
+// A local keyring file rotated by another handle (as `keybroker rotate` in
+// another process would): the next report names the new primary; a
+// keyring file that can no longer be read leaves the process degraded,
+// not down, since it still holds its keys.
+func TestLocalRotatedElsewhere(t *testing.T) {
+	ctx := context.Background()
+	g, err := local.Generate("health")
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "keyring.json")
+	if err := g.Save(path); err != nil {
+		t.Fatal(err)
+	}
+	kek, err := local.OpenFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := health.New(health.Config{KEK: kek, TTL: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	primary := func() (*health.Report, string) {
+		t.Helper()
+		r, err := c.Check(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r, r.Providers[0].PrimaryVersion
+	}
+	if _, v := primary(); v != "1" {
+		t.Fatalf("primary before rotation = %q, want 1", v)
+	}
+	other, err := local.OpenFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := other.Rotate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if r, v := primary(); v != "2" || r.Status != health.OK {
+		t.Fatalf("after a rotation elsewhere: %s, primary %q; want ok, 2", r.Status, v)
+	}
+	if err := os.WriteFile(path, []byte("{"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if r, v := primary(); r.Status != health.Degraded || v != "2" || r.Providers[0].Outcome != telemetry.OutcomeUnavailable {
+		t.Fatalf("with the keyring file broken: %+v; want degraded, unavailable, last primary 2", r)
 	}
 }
 

@@ -9,7 +9,9 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgtype"
+	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/profullstack/keybroker/internal/pgtest"
 	"github.com/profullstack/keybroker/pgstore"
 )
 
@@ -37,30 +39,73 @@ func plainTable(b *testing.B, e *env) {
 const plainUpsert = `INSERT INTO plain_secrets (project_id, name, value) VALUES ($1, $2, $3)
 ON CONFLICT (project_id, name) DO UPDATE SET value = EXCLUDED.value, updated_at = now()`
 
-// paired runs plain and encrypted alternately, one of each per iteration,
-// so that load on the machine affects both alike, and reports each one's
-// time per operation and the encrypted rate relative to the plain one
-// (the target is at least 0.8).
-func paired(b *testing.B, plain, encrypted func(i int) error) {
-	b.SetBytes(2 * benchValueSize)
-	var tp, te time.Duration
+// benchConns are the connections BenchmarkPut and BenchmarkGet compare,
+// plain and encrypted on each, all from pgstore.NewPool: direct, where it
+// picks pgx's cache_statement; direct in PoolerSafeMode (cache_describe,
+// named in the URL), the cost of that mode; and through PgBouncer in
+// transaction mode (pgtest.PoolerURL, 2 server connections), where NewPool
+// picks PoolerSafeMode.
+var benchConns = []struct {
+	name string
+	pool func(b *testing.B, dbURL string) *pgxpool.Pool
+}{
+	{"direct-cache_statement", func(b *testing.B, u string) *pgxpool.Pool { return newPool(b, u) }},
+	{"direct-cache_describe", func(b *testing.B, u string) *pgxpool.Pool {
+		return newPool(b, u+"&default_query_exec_mode=cache_describe")
+	}},
+	{"pgbouncer-cache_describe", func(b *testing.B, u string) *pgxpool.Pool { return newPool(b, pgtest.PoolerURL(b, u)) }},
+}
+
+func newPool(b *testing.B, dbURL string) *pgxpool.Pool {
+	pool, err := pgstore.NewPool(context.Background(), dbURL)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(pool.Close)
+	return pool
+}
+
+// pair is the plain and the encrypted operation on one connection.
+type pair struct {
+	conn             string
+	plain, encrypted func(i int) error
+}
+
+// interleaved runs every operation once per iteration, one after the
+// other, so that load on the machine affects all alike, and reports each
+// one's time per operation (<conn>-plain-ns/op, <conn>-encrypted-ns/op)
+// and, per connection, the encrypted rate relative to the plain one
+// (<conn>-rate-vs-plain; the target is at least 0.8). An empty conn drops
+// the prefix (plain-ns/op, ...).
+func interleaved(b *testing.B, pairs []pair) {
+	b.SetBytes(int64(2*len(pairs)) * benchValueSize)
+	tp := make([]time.Duration, len(pairs))
+	te := make([]time.Duration, len(pairs))
 	i := 0
 	for b.Loop() {
-		t0 := time.Now()
-		if err := plain(i); err != nil {
-			b.Fatal(err)
+		for k, p := range pairs {
+			t0 := time.Now()
+			if err := p.plain(i); err != nil {
+				b.Fatal(err)
+			}
+			t1 := time.Now()
+			if err := p.encrypted(i); err != nil {
+				b.Fatal(err)
+			}
+			te[k] += time.Since(t1)
+			tp[k] += t1.Sub(t0)
 		}
-		t1 := time.Now()
-		if err := encrypted(i); err != nil {
-			b.Fatal(err)
-		}
-		te += time.Since(t1)
-		tp += t1.Sub(t0)
 		i++
 	}
-	b.ReportMetric(float64(tp.Nanoseconds())/float64(i), "plain-ns/op")
-	b.ReportMetric(float64(te.Nanoseconds())/float64(i), "encrypted-ns/op")
-	b.ReportMetric(float64(tp)/float64(te), "rate-vs-plain")
+	for k, p := range pairs {
+		prefix := p.conn
+		if prefix != "" {
+			prefix += "-"
+		}
+		b.ReportMetric(float64(tp[k].Nanoseconds())/float64(i), prefix+"plain-ns/op")
+		b.ReportMetric(float64(te[k].Nanoseconds())/float64(i), prefix+"encrypted-ns/op")
+		b.ReportMetric(float64(tp[k])/float64(te[k]), prefix+"rate-vs-plain")
+	}
 }
 
 func BenchmarkPut(b *testing.B) {
@@ -68,12 +113,18 @@ func BenchmarkPut(b *testing.B) {
 	e := newEnv(b, pgstore.Config{})
 	plainTable(b, e)
 	v := benchValue(b)
-	paired(b, func(i int) error {
-		_, err := e.pool.Exec(ctx, plainUpsert, "p", fmt.Sprint("s", i%1000), v)
-		return err
-	}, func(i int) error {
-		return e.store.Put(ctx, "p", fmt.Sprint("s", i%1000), v)
-	})
+	var pairs []pair
+	for _, c := range benchConns {
+		pool := c.pool(b, e.url)
+		s := newStore(b, pool, pgstore.Config{KEK: e.kek})
+		pairs = append(pairs, pair{c.name, func(i int) error {
+			_, err := pool.Exec(ctx, plainUpsert, "p", fmt.Sprint("s", i%1000), v)
+			return err
+		}, func(i int) error {
+			return s.Put(ctx, "p", fmt.Sprint("s", i%1000), v)
+		}})
+	}
+	interleaved(b, pairs)
 }
 
 func BenchmarkGet(b *testing.B) {
@@ -90,13 +141,19 @@ func BenchmarkGet(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
-	var got []byte
-	paired(b, func(i int) error {
-		return e.pool.QueryRow(ctx, `SELECT value FROM plain_secrets WHERE project_id = $1 AND name = $2`, "p", fmt.Sprint("s", i%1000)).Scan(&got)
-	}, func(i int) error {
-		_, err := e.store.Get(ctx, "p", fmt.Sprint("s", i%1000))
-		return err
-	})
+	var pairs []pair
+	for _, c := range benchConns {
+		pool := c.pool(b, e.url)
+		s := newStore(b, pool, pgstore.Config{KEK: e.kek})
+		pairs = append(pairs, pair{c.name, func(i int) error {
+			var got []byte
+			return pool.QueryRow(ctx, `SELECT value FROM plain_secrets WHERE project_id = $1 AND name = $2`, "p", fmt.Sprint("s", i%1000)).Scan(&got)
+		}, func(i int) error {
+			_, err := s.Get(ctx, "p", fmt.Sprint("s", i%1000))
+			return err
+		}})
+	}
+	interleaved(b, pairs)
 }
 
 const migrateRows = 100_000
@@ -253,7 +310,7 @@ func BenchmarkPutFence(b *testing.B) {
 	}
 	const set = ` ON CONFLICT (project_id, name) DO UPDATE SET encrypted_data = EXCLUDED.encrypted_data, nonce = EXCLUDED.nonce,
     data_key_id = EXCLUDED.data_key_id, updated_at = now()`
-	paired(b, func(i int) error {
+	interleaved(b, []pair{{"", func(i int) error {
 		_, err := e.pool.Exec(ctx, `INSERT INTO keybroker.encrypted_secrets AS s (project_id, name, encrypted_data, nonce, data_key_id)
 VALUES ($1, $2, $3, $4, $5)`+set, "p", fmt.Sprint("a", i%1000), blob, nonce, id)
 		return err
@@ -261,5 +318,5 @@ VALUES ($1, $2, $3, $4, $5)`+set, "p", fmt.Sprint("a", i%1000), blob, nonce, id)
 		_, err := e.pool.Exec(ctx, `INSERT INTO keybroker.encrypted_secrets AS s (project_id, name, encrypted_data, nonce, data_key_id)
 SELECT $1, $2, $3, $4, d.id FROM keybroker.data_keys d WHERE d.id = $5 AND d.project_id = $1 AND d.state <> 'retired' FOR KEY SHARE`+set, "p", fmt.Sprint("b", i%1000), blob, nonce, id)
 		return err
-	})
+	}}})
 }

@@ -7,7 +7,8 @@
 // Set up once per database (any process, any number of times), then open a
 // Store:
 //
-//	err := pgstore.Migrate(ctx, pool, "keybroker")
+//	pool, err := pgstore.NewPool(ctx, databaseURL) // or any *pgxpool.Pool
+//	err = pgstore.Migrate(ctx, pool, "keybroker")
 //	s, err := pgstore.New(ctx, pool, pgstore.Config{KEK: kek, Actor: "meshhook"})
 //	err = s.Put(ctx, projectID, "stripe-key", value)
 //	value, err := s.Get(ctx, projectID, "stripe-key")
@@ -61,6 +62,51 @@
 // Foreign keys are ON DELETE RESTRICT: a data key any secret needs, or a kek
 // row any data key needs, cannot be deleted; a secret can only reference a
 // data key of its own project (composite key).
+//
+// # Connection poolers
+//
+// Through a transaction-mode pooler (PgBouncer with pool_mode=transaction,
+// Supabase's Supavisor on port 6543) a client holds a server connection only
+// for one transaction, so session state does not follow it. pgx's default
+// query exec mode, cache_statement, keeps named prepared statements
+// (stmtcache_<hash>) per session: through such a pooler most statements fail
+// with "prepared statement ... already exists" (SQLSTATE 42P05) or "does not
+// exist" (26000). PgBouncer 1.21 and later can track protocol-level prepared
+// statements (max_prepared_statements > 0); Debian 12 ships 1.18, and
+// Supavisor's transaction mode does not support them.
+//
+// ParseConfig and NewPool (pgx style: ParseConfig, adjust, NewWithConfig)
+// detect a pooler when the pool opens its first connection: PostgreSQL
+// announces its backend's process ID at startup, a pooler a key of its own,
+// so they compare it with pg_backend_pid(). Direct, the pool keeps
+// cache_statement (the fastest: one parse and plan per statement and
+// connection); through a pooler it uses PoolerSafeMode (cache_describe: the
+// unnamed statement, parsed with each execution, in the same round trip),
+// which costs a parse and plan per statement. A default_query_exec_mode in
+// the URL is used as given.
+//
+// New checks its pool (one of its connections, so a mode a BeforeConnect
+// hook chose counts): it fails with ErrPooler when the pool reaches
+// PostgreSQL through a pooler in cache_statement or describe_exec mode that
+// the URL did not name (name it for PgBouncer 1.21+ with
+// max_prepared_statements), and with ErrInvalidArgument in exec or
+// simple_protocol mode, which type parameters by their Go type and would
+// send the audit trail's JSON as bytea. Every Store call is one
+// transaction or one implicit transaction (its set_config for row-level
+// security travels in the same one), so a transaction pooler serves it
+// whole. MigratePlaintext holds a transaction per worker and needs one more
+// connection meanwhile to reserve budget: give the pooler more server
+// connections than Workers (default_pool_size ≥ Workers+1; likewise the
+// pool's MaxConns), or the workers wait for each other until
+// query_wait_timeout.
+//
+// Migrate takes session advisory locks, which a transaction pooler cannot
+// keep (the unlock may reach another server connection and leave the lock
+// held): through a pooler it fails with ErrPooler before changing
+// anything. Run it over a direct connection (Supabase: the direct
+// connection string, port 5432 of db.<project>.supabase.co); a session-mode
+// pooler is refused too, as pgstore cannot tell it from a transaction-mode
+// one.
 //
 // # Security
 //

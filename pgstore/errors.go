@@ -53,6 +53,11 @@ var (
 	// security binds; it would count only the rows of the project its
 	// statements name (none), so it refuses rather than report zeros.
 	ErrRowSecurity = errors.New("pgstore: counts need a role row-level security does not restrict")
+	// ErrPooler: the pool reaches PostgreSQL through a connection pooler
+	// (PgBouncer, Supavisor), and the call cannot work through one: New
+	// with a pool in a mode that keeps server-side statements (see
+	// ParseConfig), Migrate at all.
+	ErrPooler = errors.New("pgstore: connection pooler")
 )
 
 // sqlstateRetired is the SQLSTATE the data_keys_kek_fence trigger raises

@@ -97,13 +97,35 @@ func TestStaleKeyringRefusedUnderRetiredVersion(t *testing.T) {
 	}
 }
 
-// refreshing is a keyring file provider that re-reads its file on Refresh,
-// as provider/local does once it follows its file.
+// refreshing is a keyring file provider that sees its file only on
+// Refresh: it serves a private copy of the file, which never changes (so
+// provider/local's own following of the file cannot pick up the rotation),
+// copied again on Refresh. It stands for a process whose keyring is stale
+// until the Store refreshes it.
 type refreshing struct {
-	path      string
+	path, dir string
 	mu        sync.Mutex
 	p         *local.Provider
 	refreshes int
+}
+
+func (r *refreshing) snapshot() (*local.Provider, error) {
+	data, err := os.ReadFile(r.path)
+	if err != nil {
+		return nil, err
+	}
+	f, err := os.CreateTemp(r.dir, "snapshot-*.json") // mode 0600
+	if err != nil {
+		return nil, err
+	}
+	_, err = f.Write(data)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return nil, err
+	}
+	return local.OpenFile(f.Name())
 }
 
 func (r *refreshing) cur() *local.Provider { r.mu.Lock(); defer r.mu.Unlock(); return r.p }
@@ -115,7 +137,7 @@ func (r *refreshing) Unwrap(ctx context.Context, wk *provider.WrappedKey, aad []
 	return r.cur().Unwrap(ctx, wk, aad)
 }
 func (r *refreshing) Refresh(context.Context) error {
-	p, err := local.OpenFile(r.path)
+	p, err := r.snapshot()
 	if err != nil {
 		return err
 	}
@@ -130,7 +152,11 @@ func (r *refreshing) Refresh(context.Context) error {
 func TestRetiredRefusalRefreshesKeyring(t *testing.T) {
 	ctx := context.Background()
 	path := keyringFile(t)
-	kek := &refreshing{path: path, p: openFile(t, path)}
+	kek := &refreshing{path: path, dir: t.TempDir()}
+	var err error
+	if kek.p, err = kek.snapshot(); err != nil {
+		t.Fatal(err)
+	}
 	e := newEnv(t, pgstore.Config{KEK: kek})
 	if err := e.store.Put(ctx, "p0", "s", []byte("v")); err != nil {
 		t.Fatal(err)

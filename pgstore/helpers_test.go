@@ -16,7 +16,11 @@ import (
 	"github.com/profullstack/keybroker/provider/local"
 )
 
-// env is a migrated database, a local KEK and a Store over them.
+// env is a migrated database, a local KEK and a Store over them. Under
+// pgtest.Pooled (scripts/test.sh's pooler pass) pool, and so the Store,
+// reach the database through PgBouncer in transaction mode (pooledPool);
+// url stays direct, and Migrate, which needs a direct connection, runs over
+// it.
 type env struct {
 	url   string
 	pool  *pgxpool.Pool
@@ -32,6 +36,9 @@ func newEnv(t testing.TB, cfg pgstore.Config) *env {
 	if err := pgstore.Migrate(ctx, pool, cfg.Schema); err != nil {
 		t.Fatal(err)
 	}
+	if pgtest.Pooled() {
+		pool = pooledPool(t, u)
+	}
 	e := &env{url: u, pool: pool}
 	if cfg.KEK == nil {
 		e.kek = newKEK(t, "test")
@@ -39,6 +46,19 @@ func newEnv(t testing.TB, cfg pgstore.Config) *env {
 	}
 	e.store = newStore(t, pool, cfg)
 	return e
+}
+
+// pooledPool is a pool built by pgstore.NewPool that reaches the database
+// dbURL names through the test PgBouncer (transaction mode), closed when t
+// ends.
+func pooledPool(t testing.TB, dbURL string) *pgxpool.Pool {
+	t.Helper()
+	pool, err := pgstore.NewPool(context.Background(), pgtest.PoolerURL(t, dbURL))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	return pool
 }
 
 func newKEK(t testing.TB, id string) *local.Provider {

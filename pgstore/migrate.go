@@ -80,12 +80,17 @@ func migrationsFS() fs.FS {
 // the latest version. It is idempotent and safe to run from several
 // processes at once: they serialise on advisory locks and each migration
 // runs in its own transaction, recorded in <schema>.schema_version. The
-// role needs CREATE on the database (or an existing schema it owns).
+// role needs CREATE on the database (or an existing schema it owns). The
+// locks are session-level, so Migrate needs a direct connection: through a
+// connection pooler it fails with ErrPooler before changing anything.
 func Migrate(ctx context.Context, pool *pgxpool.Pool, schema string) error {
 	if schema == "" {
 		schema = DefaultSchema
 	}
 	if err := checkSchema(schema); err != nil {
+		return err
+	}
+	if err := checkDirect(ctx, pool); err != nil {
 		return err
 	}
 	conn, err := pool.Acquire(ctx)

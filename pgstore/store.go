@@ -109,7 +109,9 @@ type projectKey struct {
 
 // New returns a Store on pool. The schema must already be migrated to this
 // build's version (see Migrate); New checks it and fails with
-// ErrSchemaVersion otherwise. New does not take ownership of pool.
+// ErrSchemaVersion otherwise. It fails with ErrPooler when pool reaches
+// PostgreSQL through a connection pooler in a mode that breaks there (see
+// ParseConfig). New does not take ownership of pool.
 func New(ctx context.Context, pool *pgxpool.Pool, cfg Config) (*Store, error) {
 	if pool == nil {
 		return nil, fmt.Errorf("%w: nil pool", ErrInvalidArgument)
@@ -154,6 +156,9 @@ func New(ctx context.Context, pool *pgxpool.Pool, cfg Config) (*Store, error) {
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if err := checkExecMode(ctx, pool); err != nil {
+		return nil, err
 	}
 	if err := checkVersion(ctx, pool, cfg.Schema); err != nil {
 		return nil, err

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # deps.sh installs and caches everything the test suite needs, once per machine:
-# PostgreSQL server binaries (Debian packages), a Vault server and local-kms built from
+# PostgreSQL server binaries and PgBouncer (Debian packages), a Vault server and local-kms built from
 # the Go module proxy, and the static-analysis tools. Re-running is cheap: every step
 # checks its cache first. Binaries live outside the repository, in $KEYBROKER_CACHE.
 set -euo pipefail
@@ -38,6 +38,9 @@ if ! pg_bindir >/dev/null; then
 fi
 # pgcrypto (benchmarks) ships in postgresql-contrib on older releases, in the server package on newer.
 log "postgres: $(pg_bindir)"
+
+# PgBouncer: the store tests and benchmarks also run through it in transaction mode.
+command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ] || { log "installing pgbouncer"; apt_install pgbouncer; }
 
 # tmux drives the CLI in a real terminal in cmd/keybroker's tests.
 command -v tmux >/dev/null || { log "installing tmux"; apt_install tmux; }

@@ -115,7 +115,7 @@ func (a *app) demo(ctx context.Context, nrows, projects, extra int) (err error) 
 	sum.Database, sum.Schema = "external", "kb_demo_"+randHex(4)
 	if dbURL == "" {
 		sum.Database, sum.Schema = "throwaway", pgstore.DefaultSchema
-		var srv *pgServer
+		var srv *demoServer
 		if err := sum.step("start postgres", func() (err error) {
 			srv, err = startPGServer(ctx, a.log)
 			return err

@@ -42,7 +42,7 @@ func exitCode(err error) int {
 		return ce.code
 	case errors.As(err, new(*interruptedError)):
 		return exitInterrupted
-	case errors.Is(err, pgstore.ErrInvalidArgument):
+	case errors.Is(err, pgstore.ErrInvalidArgument), errors.Is(err, pgstore.ErrPooler):
 		return exitUsage
 	case errors.Is(err, pgstore.ErrRetireIncomplete):
 		return exitIncomplete

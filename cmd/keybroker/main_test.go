@@ -30,7 +30,8 @@ type pgMain struct{ m *testing.M }
 func (p pgMain) Run() int { return pgtest.Main(p.m) }
 
 // TestScripts runs testdata/script/*.txtar. Each script gets a fresh
-// database in KEYBROKER_DATABASE_URL and the command `sql` (below).
+// database in KEYBROKER_DATABASE_URL (and through a transaction-mode
+// PgBouncer in POOLED_DATABASE_URL) and the command `sql` (below).
 func TestScripts(t *testing.T) {
 	testscript.Run(t, testscript.Params{
 		Dir:                 "testdata/script",
@@ -39,6 +40,8 @@ func TestScripts(t *testing.T) {
 			db := pgtest.NewDatabase(e.T().(testing.TB))
 			e.Setenv("KEYBROKER_DATABASE_URL", db)
 			e.Setenv("PGURL", db) // for scripts that unset the former
+			// The same database through PgBouncer in transaction mode.
+			e.Setenv("POOLED_DATABASE_URL", pgtest.PoolerURL(e.T().(testing.TB), db))
 			// The scripts set what they need; nothing leaks in from the
 			// developer's environment.
 			for _, v := range []string{envKEK, envDecryptOnly, envSchema, envConfig, envLogLevel, envLogFormat} {

@@ -6,17 +6,20 @@ import (
 	"fmt"
 
 	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/profullstack/keybroker/pgstore"
 	"github.com/profullstack/keybroker/provider"
 )
 
-// openDB connects to the configured database and checks it answers.
+// openDB connects to the configured database and checks it answers. The
+// pool is pgstore.ParseConfig's, so the same URL works through a
+// transaction-mode pooler (PgBouncer, Supavisor).
 func (a *app) openDB(ctx context.Context) (*pgxpool.Pool, error) {
 	if a.cfg.DatabaseURL == "" {
 		return nil, usageErrorf("no database: set --database-url or %s", envDatabaseURL)
 	}
-	cfg, err := pgxpool.ParseConfig(a.cfg.DatabaseURL)
+	cfg, err := pgstore.ParseConfig(a.cfg.DatabaseURL)
 	if err != nil {
-		// pgx's parse errors may quote the URL, and with it a password.
+		// Not err: pgx's parse errors may quote the URL, and with it a password.
 		return nil, usageErrorf("database URL: cannot parse it")
 	}
 	cfg.MaxConns = 8

@@ -22,7 +22,7 @@ var embeddedRepo = ""
 // binaries: embedded-postgres, which uses binaries from its cache or
 // downloads them (so it fails on a machine without network access). Like
 // initdb it refuses to run as root.
-func startEmbeddedPG(ctx context.Context, log *slog.Logger) (*pgServer, error) {
+func startEmbeddedPG(ctx context.Context, log *slog.Logger) (*demoServer, error) {
 	if os.Geteuid() == 0 {
 		return nil, errors.New("embedded-postgres cannot run as root")
 	}
@@ -62,10 +62,10 @@ func startEmbeddedPG(ctx context.Context, log *slog.Logger) (*pgServer, error) {
 		os.RemoveAll(dir)
 		return nil, fmt.Errorf("embedded-postgres: %v", err)
 	}
-	return &pgServer{
+	return &demoServer{
 		dir: dir,
 		URL: cfg.GetConnectionURL() + "?sslmode=disable",
-		stopFn: func() error {
+		stop: func() error {
 			err := db.Stop()
 			if e := os.RemoveAll(dir); err == nil {
 				err = e

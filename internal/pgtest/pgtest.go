@@ -2,16 +2,16 @@
 //
 // The server is the one KEYBROKER_TEST_DATABASE_URL names (a superuser URL,
 // as scripts/test.sh exports). When the variable is unset, Main starts a
-// throwaway server from the PostgreSQL binaries in
-// /usr/lib/postgresql/*/bin (the logic of scripts/pg.sh) and removes it when
-// the package's tests end, so `go test ./pkg/` works on its own. Tests never
-// skip: a missing server or binary is a test failure naming `make deps`.
+// throwaway server (internal/pgserver) and removes it when the package's
+// tests end, so `go test ./pkg/` works on its own. Tests never skip: a
+// missing server or binary is a test failure naming `make deps`.
 //
 // Use it from a package's TestMain:
 //
 //	func TestMain(m *testing.M) { os.Exit(pgtest.Main(m)) }
 //
-// then NewDatabase or Pool in each test that needs a database.
+// then NewDatabase or Pool in each test that needs a database, and
+// PoolerURL for a database reached through PgBouncer in transaction mode.
 package pgtest
 
 import (
@@ -20,30 +20,34 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"net"
 	"net/url"
 	"os"
-	"os/exec"
-	"os/user"
-	"path/filepath"
-	"strconv"
+	"strings"
 	"sync"
 	"testing"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/profullstack/keybroker/internal/pgserver"
 )
 
 // EnvURL is the environment variable naming the superuser URL of the test
 // server.
 const EnvURL = "KEYBROKER_TEST_DATABASE_URL"
 
+// EnvPooler is the environment variable that, set to "pgbouncer", makes
+// Pooled report true: tests that support it then send their traffic
+// through PoolerURL (scripts/test.sh's second pass over pgstore).
+const EnvPooler = "KEYBROKER_TEST_POOLER"
+
 var (
 	mu       sync.Mutex
 	mainRan  bool
 	adminURL string
-	server   *Server
+	server   *pgserver.Server
+	bouncer  *pgserver.Bouncer
 )
 
 // Main runs the package's tests. If EnvURL is unset it first starts a
@@ -55,7 +59,7 @@ func Main(m *testing.M) int {
 	mainRan = true
 	adminURL = os.Getenv(EnvURL)
 	if adminURL == "" {
-		s, err := StartServer(context.Background())
+		s, err := pgserver.Start(context.Background(), pgserver.Options{TCP: true})
 		if err != nil {
 			mu.Unlock()
 			fmt.Fprintln(os.Stderr, err)
@@ -66,8 +70,8 @@ func Main(m *testing.M) int {
 	}
 	mu.Unlock()
 	code := m.Run()
-	if server != nil {
-		if err := server.Stop(); err != nil {
+	for _, stop := range []func() error{stopBouncer, stopServer} {
+		if err := stop(); err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			if code == 0 {
 				code = 1
@@ -75,6 +79,55 @@ func Main(m *testing.M) int {
 		}
 	}
 	return code
+}
+
+func stopBouncer() error {
+	if bouncer == nil {
+		return nil
+	}
+	return bouncer.Stop()
+}
+
+func stopServer() error {
+	if server == nil {
+		return nil
+	}
+	return server.Stop()
+}
+
+// Pooled reports whether EnvPooler asks for traffic through PoolerURL.
+func Pooled() bool { return os.Getenv(EnvPooler) == "pgbouncer" }
+
+// PoolerURL returns dbURL, a superuser URL of a database on the test server
+// (NewDatabase's), rewritten to reach it through a PgBouncer in transaction
+// mode with two server connections per database
+// (pgserver.StartBouncer). The bouncer is started on first use and stopped
+// when Main's tests end. It lets in only the test server's superuser, so
+// NewRole's roles cannot connect through it.
+func PoolerURL(t testing.TB, dbURL string) string {
+	t.Helper()
+	admin := AdminURL(t)
+	mu.Lock()
+	defer mu.Unlock()
+	if bouncer == nil {
+		if !mainRan {
+			t.Fatal("pgtest: PoolerURL needs the package's TestMain to call pgtest.Main, which stops the bouncer")
+		}
+		b, err := pgserver.StartBouncer(context.Background(), admin, pgserver.BouncerOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		bouncer = b
+	}
+	u, err := url.Parse(dbURL)
+	if err != nil {
+		t.Fatalf("pgtest: parse database URL: %v", errRedacted(err))
+	}
+	pooled, err := WithDatabase(bouncer.URL, strings.TrimPrefix(u.Path, "/"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pooled
 }
 
 // AdminURL returns the superuser URL of the test server. It fails t when
@@ -208,114 +261,6 @@ func WithDatabase(rawURL, name string) (string, error) {
 	}
 	u.Path = "/" + name
 	return u.String(), nil
-}
-
-// Server is a throwaway PostgreSQL server.
-type Server struct {
-	URL    string // superuser URL of the postgres database
-	dir    string
-	bindir string
-}
-
-// StartServer initialises a cluster in a new temporary directory and starts
-// it on a free loopback port with durability off (fsync, synchronous commit
-// and full-page writes), for speed. As root it runs initdb and the server as
-// the postgres user, since initdb refuses root.
-func StartServer(ctx context.Context) (*Server, error) {
-	bindir, err := findBindir()
-	if err != nil {
-		return nil, err
-	}
-	dir, err := os.MkdirTemp("", "keybroker-pg-")
-	if err != nil {
-		return nil, fmt.Errorf("pgtest: %v", err)
-	}
-	s := &Server{dir: dir, bindir: bindir}
-	asRoot := os.Geteuid() == 0
-	if asRoot {
-		pg, err := user.Lookup("postgres")
-		if err != nil {
-			os.RemoveAll(dir)
-			return nil, fmt.Errorf("pgtest: running as root needs a postgres user to run the server: %v", err)
-		}
-		uid, _ := strconv.Atoi(pg.Uid)
-		gid, _ := strconv.Atoi(pg.Gid)
-		if err := os.Chown(dir, uid, gid); err != nil {
-			os.RemoveAll(dir)
-			return nil, fmt.Errorf("pgtest: %v", err)
-		}
-	}
-	port, err := freePort()
-	if err != nil {
-		os.RemoveAll(dir)
-		return nil, err
-	}
-	data := filepath.Join(dir, "data")
-	if out, err := s.run(ctx, "initdb", "-D", data, "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"); err != nil {
-		os.RemoveAll(dir)
-		return nil, fmt.Errorf("pgtest: initdb: %v: %s", err, out)
-	}
-	opts := fmt.Sprintf("-c listen_addresses=127.0.0.1 -p %d -k %s -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200", port, dir)
-	if out, err := s.run(ctx, "pg_ctl", "-D", data, "-l", filepath.Join(dir, "server.log"), "-w", "-t", "60", "-o", opts, "start"); err != nil {
-		log, _ := os.ReadFile(filepath.Join(dir, "server.log"))
-		os.RemoveAll(dir)
-		return nil, fmt.Errorf("pgtest: pg_ctl start: %v: %s %s", err, out, log)
-	}
-	s.URL = fmt.Sprintf("postgres://postgres@127.0.0.1:%d/postgres?sslmode=disable", port)
-	return s, nil
-}
-
-// Stop stops the server immediately and removes its directory.
-func (s *Server) Stop() error {
-	_, err := s.run(context.Background(), "pg_ctl", "-D", filepath.Join(s.dir, "data"), "-m", "immediate", "stop")
-	if rmErr := os.RemoveAll(s.dir); err == nil && rmErr != nil {
-		err = rmErr
-	}
-	if err != nil {
-		return fmt.Errorf("pgtest: stop server: %v", err)
-	}
-	return nil
-}
-
-func (s *Server) run(ctx context.Context, prog string, args ...string) ([]byte, error) {
-	path := filepath.Join(s.bindir, prog)
-	var cmd *exec.Cmd
-	if os.Geteuid() == 0 {
-		cmd = exec.CommandContext(ctx, "runuser", append([]string{"-u", "postgres", "--", path}, args...)...)
-	} else {
-		cmd = exec.CommandContext(ctx, path, args...)
-	}
-	// pg_ctl's server keeps the inherited descriptors open; a file, not a
-	// pipe, keeps CombinedOutput from waiting for the server to exit.
-	out, err := os.CreateTemp("", "keybroker-pg-out-")
-	if err != nil {
-		return nil, err
-	}
-	defer os.Remove(out.Name())
-	defer out.Close()
-	cmd.Stdout, cmd.Stderr = out, out
-	err = cmd.Run()
-	b, _ := os.ReadFile(out.Name())
-	return b, err
-}
-
-func findBindir() (string, error) {
-	dirs, _ := filepath.Glob("/usr/lib/postgresql/*/bin")
-	for i := len(dirs) - 1; i >= 0; i-- {
-		if _, err := os.Stat(filepath.Join(dirs[i], "initdb")); err == nil {
-			return dirs[i], nil
-		}
-	}
-	return "", errors.New("pgtest: no PostgreSQL server binaries in /usr/lib/postgresql/*/bin and " + EnvURL + " is unset: run `make deps` (scripts/deps.sh)")
-}
-
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, fmt.Errorf("pgtest: find a free port: %v", err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
 func randomHex(t testing.TB, n int) string {

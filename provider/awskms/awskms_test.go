@@ -210,6 +210,11 @@ func TestConformance(t *testing.T) {
 		NewKey: func(ctx context.Context, t *testing.T) provider.KEKProvider {
 			return openKey(t, createKey(t))
 		},
+		// Another client (own HTTP connections, own version cache).
+		Reopen: func(ctx context.Context, t *testing.T, p provider.KEKProvider) provider.KEKProvider {
+			return openKey(t, p.Ref().KeyID)
+		},
+		VersionLabelCached: true,
 	})
 }
 

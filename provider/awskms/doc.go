@@ -34,6 +34,9 @@
 // most one needless Rewrap, never newer material, which would hide it from
 // Keyring.NeedsRewrap. Rewrap uses ReEncrypt, so the DEK never leaves KMS.
 // Rotate uses RotateKeyOnDemand and waits until the new material is current.
+// A rotation made by another client applies to this provider's next Wrap,
+// since KMS encrypts under the current material; only the label lags, by
+// at most the minute it is cached.
 // There is no Retirer: AWS KMS cannot withdraw one key material of a key.
 //
 // # Associated data

@@ -43,7 +43,9 @@
 // disables a version (UpdateCryptoKeyVersion, state DISABLED), which is
 // reversible; destroying it for good (DestroyCryptoKeyVersion, with Cloud
 // KMS's scheduled-destruction window) is left to an operator. Retire
-// refuses the primary.
+// refuses the primary. The provider caches no version state, so a rotation or
+// retirement made by another client applies to its next call (subject to
+// Cloud KMS's own propagation delay).
 //
 // # Rewrap
 //

@@ -1,6 +1,7 @@
 package gcpkms
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -8,6 +9,7 @@ import (
 	"net"
 	"net/url"
 	"regexp"
+	"slices"
 	"strings"
 	"time"
 
@@ -361,7 +363,8 @@ const maxVersions = 10000
 
 // Describe reads the CryptoKey (GetCryptoKey) and its versions
 // (ListCryptoKeyVersions). It reports the primary version id and, in
-// Versions, the ids of the ENABLED versions, in id order: those that can
+// Versions, the ids of the ENABLED versions in ascending numeric order
+// (1, 2, ..., 10, not the order the service lists them in): those that can
 // still unwrap. A key with more than 10000 versions is an error.
 func (p *Provider) Describe(ctx context.Context) (provider.Status, error) {
 	k, err := p.client.GetCryptoKey(ctx, &kmspb.GetCryptoKeyRequest{Name: p.name}, retry...)
@@ -380,6 +383,7 @@ func (p *Provider) Describe(ctx context.Context) (provider.Status, error) {
 	for n := 0; ; n++ {
 		v, err := it.Next()
 		if errors.Is(err, iterator.Done) {
+			slices.SortFunc(st.Versions, compareVersions)
 			return st, nil
 		}
 		if err != nil {
@@ -396,6 +400,12 @@ func (p *Provider) Describe(ctx context.Context) (provider.Status, error) {
 			st.Versions = append(st.Versions, id)
 		}
 	}
+}
+
+// compareVersions orders version ids numerically. versionRE admits only
+// decimal ids without leading zeros, so the shorter id is the smaller.
+func compareVersions(a, b string) int {
+	return cmp.Or(cmp.Compare(len(a), len(b)), strings.Compare(a, b))
 }
 
 func (p *Provider) primary(k *kmspb.CryptoKey) (string, error) {

@@ -153,6 +153,19 @@ func TestConformance(t *testing.T) {
 	e := newEnv(t)
 	providertest.Run(t, providertest.Harness{
 		NewKey: func(ctx context.Context, t *testing.T) provider.KEKProvider { return e.newKey(t) },
+		// Another client with its own connection to the same server.
+		Reopen: func(ctx context.Context, t *testing.T, p provider.KEKProvider) provider.KEKProvider {
+			client, err := kms.NewKeyManagementClient(ctx, e.srv.ClientOptions()...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { client.Close() })
+			q, err := gcpkms.New(client, p.Ref().KeyID)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return q
+		},
 	})
 }
 
@@ -603,4 +616,27 @@ func TestAADLimit(t *testing.T) {
 	if _, err := p.Unwrap(ctx, wk, over); !errors.Is(err, provider.ErrInvalidCiphertext) {
 		t.Fatalf("Unwrap with %d bytes of aad = %v; want ErrInvalidCiphertext", len(over), err)
 	}
+}
+
+// TestDescribeVersionOrder: Describe lists versions in numeric id order
+// whatever order the service lists them in (Cloud KMS sorts names as
+// strings: 1 10 11 12 2 ...; here the listing is also reversed).
+func TestDescribeVersionOrder(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	p := e.newKey(t)
+	want := []string{"1"}
+	for range 11 {
+		v, err := p.Rotate(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want = append(want, v)
+	}
+	e.onMethod(t, "ListCryptoKeyVersions", -1, func(resp any) error {
+		vs := resp.(*kmspb.ListCryptoKeyVersionsResponse).CryptoKeyVersions
+		slices.SortFunc(vs, func(a, b *kmspb.CryptoKeyVersion) int { return strings.Compare(b.GetName(), a.GetName()) })
+		return nil
+	})
+	checkVersions(t, p, "12", want...)
 }

@@ -27,9 +27,10 @@
 // [A-Za-z0-9._-], starting with a letter or digit. Each entry of keys has a
 // distinct version (1 to 2^32-1), an optional RFC 3339 created time and
 // either a key of exactly 32 bytes in standard base64 or "retired": true
-// with no key. primary names the one live version that Wrap uses. Unknown
-// fields, duplicate field names (two "primary" members, say), trailing
-// data and input over MaxKeyringSize are refused, each with a one-line
+// with no key. primary names the one live version that Wrap uses. Field
+// names are case-sensitive. Unknown fields, duplicate field names (two
+// "primary" members, say, or "id" and "ID"), a field spelled in another
+// case, trailing data and input over MaxKeyringSize are refused, each with a one-line
 // error that names the problem and the version but never quotes a key.
 //
 // An environment variable holds the same JSON, either as is or in standard
@@ -46,13 +47,53 @@
 // A keyring opened from a file persists Rotate and Retire to that file
 // before the change takes effect in memory: the new file is written beside
 // the old, synced and renamed over it, so a crash leaves either the old or
-// the new keyring. If the file changed since this process read it (another
-// process rotated, say), the change is refused with ErrKeyringChanged
-// rather than overwriting the other process's keys. Two processes changing
-// the same file at the same instant are not excluded: run rotations from
-// one place. A keyring from an environment variable is read-only
+// the new keyring. A keyring from an environment variable is read-only
 // (ErrReadOnly). A generated keyring changes in memory only; Save writes it
 // to a new file.
+//
+// # Following the file
+//
+// Many processes may share one keyring file while an operator rotates and
+// retires in another. A Provider from OpenFile follows the file: every
+// Wrap, Unwrap, Rewrap and Describe first stats the file (one system call)
+// and compares device, inode, mode, size, mtime and ctime with the file it
+// last read or wrote; if any differs it re-reads the file, and if the bytes
+// changed it takes the file's versions and primary as they are now. The
+// staleness bound is therefore zero: a call sees every change that was on
+// disk when its stat ran and that altered one of those fields. keybroker's
+// own writes replace the file by rename, which gives it a new inode and a
+// new ctime. A change that alters none of them (an in-place edit keeping
+// the size within one timestamp tick) is seen at the next change or
+// Refresh, except that an Unwrap of a version the keyring does not have
+// re-reads the file whatever the stat says, so no change can hide a new
+// version from Unwrap. Wrap never uses a version the file marks retired,
+// and Unwrap refuses it. Refresh re-reads the file at once. Calls follow
+// the path as it was given, through symbolic links, so a link re-pointed
+// to a new file (as a Kubernetes Secret volume update does) is followed;
+// Rotate and Retire write the file the path resolved to at OpenFile and
+// refuse once it resolves elsewhere.
+//
+// If a re-read fails (the file is gone, malformed, loosened to mode 0644, or
+// names another keyring id), the Provider keeps serving the keyring it last
+// read and Describe and Refresh return the reason, matching
+// provider.ErrUnavailable, until a re-read succeeds; the failure is not
+// retried by calls until the file changes again (Refresh always retries).
+//
+// # Locking and temporary files
+//
+// Rotate, Retire and Save take an exclusive flock on the lock file
+// ".<name>.lock" beside the keyring (created empty with mode 0600; never
+// remove it), re-read the keyring under the lock and build their change on
+// what it holds now, so two processes rotating at once both succeed and
+// neither loses the other's version. Under the lock a change is also
+// refused with ErrKeyringChanged if the file changed between that re-read
+// and the write, which only a writer that ignores the lock (a hand edit)
+// can cause. A write goes through ".<name>.tmp-*" in the same directory;
+// a writer killed mid-write leaves that file, with every live key in it.
+// OpenFile (when it can create the lock file) and every write remove such
+// leftovers under the lock, so after Retire no file this package wrote in
+// the directory holds the retired key. Locking needs a Unix system; on
+// others Rotate, Retire and Save of a file refuse.
 //
 // # Wire format
 //

@@ -12,7 +12,9 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"reflect"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -138,16 +140,40 @@ func decodeKey(n uint32, raw json.RawMessage) ([]byte, error) {
 // maxDepth bounds JSON nesting; a keyring needs three levels.
 const maxDepth = 8
 
-// checkJSONShape requires exactly one JSON object and no duplicate member
-// names at any depth: encoding/json would silently keep the last of two
-// "primary" members.
+// The member names of the keyring object and of each entry of its keys
+// array, as their json tags spell them.
+var (
+	keyringFields = jsonNames[fileKeyring]()
+	keyFields     = jsonNames[fileKey]()
+)
+
+func jsonNames[T any]() []string {
+	t := reflect.TypeFor[T]()
+	names := make([]string, t.NumField())
+	for i := range names {
+		names[i], _, _ = strings.Cut(t.Field(i).Tag.Get("json"), ",")
+	}
+	return names
+}
+
+// checkJSONShape requires exactly one JSON object, no duplicate member
+// names at any depth, and member names of the keyring object and its key
+// entries spelled exactly as the format does. encoding/json would silently
+// keep the last of two "primary" members, and it matches names without
+// regard to case ("ID", "KEY", or "\u212aey" with a Kelvin sign, fill "id"
+// and "key"), where other JSON readers see another field; so a name that
+// differs from a field only in case is refused, as a duplicate if the
+// field is also present.
 func checkJSONShape(data []byte) error {
 	type frame struct {
 		names      map[string]bool // nil for arrays
+		fields     []string        // the names this object may have; nil if not checked here
+		member     string          // the member name whose value this is; "" at top level or in an array
 		expectName bool
 	}
 	dec := json.NewDecoder(bytes.NewReader(data))
 	var stack []*frame
+	var pending string // the member name whose value comes next
 	valueDone := func() {
 		if len(stack) > 0 && stack[len(stack)-1].names != nil {
 			stack[len(stack)-1].expectName = true
@@ -181,10 +207,19 @@ func checkJSONShape(data []byte) error {
 			if len(stack) >= maxDepth {
 				return errors.New("keyring JSON is nested too deeply")
 			}
-			valueDone()
 			f := &frame{}
+			if len(stack) > 0 && stack[len(stack)-1].names != nil {
+				f.member = pending
+			}
+			valueDone()
 			if t == '{' {
 				f.names, f.expectName = map[string]bool{}, true
+				switch {
+				case len(stack) == 0:
+					f.fields = keyringFields
+				case len(stack) == 2 && stack[1].member == "keys":
+					f.fields = keyFields
+				}
 			}
 			stack = append(stack, f)
 		case string:
@@ -192,8 +227,12 @@ func checkJSONShape(data []byte) error {
 				if top.names[t] {
 					return fmt.Errorf("duplicate field %s", fieldName(t))
 				}
+				if err := checkSpelling(t, top.fields, top.names); err != nil {
+					return err
+				}
 				top.names[t] = true
 				top.expectName = false
+				pending = t
 				continue
 			}
 			valueDone()
@@ -201,6 +240,24 @@ func checkJSONShape(data []byte) error {
 			valueDone()
 		}
 	}
+}
+
+// checkSpelling refuses name when it is not one of fields but equals one
+// of them apart from case. Names that match no field are left to the
+// decoder, which reports them as unknown.
+func checkSpelling(name string, fields []string, seen map[string]bool) error {
+	if slices.Contains(fields, name) {
+		return nil
+	}
+	for _, f := range fields {
+		if strings.EqualFold(name, f) {
+			if seen[f] {
+				return fmt.Errorf("duplicate field %q (also spelled %s; field names are case-sensitive)", f, fieldName(name))
+			}
+			return fmt.Errorf("field %s must be spelled %q: field names are case-sensitive", fieldName(name), f)
+		}
+	}
+	return nil
 }
 
 var fieldNameRE = regexp.MustCompile(`^[A-Za-z0-9_.]{1,32}$`)
@@ -277,17 +334,29 @@ func (p *Provider) encode(primary uint32, vs map[uint32]*keyVersion) []byte {
 // OpenFile loads the keyring file at path (format in the package doc).
 // It refuses a file that is not a regular file, is accessible by group or
 // others (mode & 0o077 != 0), exceeds MaxKeyringSize, or is malformed.
-// Rotate and Retire on the result rewrite the file (symbolic links
-// resolved) atomically.
+// The result follows the file (see the package doc): Rotate and Retire
+// rewrite it (symbolic links resolved) atomically under a lock, and every
+// call re-reads it once another process has changed it. When the lock file
+// beside the keyring can be created, OpenFile takes the lock and removes
+// temporary files a crashed writer left behind.
 func OpenFile(path string) (*Provider, error) {
-	real, err := filepath.Abs(path)
-	if err == nil {
-		real, err = filepath.EvalSymlinks(real)
-	}
+	src, err := filepath.Abs(path)
 	if err != nil {
 		return nil, fileErr("open", path, err)
 	}
-	data, err := readKeyringFile(real)
+	real, err := filepath.EvalSymlinks(src)
+	if err != nil {
+		return nil, fileErr("open", path, err)
+	}
+	// A directory the process cannot write to holds no files it could
+	// have left behind, so open goes on without the lock there.
+	if unlock, err := lockKeyring(real); err == nil {
+		defer unlock()
+		if err := removeTemps(real); err != nil {
+			return nil, fileErr("open", path, err)
+		}
+	}
+	data, id, err := readKeyringFile(real)
 	if err != nil {
 		return nil, fileErr("open", path, err)
 	}
@@ -296,14 +365,14 @@ func OpenFile(path string) (*Provider, error) {
 	if err != nil {
 		return nil, fileErr("open", path, err)
 	}
-	p.path = real
+	p.path, p.src = real, src
 	p.fileSum = sha256.Sum256(data)
+	p.seen = id
 	return p, nil
 }
 
 func fileErr(op, path string, err error) error {
-	var pe *fs.PathError
-	if errors.As(err, &pe) {
+	if pe, ok := err.(*fs.PathError); ok {
 		err = pe.Err // the path is already in the message
 	}
 	var kind error
@@ -314,32 +383,34 @@ func fileErr(op, path string, err error) error {
 }
 
 // readKeyringFile reads path after checking that it is a private regular
-// file no larger than MaxKeyringSize.
-func readKeyringFile(path string) ([]byte, error) {
+// file no larger than MaxKeyringSize, and returns the identity of the file
+// it read.
+func readKeyringFile(path string) ([]byte, fileID, error) {
 	// Stat first so a FIFO or device is refused before open could block on it.
 	st, err := os.Stat(path)
 	if err != nil {
-		return nil, err
+		return nil, fileID{}, err
 	}
 	if !st.Mode().IsRegular() {
-		return nil, errors.New("not a regular file")
+		return nil, fileID{}, errors.New("not a regular file")
 	}
 	f, err := os.Open(path)
 	if err != nil {
-		return nil, err
+		return nil, fileID{}, err
 	}
 	defer f.Close()
 	if st, err = f.Stat(); err != nil {
-		return nil, err
+		return nil, fileID{}, err
 	}
+	id := fileIDOf(f)
 	if !st.Mode().IsRegular() {
-		return nil, errors.New("not a regular file")
+		return nil, id, errors.New("not a regular file")
 	}
 	if perm := st.Mode().Perm(); perm&0o077 != 0 {
-		return nil, fmt.Errorf("accessible by group or others (mode %04o); chmod 600 it", perm)
+		return nil, id, fmt.Errorf("accessible by group or others (mode %04o); chmod 600 it", perm)
 	}
 	if st.Size() > MaxKeyringSize {
-		return nil, fmt.Errorf("file is %d bytes, limit %d", st.Size(), MaxKeyringSize)
+		return nil, id, fmt.Errorf("file is %d bytes, limit %d", st.Size(), MaxKeyringSize)
 	}
 	// Allocate for the limit so a file growing during the read cannot make
 	// the buffer regrow and leave a stale copy of the keys.
@@ -348,11 +419,40 @@ func readKeyringFile(path string) ([]byte, error) {
 	if err != io.ErrUnexpectedEOF && err != io.EOF {
 		provider.Clear(data[:n])
 		if err == nil {
-			return nil, fmt.Errorf("file is over %d bytes", MaxKeyringSize)
+			return nil, id, fmt.Errorf("file is over %d bytes", MaxKeyringSize)
 		}
-		return nil, err
+		return nil, id, err
 	}
-	return data[:n], nil
+	return data[:n], id, nil
+}
+
+// lockName and tempPrefix name the files keybroker keeps beside a keyring
+// file: the lock that writers hold, which is empty, and the temporary
+// files a write goes through.
+func lockName(keyring string) string {
+	return filepath.Join(filepath.Dir(keyring), "."+filepath.Base(keyring)+".lock")
+}
+
+func tempPrefix(keyring string) string { return "." + filepath.Base(keyring) + ".tmp-" }
+
+// removeTemps removes the temporary files a writer killed mid-write left
+// beside keyring; they may hold every key the keyring had. The caller
+// holds the keyring's lock, so no live writer's file is among them.
+func removeTemps(keyring string) error {
+	dir, prefix := filepath.Dir(keyring), tempPrefix(keyring)
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return err
+	}
+	for _, e := range entries {
+		if !strings.HasPrefix(e.Name(), prefix) || !e.Type().IsRegular() {
+			continue
+		}
+		if err := os.Remove(filepath.Join(dir, e.Name())); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("removing a leftover temporary file: %w", err)
+		}
+	}
+	return nil
 }
 
 var envNameRE = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]{0,127}$`)
@@ -403,14 +503,24 @@ func parseEnv(val string) (*Provider, error) {
 // Save writes the keyring to a new file at path with mode 0600: written to
 // a temporary file in the same directory, synced, then linked into place,
 // so path either does not exist or holds the whole keyring. It refuses to
-// overwrite an existing file, which would destroy the keys in it. Save does
-// not make p file-backed: later Rotate and Retire calls do not update path.
+// overwrite an existing file, which would destroy the keys in it. Like
+// Rotate and Retire it holds the lock beside path while it writes. Save
+// does not make p file-backed: later Rotate and Retire calls do not update
+// path.
 func (p *Provider) Save(path string) error {
 	p.writeMu.Lock()
 	defer p.writeMu.Unlock()
+	unlock, err := lockKeyring(path)
+	if err != nil {
+		return fileErr("save", path, err)
+	}
+	defer unlock()
+	if err := removeTemps(path); err != nil {
+		return fileErr("save", path, err)
+	}
 	data := p.encode(p.primary, p.versions)
 	defer provider.Clear(data)
-	err := writeFileAtomic(path, data, func(tmp string) error {
+	err = writeFileAtomic(path, data, func(tmp string) error {
 		if err := os.Link(tmp, path); err != nil {
 			if errors.Is(err, fs.ErrExist) {
 				return errors.New("file exists; refusing to overwrite a keyring")
@@ -425,12 +535,42 @@ func (p *Provider) Save(path string) error {
 	return nil
 }
 
+// lockForWrite takes the keyring file's lock, removes leftover temporary
+// files and re-reads the file, so that a change builds on what the file
+// holds now, including changes other processes made. The caller holds
+// writeMu and calls the returned func when done.
+func (p *Provider) lockForWrite(op string) (unlock func(), err error) {
+	// Writing through a re-pointed link would update a file nobody reads.
+	real, err := filepath.EvalSymlinks(p.src)
+	if err != nil {
+		return nil, fileErr(op, p.src, err)
+	}
+	if real != p.path {
+		return nil, fileErr(op, p.src, fmt.Errorf("now resolves to %s, not %s as when opened; reopen it", real, p.path))
+	}
+	unlock, err = lockKeyring(p.path)
+	if err != nil {
+		return nil, fileErr(op, p.path, err)
+	}
+	if err := removeTemps(p.path); err != nil {
+		unlock()
+		return nil, fileErr(op, p.path, err)
+	}
+	if err := p.reload(); err != nil {
+		unlock()
+		return nil, fileErr(op, p.path, err)
+	}
+	return unlock, nil
+}
+
 // persist writes the keyring, with changed added or replacing its version
-// and primary as given, to p's file if it has one. It refuses when the file
-// no longer holds what p last read or wrote. Caller holds writeMu.
-func (p *Provider) persist(op string, primary uint32, changed *keyVersion) error {
+// and primary as given, to p's file if it has one, and returns the new
+// file's identity. It refuses when the file no longer holds what p last
+// read: someone wrote it without taking the lock. Caller holds writeMu and
+// the lock (lockForWrite).
+func (p *Provider) persist(op string, primary uint32, changed *keyVersion) (fileID, error) {
 	if p.path == "" {
-		return nil
+		return fileID{}, nil
 	}
 	next := make(map[uint32]*keyVersion, len(p.versions)+1)
 	for n, v := range p.versions {
@@ -440,21 +580,21 @@ func (p *Provider) persist(op string, primary uint32, changed *keyVersion) error
 	data := p.encode(primary, next)
 	defer provider.Clear(data)
 
-	cur, err := readKeyringFile(p.path)
+	cur, _, err := readKeyringFile(p.path)
 	if err != nil {
-		return fileErr(op, p.path, err)
+		return fileID{}, fileErr(op, p.path, err)
 	}
 	curSum := sha256.Sum256(cur)
 	provider.Clear(cur)
 	if subtle.ConstantTimeCompare(curSum[:], p.fileSum[:]) != 1 {
-		return fileErr(op, p.path, ErrKeyringChanged)
+		return fileID{}, fileErr(op, p.path, ErrKeyringChanged)
 	}
 	err = writeFileAtomic(p.path, data, func(tmp string) error { return os.Rename(tmp, p.path) })
 	if err != nil {
-		return fileErr(op, p.path, err)
+		return fileID{}, fileErr(op, p.path, err)
 	}
 	p.fileSum = sha256.Sum256(data)
-	return nil
+	return statID(p.path), nil
 }
 
 // writeFileAtomic writes data to a 0600 temporary file beside path, syncs
@@ -462,7 +602,7 @@ func (p *Provider) persist(op string, primary uint32, changed *keyVersion) error
 // temporary file is removed if anything fails.
 func writeFileAtomic(path string, data []byte, install func(tmp string) error) (err error) {
 	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
+	f, err := os.CreateTemp(dir, tempPrefix(path)+"*")
 	if err != nil {
 		return err
 	}

@@ -123,6 +123,12 @@ func TestOpenFileMalformed(t *testing.T) {
 		{"duplicate odd field", keyring(`{"id":"a","primary":1,"keys":[{"version":1,"key":"KEY1"}],"KEY2":1,"KEY2":1}`), "duplicate field (name not shown)"},
 		{"primary missing", keyring(`{"id":"a","primary":3,"keys":[{"version":1,"key":"KEY1"}]}`), "primary version 3 is not in the keyring"},
 		{"primary retired", keyring(`{"id":"a","primary":1,"keys":[{"version":1,"retired":true},{"version":2,"key":"KEY2"}]}`), "primary version 1 is retired"},
+		{"id in capitals beside id", keyring(`{"id":"a","ID":"b","primary":1,"keys":[{"version":1,"key":"KEY1"}]}`), `duplicate field "id" (also spelled "ID"; field names are case-sensitive)`},
+		{"id in capitals alone", keyring(`{"ID":"a","primary":1,"keys":[{"version":1,"key":"KEY1"}]}`), `field "ID" must be spelled "id"`},
+		{"key in capitals beside key", keyring(`{"id":"a","primary":2,"keys":[{"version":1,"key":"KEY1"},{"version":2,"key":"KEY1","KEY":"KEY2"}]}`), `duplicate field "key" (also spelled "KEY"`},
+		{"primary in mixed case", keyring(`{"id":"a","Primary":1,"keys":[{"version":1,"key":"KEY1"}]}`), `field "Primary" must be spelled "primary"`},
+		{"key with a Kelvin sign", keyring(`{"id":"a","primary":1,"keys":[{"version":1,"Key":"KEY1"}]}`), `field (name not shown) must be spelled "key"`},
+		{"retired in capitals", keyring(`{"id":"a","primary":2,"keys":[{"version":1,"RETIRED":true},{"version":2,"key":"KEY2"}]}`), `field "RETIRED" must be spelled "retired"`},
 		{"unknown top field", keyring(`{"id":"a","primary":1,"keys":[{"version":1,"key":"KEY1"}],"comment":"x"}`), `unknown field "comment"`},
 		{"unknown key field", keyring(`{"id":"a","primary":1,"keys":[{"version":1,"key":"KEY1","kid":"x"}]}`), `unknown field "kid"`},
 		{"unknown field named like a key", keyring(`{"id":"a","primary":1,"KEY2":1,"keys":[{"version":1,"key":"KEY1"}]}`), "unknown field (name not shown)"},
@@ -333,9 +339,8 @@ func TestRotatePersisted(t *testing.T) {
 	if st.Mode().Perm() != 0o600 {
 		t.Errorf("keyring file mode after rotation = %04o, want 0600", st.Mode().Perm())
 	}
-	entries, _ := os.ReadDir(filepath.Dir(path))
-	if len(entries) != 1 {
-		t.Errorf("directory holds %d entries after rotation, want only the keyring", len(entries))
+	if got := dirNames(t, filepath.Dir(path)); got != ".keyring.json.lock keyring.json" {
+		t.Errorf("directory holds %q after rotation, want only the keyring and its lock file", got)
 	}
 
 	re, err := local.OpenFile(path)
@@ -428,7 +433,24 @@ func reopen(t *testing.T, path string) *local.Provider {
 	return p
 }
 
-func TestKeyringChangedOnDisk(t *testing.T) {
+// dirNames lists the names in dir, space-separated, in order.
+func dirNames(t *testing.T, dir string) string {
+	t.Helper()
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, e := range entries {
+		names = append(names, e.Name())
+	}
+	return strings.Join(names, " ")
+}
+
+// TestRotateOverOtherHandle: a second handle on the same file that was
+// opened before the first rotated builds on the first's rotation instead of
+// overwriting it.
+func TestRotateOverOtherHandle(t *testing.T) {
 	ctx := context.Background()
 	a, path := savedFile(t)
 	if _, err := a.Rotate(ctx); err != nil {
@@ -439,33 +461,31 @@ func TestKeyringChangedOnDisk(t *testing.T) {
 		t.Fatal(err)
 	}
 	dek := bytes.Repeat([]byte{9}, 32)
-	wk := mustWrap(t, a, dek, nil)
-	before, _ := os.ReadFile(path)
+	wk := mustWrap(t, a, dek, nil) // version 3
 
-	_, err := b.Rotate(ctx)
-	checkErr(t, err, "changed on disk")
-	if !errors.Is(err, local.ErrKeyringChanged) {
-		t.Fatalf("Rotate over another process's rotation: %v, want ErrKeyringChanged", err)
+	if v, err := b.Rotate(ctx); err != nil || v != "4" {
+		t.Fatalf("Rotate over another handle's rotation = %q, %v; want \"4\"", v, err)
 	}
-	if err := b.Retire(ctx, "1"); !errors.Is(err, local.ErrKeyringChanged) {
-		t.Fatalf("Retire over another process's rotation: %v, want ErrKeyringChanged", err)
+	if err := b.Retire(ctx, "1"); err != nil {
+		t.Fatalf("Retire over another handle's rotation: %v", err)
 	}
-	after, _ := os.ReadFile(path)
-	if !bytes.Equal(before, after) {
-		t.Fatal("a refused change modified the keyring file")
+	for _, q := range []*local.Provider{a, b, reopen(t, path)} {
+		mustUnwrap(t, q, wk, nil, dek)
+		if st, err := q.Describe(ctx); err != nil || st.PrimaryVersion != "4" || strings.Join(st.Versions, ",") != "2,3,4" {
+			t.Errorf("Describe = %+v, %v; want primary 4, versions 2,3,4", st, err)
+		}
 	}
-	// b is unchanged in memory.
-	if st, _ := b.Describe(ctx); st.PrimaryVersion != "2" || len(st.Versions) != 2 {
-		t.Fatalf("refused Rotate changed memory: %+v", st)
-	}
-	mustUnwrap(t, reopen(t, path), wk, nil, dek)
 
-	// A keyring file loosened to 0644 is not written through either.
+	// A keyring file loosened to 0644 is not written through.
 	if err := os.Chmod(path, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	_, err = a.Rotate(ctx)
+	before, _ := os.ReadFile(path)
+	_, err := a.Rotate(ctx)
 	checkErr(t, err, "accessible by group or others")
+	if after, _ := os.ReadFile(path); !bytes.Equal(before, after) {
+		t.Fatal("a refused Rotate modified the keyring file")
+	}
 }
 
 func TestSave(t *testing.T) {
@@ -488,9 +508,8 @@ func TestSave(t *testing.T) {
 	if after, _ := os.ReadFile(path); !bytes.Equal(before, after) {
 		t.Fatal("a refused Save changed the file")
 	}
-	entries, _ := os.ReadDir(filepath.Dir(path))
-	if len(entries) != 1 {
-		t.Fatalf("directory holds %d entries after a refused Save, want 1", len(entries))
+	if got := dirNames(t, filepath.Dir(path)); got != ".k.json.lock k.json" {
+		t.Fatalf("directory holds %q after a refused Save, want only the keyring and its lock file", got)
 	}
 	err = p.Save(filepath.Join(t.TempDir(), "no", "such", "dir", "k.json"))
 	checkErr(t, err, "no such file or directory")

@@ -5,9 +5,11 @@ import (
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io/fs"
 	"math"
 	"regexp"
 	"slices"
@@ -56,18 +58,22 @@ var idRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
 type Provider struct {
 	id       string
 	adPrefix []byte // adLabel, len(id), id; immutable
-	path     string // absolute keyring file that Rotate and Retire persist to; "" if none
+	path     string // keyring file that Rotate and Retire persist to, symbolic links resolved at open; "" if none
+	src      string // the keyring file as named at open (absolute), which calls follow
 	envName  string // environment variable the keyring came from; "" if none
 
-	// writeMu serialises Rotate, Retire and Save. Only holders of writeMu
-	// change versions or primary, or read raw key bytes, so a holder may
-	// read the map without mu.
+	// writeMu serialises everything that reads or writes the keyring file:
+	// re-reads, Rotate, Retire and Save. Only holders of writeMu change
+	// versions, primary or seen, or read raw key bytes, so a holder may read
+	// them without mu.
 	writeMu sync.Mutex
 	fileSum [32]byte // SHA-256 of the keyring file as last read or written
 
 	mu       sync.RWMutex
 	primary  uint32
 	versions map[uint32]*keyVersion // every version ever made, retired ones included
+	seen     fileID                 // the keyring file as last read, written or failed to read
+	stale    error                  // why the last re-read failed; nil if it did not
 }
 
 var (
@@ -76,6 +82,7 @@ var (
 	_ provider.Rewrapper   = (*Provider)(nil)
 	_ provider.Describer   = (*Provider)(nil)
 	_ provider.Retirer     = (*Provider)(nil)
+	_ provider.Refresher   = (*Provider)(nil)
 )
 
 // keyVersion is immutable once in the map, except that key is cleared after
@@ -159,9 +166,10 @@ func (p *Provider) additionalData(n uint32, aad []byte) []byte {
 }
 
 // Wrap encrypts dek (16 to 64 bytes) with AES-256-GCM under the primary
-// version and a fresh random 96-bit nonce. The ciphertext is
-// 0x01 || nonce || sealed dek || tag; the GCM additional data binds the
-// keyring id, the version and aad.
+// version (for a keyring file, the primary the file names at the time of
+// the call; see the package doc) and a fresh random 96-bit nonce. The
+// ciphertext is 0x01 || nonce || sealed dek || tag; the GCM additional data
+// binds the keyring id, the version and aad.
 func (p *Provider) Wrap(ctx context.Context, dek, aad []byte) (*provider.WrappedKey, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
@@ -169,6 +177,7 @@ func (p *Provider) Wrap(ctx context.Context, dek, aad []byte) (*provider.Wrapped
 	if err := provider.CheckDEK(Scheme, dek); err != nil {
 		return nil, err
 	}
+	p.follow()
 	p.mu.RLock()
 	v := p.versions[p.primary]
 	p.mu.RUnlock()
@@ -188,8 +197,9 @@ func (p *Provider) seal(v *keyVersion, dek, aad []byte) *provider.WrappedKey {
 }
 
 // Unwrap returns the DEK in wk. A version this keyring never had, or has
-// retired, yields ErrKeyNotFound; any other failure (tampering, wrong aad)
-// yields ErrInvalidCiphertext.
+// retired, yields ErrKeyNotFound (for a keyring file, a version it never
+// had only after re-reading the file, in case another process added it);
+// any other failure (tampering, wrong aad) yields ErrInvalidCiphertext.
 func (p *Provider) Unwrap(ctx context.Context, wk *provider.WrappedKey, aad []byte) ([]byte, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
@@ -205,9 +215,21 @@ func (p *Provider) open(op string, wk *provider.WrappedKey, aad []byte) ([]byte,
 	if !ok {
 		return nil, opErr(op, provider.ErrKeyNotFound, errors.New("malformed key version"))
 	}
+	p.follow()
 	p.mu.RLock()
 	v := p.versions[n]
 	p.mu.RUnlock()
+	if v == nil && p.path != "" {
+		// Another process may have rotated in a way the file's identity
+		// did not show; ask the file itself before saying no.
+		p.writeMu.Lock()
+		if p.reload() == nil {
+			p.mu.RLock()
+			v = p.versions[n]
+			p.mu.RUnlock()
+		}
+		p.writeMu.Unlock()
+	}
 	if v == nil {
 		return nil, opErr(op, provider.ErrKeyNotFound, fmt.Errorf("keyring %s has no version %d", p.id, n))
 	}
@@ -254,13 +276,20 @@ func (p *Provider) Rewrap(ctx context.Context, wk *provider.WrappedKey, aad []by
 }
 
 // Describe reports the primary version and the versions that still unwrap,
-// in ascending order. A local keyring is always reachable.
+// in ascending order. A keyring file is re-read first if it changed; if the
+// file can no longer be read or parsed, Describe returns that error (the
+// provider goes on serving the keyring as last read) until a re-read
+// succeeds.
 func (p *Provider) Describe(ctx context.Context) (provider.Status, error) {
 	if err := ctx.Err(); err != nil {
 		return provider.Status{}, err
 	}
+	p.follow()
 	p.mu.RLock()
 	defer p.mu.RUnlock()
+	if p.stale != nil {
+		return provider.Status{}, p.staleError("describe", p.stale)
+	}
 	st := provider.Status{
 		Ref:            p.Ref(),
 		PrimaryVersion: strconv.FormatUint(uint64(p.primary), 10),
@@ -298,6 +327,13 @@ func (p *Provider) Rotate(ctx context.Context) (string, error) {
 	}
 	p.writeMu.Lock()
 	defer p.writeMu.Unlock()
+	if p.path != "" {
+		unlock, err := p.lockForWrite("rotate")
+		if err != nil {
+			return "", err
+		}
+		defer unlock()
+	}
 	ns := sortedVersions(p.versions)
 	top := ns[len(ns)-1]
 	if top == math.MaxUint32 {
@@ -307,13 +343,15 @@ func (p *Provider) Rotate(ctx context.Context) (string, error) {
 	if err != nil {
 		return "", opErr("rotate", nil, err)
 	}
-	if err := p.persist("rotate", v.n, v); err != nil {
+	id, err := p.persist("rotate", v.n, v)
+	if err != nil {
 		provider.Clear(v.key)
 		return "", err
 	}
 	p.mu.Lock()
 	p.versions[v.n] = v
 	p.primary = v.n
+	p.seen = id
 	p.mu.Unlock()
 	return strconv.FormatUint(uint64(v.n), 10), nil
 }
@@ -338,6 +376,13 @@ func (p *Provider) Retire(ctx context.Context, version string) error {
 	}
 	p.writeMu.Lock()
 	defer p.writeMu.Unlock()
+	if p.path != "" {
+		unlock, err := p.lockForWrite("retire")
+		if err != nil {
+			return err
+		}
+		defer unlock()
+	}
 	old := p.versions[n]
 	switch {
 	case old == nil:
@@ -348,16 +393,120 @@ func (p *Provider) Retire(ctx context.Context, version string) error {
 		return opErr("retire", nil, fmt.Errorf("version %d: %w", n, ErrRetirePrimary))
 	}
 	gone := &keyVersion{n: n, created: old.created}
-	if err := p.persist("retire", p.primary, gone); err != nil {
+	id, err := p.persist("retire", p.primary, gone)
+	if err != nil {
 		return err
 	}
 	p.mu.Lock()
 	p.versions[n] = gone
+	p.seen = id
 	p.mu.Unlock()
 	// Concurrent Unwraps may still hold old.aead, whose key schedule the
 	// runtime owns; the raw key is ours to clear.
 	provider.Clear(old.key)
 	return nil
+}
+
+// Refresh re-reads the keyring file now, whether or not it looks changed,
+// and reports why it could not (the provider then keeps serving the
+// keyring as last read). Keyrings not backed by a file have nothing to
+// re-read: Refresh returns nil.
+func (p *Provider) Refresh(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if p.path == "" {
+		return nil
+	}
+	p.writeMu.Lock()
+	defer p.writeMu.Unlock()
+	if err := p.reload(); err != nil {
+		return p.staleError("refresh", err)
+	}
+	return nil
+}
+
+// follow re-reads the keyring file if it is not the one last read or
+// written, judged by one stat (fileID). The cost on every call is that
+// stat; the re-read happens once per change.
+func (p *Provider) follow() {
+	if p.path == "" {
+		return
+	}
+	id := statID(p.src)
+	p.mu.RLock()
+	same := id == p.seen
+	p.mu.RUnlock()
+	if same {
+		return
+	}
+	p.writeMu.Lock()
+	defer p.writeMu.Unlock()
+	if statID(p.src) != p.seen { // another call may have re-read it meanwhile
+		p.reload() // a failure is kept in p.stale for Describe
+	}
+}
+
+// reload reads the keyring file and, if its bytes differ from what p last
+// read or wrote, replaces p's versions and primary with the file's. If the
+// file cannot be read or parsed, or names another keyring, p keeps what it
+// has and records why in p.stale. Caller holds writeMu.
+func (p *Provider) reload() error {
+	data, id, err := readKeyringFile(p.src)
+	if err != nil {
+		return p.markStale(id, err)
+	}
+	defer provider.Clear(data)
+	sum := sha256.Sum256(data)
+	if sum == p.fileSum {
+		p.mu.Lock()
+		p.seen, p.stale = id, nil
+		p.mu.Unlock()
+		return nil
+	}
+	q, err := parseKeyring(data)
+	if err != nil {
+		return p.markStale(id, err)
+	}
+	if q.id != p.id {
+		for _, v := range q.versions {
+			provider.Clear(v.key)
+		}
+		return p.markStale(id, fmt.Errorf("keyring id is now %q, was %q; restart to use another keyring", q.id, p.id))
+	}
+	p.mu.Lock()
+	old := p.versions
+	p.primary, p.versions, p.seen, p.stale = q.primary, q.versions, id, nil
+	p.mu.Unlock()
+	p.fileSum = sum
+	// Calls in flight may still hold the old versions' AEADs, whose key
+	// schedules the runtime owns; the raw keys are ours to clear.
+	for _, v := range old {
+		provider.Clear(v.key)
+	}
+	return nil
+}
+
+func (p *Provider) markStale(id fileID, err error) error {
+	if id == (fileID{}) { // refused before it was opened: remember what stat sees
+		id = statID(p.src)
+	}
+	p.mu.Lock()
+	p.seen, p.stale = id, err
+	p.mu.Unlock()
+	return err
+}
+
+// staleError reports that re-reading the keyring file failed with err and
+// the provider goes on with the keyring it read before. Its kind is
+// provider.ErrUnavailable: the keys in memory still work, what is missing
+// is news from the file.
+func (p *Provider) staleError(op string, err error) error {
+	var pe *fs.PathError
+	if errors.As(err, &pe) {
+		err = pe.Err // the path is already in the message
+	}
+	return opErr(op, provider.ErrUnavailable, fmt.Errorf("keyring file %s: %w (still using the keyring as last read)", p.src, err))
 }
 
 func (p *Provider) checkWritable(op string) error {

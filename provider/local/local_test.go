@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"path/filepath"
+	"sync"
 	"sync/atomic"
 	"testing"
 
@@ -40,8 +41,9 @@ func TestConformance(t *testing.T) {
 }
 
 // TestConformanceFile runs the suite on keyrings opened through provider.Open
-// from files, so every rotation is persisted.
+// from files, so every rotation is persisted; Reopen opens the file again.
 func TestConformanceFile(t *testing.T) {
+	var paths sync.Map // provider.KEKProvider -> its keyring file
 	providertest.Run(t, providertest.Harness{
 		NewKey: func(ctx context.Context, t *testing.T) provider.KEKProvider {
 			g, err := local.Generate(newID())
@@ -56,7 +58,16 @@ func TestConformanceFile(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
+			paths.Store(p, path)
 			return p
+		},
+		Reopen: func(ctx context.Context, t *testing.T, p provider.KEKProvider) provider.KEKProvider {
+			path, _ := paths.Load(p)
+			q, err := provider.Open(ctx, "local://"+path.(string))
+			if err != nil {
+				t.Fatal(err)
+			}
+			return q
 		},
 		Rotate: rotate,
 	})

@@ -26,6 +26,21 @@ type Harness struct {
 	// does not skip) when it cannot rotate.
 	Rotate func(ctx context.Context, t *testing.T, p provider.KEKProvider) string
 
+	// Reopen, if set, returns a second handle on p's key that shares
+	// nothing with p but the key service (its own client, connection and
+	// caches), as another process of the fleet would open it. The suite
+	// then checks that p follows a rotation made through that handle: p's
+	// next Wrap is under the new version, p unwraps what the other handle
+	// wrapped under it, and p's Describe reports it. Without Reopen that
+	// check is skipped.
+	Reopen func(ctx context.Context, t *testing.T, p provider.KEKProvider) provider.KEKProvider
+
+	// VersionLabelCached says the backend labels wrapped keys with a cached
+	// reading of the current version that Describe refreshes (AWS KMS, whose
+	// Encrypt does not say which key material it used). The rotation checks
+	// then call Describe before they look at the version Wrap recorded.
+	VersionLabelCached bool
+
 	// Goroutines and OpsPerGoroutine size the concurrency test (defaults 8
 	// and 25).
 	Goroutines, OpsPerGoroutine int
@@ -46,6 +61,7 @@ func Run(t *testing.T, h Harness) {
 	t.Run("MalformedInput", s.malformed)
 	t.Run("CanceledContext", s.canceled)
 	t.Run("Rotation", s.rotation)
+	t.Run("RotationElsewhere", s.rotationElsewhere)
 	t.Run("Concurrent", s.concurrent)
 }
 
@@ -335,6 +351,52 @@ func (s *suite) rotation(t *testing.T) {
 			t.Fatal("Rewrap with the wrong aad succeeded")
 		}
 	}
+}
+
+func (s *suite) rotationElsewhere(t *testing.T) {
+	if s.h.Reopen == nil {
+		t.Skip("the harness sets no Reopen")
+	}
+	ctx := context.Background()
+	p := s.h.NewKey(ctx, t)
+	aad := []byte("rotated elsewhere")
+	dek1, dek2 := newDEK(t), newDEK(t)
+	wk1 := s.wrap(t, p, dek1, aad)
+
+	q := s.h.Reopen(ctx, t, p)
+	if q.Ref() != p.Ref() {
+		t.Fatalf("Reopen returned a handle on %v, want %v", q.Ref(), p.Ref())
+	}
+	v2 := s.rotate(ctx, t, q)
+	if v2 == "" || v2 == wk1.Version {
+		t.Fatalf("rotation through the other handle returned version %q, was %q", v2, wk1.Version)
+	}
+	wk2 := s.wrap(t, q, dek2, aad)
+
+	describe := func() {
+		t.Helper()
+		if d, ok := p.(provider.Describer); ok {
+			st, err := d.Describe(ctx)
+			if err != nil || st.PrimaryVersion != v2 {
+				t.Fatalf("Describe after a rotation elsewhere = %+v, %v; want primary %q", st, err, v2)
+			}
+		}
+	}
+	if s.h.VersionLabelCached {
+		describe()
+	}
+	if wk := s.wrap(t, p, dek1, aad); wk.Version != v2 {
+		t.Fatalf("Wrap after a rotation elsewhere used version %q, want %q", wk.Version, v2)
+	}
+	got, err := p.Unwrap(ctx, wk2, aad)
+	if err != nil || !bytes.Equal(got, dek2) {
+		t.Fatalf("unwrap of a key the other handle wrapped under version %q: %v", wk2.Version, err)
+	}
+	got, err = q.Unwrap(ctx, wk1, aad)
+	if err != nil || !bytes.Equal(got, dek1) {
+		t.Fatalf("the other handle's unwrap of version %q: %v", wk1.Version, err)
+	}
+	describe()
 }
 
 func (s *suite) concurrent(t *testing.T) {

@@ -77,6 +77,11 @@
 // keeps the material until keys/<name>/trim, so retirement can be undone by
 // an operator lowering the floor.
 //
+// The provider keeps no version state: Transit encrypts under the latest
+// version and enforces min_decryption_version on every call, so a rotation
+// or retirement made by another client (another process, the vault CLI)
+// applies to this provider's next call.
+//
 // The provider does not implement provider.Rewrapper. Transit's rewrap
 // endpoint ignores associated_data (Vault 1.21: the field is declared but
 // never passed to decryption or encryption), so it cannot rewrap a DEK

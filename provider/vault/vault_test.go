@@ -40,6 +40,16 @@ func openKey(ctx context.Context, t *testing.T) *vault.Provider {
 func TestConformance(t *testing.T) {
 	providertest.Run(t, providertest.Harness{
 		NewKey: func(ctx context.Context, t *testing.T) provider.KEKProvider { return openKey(ctx, t) },
+		// Another client with its own token and connections.
+		Reopen: func(ctx context.Context, t *testing.T, p provider.KEKProvider) provider.KEKProvider {
+			q, err := provider.Open(ctx, "vault://"+p.Ref().KeyID)
+			if err != nil {
+				t.Fatalf("Open: %v", err)
+			}
+			vq := q.(*vault.Provider)
+			t.Cleanup(func() { vq.Close() })
+			return vq
+		},
 	})
 }
 

@@ -8,7 +8,7 @@
 //
 // It starts a dev-mode Vault and local-kms (built by `make deps`) and, unless
 // KEYBROKER_BENCH_DATABASE_URL names a PostgreSQL superuser URL, a throwaway
-// PostgreSQL server (scripts/pg.sh); all are stopped at exit.
+// PostgreSQL server (internal/pgserver); all are stopped at exit.
 package main
 
 import (
@@ -246,7 +246,7 @@ func database(ctx context.Context, rep *bench.Report, rows, rounds int, profDir 
 	url := os.Getenv("KEYBROKER_BENCH_DATABASE_URL")
 	var meter bench.CPUMeter
 	if url == "" {
-		progress("starting PostgreSQL (scripts/pg.sh)")
+		progress("starting PostgreSQL")
 		u, dataDir, stop, err := bench.StartPostgres(ctx)
 		if err != nil {
 			return err
