@@ -37,13 +37,15 @@
 //     for that lock (pg_blocking_pids): inside a transaction that has
 //     written its rows but not its audit event or commit; with N = 0 in
 //     `rotate` that is after the keyring file was rewritten and before the
-//     rotation's event;
+//     new version's kek.record event;
 //   - retire-events-locked: the test holds the retiring version's kek row
 //     FOR SHARE, waits until the child's RetireKEK waits for it, locks
 //     key_events instead and releases the row, and kills once the child
-//     waits again: between the row lock and the retire event's commit
-//     (with the keyring retired first, as the review found, exactly the
-//     half state "keyring retired, kek.retired_at NULL");
+//     waits again: before the database side of the retire commits (or,
+//     on a rerun that finds it committed, after the provider retired and
+//     before kek.retire.provider); when RetireKEK retired the keyring
+//     first, this was the review's half state "keyring retired,
+//     kek.retired_at NULL";
 //   - retire-keyring-locked: the same, with the keyring's lock file
 //     (flock) as the second lock, which the local provider takes to
 //     rewrite the file: after the database side committed and before the
