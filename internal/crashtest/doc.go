@@ -88,7 +88,8 @@
 //
 //	go test -race -count=1 ./internal/crashtest/
 //
-// The four tests run at once (TestMain sets -test.parallel=4 unless given).
+// The tests are Linux only (inotify, /proc/locks, flock). The four run at
+// once (TestMain sets -test.parallel=4 unless given).
 // The seed is printed by every test; KEYBROKER_CRASHTEST_SEED=N replays its
 // sequence of kill points and values (where exactly inside a batch a line
 // kill lands still depends on the machine). -crashtest.scale=K (or
