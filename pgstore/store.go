@@ -56,7 +56,12 @@ type Config struct {
 	// Budget is the number of encryptions (Puts, re-encryptions, migrated
 	// rows) one data key may perform before the project gets a new one;
 	// DefaultBudget when zero, at most envelope.MaxMessagesLimit (2^32). It
-	// is counted in data_keys.messages across every process.
+	// is counted in data_keys.messages across every process. A data key
+	// keeps the budget of the Store that created it (data_keys.budget), and
+	// a Store reserves within the smaller of that and its own Budget, so
+	// processes configured differently never take a key past either.
+	// Give every process of a fleet, the operator's CLI included
+	// (--budget / KEYBROKER_BUDGET), the same Budget.
 	Budget int64
 	// ReserveChunk is how many encryptions a process reserves from the
 	// budget at a time; DefaultReserveChunk when zero, at most Budget.
@@ -590,9 +595,11 @@ func (s *Store) reserve(ctx context.Context, project string) ([16]byte, *envelop
 func (s *Store) reserveChunk(ctx context.Context, project string, id [16]byte) (int64, error) {
 	var granted int64
 	err := s.scoped(ctx, project, func(b *pgx.Batch) {
-		b.Queue(`UPDATE `+s.q+`.data_keys d SET messages = LEAST(o.messages + $2, $3)
-FROM (SELECT id, messages FROM `+s.q+`.data_keys WHERE id = $1 FOR NO KEY UPDATE) o
-WHERE d.id = o.id AND d.state = 'active' AND o.messages < $3
+		// The key's own budget (set by its creator) caps every process's
+		// reservation, whatever that process's Config.Budget.
+		b.Queue(`UPDATE `+s.q+`.data_keys d SET messages = LEAST(o.messages + $2, o.budget, $3)
+FROM (SELECT id, messages, budget FROM `+s.q+`.data_keys WHERE id = $1 FOR NO KEY UPDATE) o
+WHERE d.id = o.id AND d.state = 'active' AND o.messages < LEAST(o.budget, $3)
 RETURNING d.messages - o.messages`, uuidParam(id), s.chunk, s.budget).QueryRow(func(r pgx.Row) error {
 			err := r.Scan(&granted)
 			if errors.Is(err, pgx.ErrNoRows) {
@@ -600,7 +607,7 @@ RETURNING d.messages - o.messages`, uuidParam(id), s.chunk, s.budget).QueryRow(f
 			}
 			return err
 		})
-		b.Queue(`UPDATE `+s.q+`.data_keys SET state = 'spent' WHERE id = $1 AND state = 'active' AND messages >= $2`, uuidParam(id), s.budget)
+		b.Queue(`UPDATE `+s.q+`.data_keys SET state = 'spent' WHERE id = $1 AND state = 'active' AND messages >= LEAST(budget, $2)`, uuidParam(id), s.budget)
 	})
 	if err != nil {
 		return 0, fmt.Errorf("pgstore: reserve data key budget: %w", err)
@@ -662,8 +669,8 @@ func (s *Store) tryCreateKey(ctx context.Context, project string, id *[16]byte) 
 		return false, err
 	}
 	err = s.scoped(ctx, project, func(b *pgx.Batch) {
-		b.Queue(`INSERT INTO `+s.q+`.data_keys (id, project_id, kek_id, wrapped_dek) VALUES ($1, $2, $3, $4)
-ON CONFLICT (project_id) WHERE state = 'active' DO NOTHING`, uuidParam(*id), project, kekID, wk.Ciphertext).
+		b.Queue(`INSERT INTO `+s.q+`.data_keys (id, project_id, kek_id, wrapped_dek, budget) VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (project_id) WHERE state = 'active' DO NOTHING`, uuidParam(*id), project, kekID, wk.Ciphertext, s.budget).
 			Exec(func(ct pgconn.CommandTag) error { created = ct.RowsAffected() == 1; return nil })
 		b.Queue(`INSERT INTO `+s.q+`.key_events (event, project_id, kek_id, data_key_id, count, actor)
 SELECT 'dek.create', $1, $2, $3, 1, $4 WHERE EXISTS (SELECT 1 FROM `+s.q+`.data_keys WHERE id = $3)`,

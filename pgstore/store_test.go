@@ -264,3 +264,45 @@ func TestBudgetAcrossProcesses(t *testing.T) {
 		}
 	}
 }
+
+// TestBudgetOfCreator: a data key keeps the budget of the Store that
+// created it. A Store left at the default budget (an operator's CLI, say)
+// must not take a key made by a Store with a small budget past it, and
+// the small-budget Store stops at its own budget on a key the other made.
+func TestBudgetOfCreator(t *testing.T) {
+	ctx := context.Background()
+	const small = 5
+	e := newEnv(t, pgstore.Config{Budget: small, ReserveChunk: 2})
+	big := newStore(t, e.pool, pgstore.Config{KEK: e.kek}) // DefaultBudget, chunk 1024
+	if err := e.store.Put(ctx, "p", "a", []byte("1")); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 12 {
+		if err := big.Put(ctx, "p", fmt.Sprintf("big%d", i), []byte("2")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := count(t, e.pool, `SELECT count(*) FROM keybroker.data_keys WHERE messages > budget`); n != 0 {
+		t.Fatalf("%d data keys over their own budget", n)
+	}
+	if n := count(t, e.pool, `SELECT count(*) FROM keybroker.data_keys WHERE budget = $1 AND messages > $1`, small); n != 0 {
+		t.Fatalf("%d data keys of the small-budget store over %d", n, small)
+	}
+	// The default-budget store now owns the active key; the small one must
+	// still stop at its own budget on it.
+	for i := range 12 {
+		if err := e.store.Put(ctx, "p", fmt.Sprintf("small%d", i), []byte("3")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := count(t, e.pool, `SELECT count(*) FROM keybroker.data_keys WHERE budget = $1`, pgstore.DefaultBudget); n == 0 {
+		t.Fatal("the default-budget store created no data key of its own")
+	}
+	var maxSmall int64
+	if err := e.pool.QueryRow(ctx, `SELECT coalesce(max(n), 0) FROM (SELECT count(*) AS n FROM keybroker.encrypted_secrets WHERE name LIKE 'small%' GROUP BY data_key_id) c`).Scan(&maxSmall); err != nil {
+		t.Fatal(err)
+	}
+	if maxSmall > small {
+		t.Fatalf("the small-budget store sealed %d secrets under one key, budget %d", maxSmall, small)
+	}
+}

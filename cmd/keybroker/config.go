@@ -6,9 +6,12 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strconv"
 	"strings"
 
 	"github.com/spf13/pflag"
+
+	"github.com/profullstack/keybroker/envelope"
 )
 
 // Environment variables read by keybroker; flags override them, and they
@@ -21,6 +24,7 @@ const (
 	envConfig      = "KEYBROKER_CONFIG"
 	envLogLevel    = "KEYBROKER_LOG_LEVEL"
 	envLogFormat   = "KEYBROKER_LOG_FORMAT"
+	envBudget      = "KEYBROKER_BUDGET"
 )
 
 // maxConfigSize bounds the config file read into memory.
@@ -35,6 +39,10 @@ type config struct {
 	Schema      string   `json:"schema"`
 	LogLevel    string   `json:"log_level"`
 	LogFormat   string   `json:"log_format"`
+	// Budget is pgstore.Config.Budget: encryptions per data key this
+	// process creates or reserves (0: pgstore.DefaultBudget). Set it to
+	// what the fleet's services use.
+	Budget int64 `json:"budget"`
 }
 
 // loadConfigFile reads a JSON config file. Unknown keys are an error, so a
@@ -107,6 +115,17 @@ func resolveConfig(fs *pflag.FlagSet) (config, error) {
 		Schema:      resolve(fs, "schema", envSchema, file.Schema, ""),
 		LogLevel:    resolve(fs, "log-level", envLogLevel, file.LogLevel, ""), // "": defaultLogLevel, demo: warn
 		LogFormat:   resolve(fs, "log-format", envLogFormat, file.LogFormat, "text"),
+	}
+	fileBudget := ""
+	if file.Budget != 0 {
+		fileBudget = strconv.FormatInt(file.Budget, 10)
+	}
+	if b := resolve(fs, "budget", envBudget, fileBudget, ""); b != "" {
+		n, err := strconv.ParseInt(b, 10, 64)
+		if err != nil || n < 1 || n > envelope.MaxMessagesLimit {
+			return config{}, usageErrorf("budget must be a whole number from 1 to %d", int64(envelope.MaxMessagesLimit))
+		}
+		c.Budget = n
 	}
 	// --kek-decrypt-only is a comma-separated list like the variable; the
 	// flag may also be repeated.

@@ -23,7 +23,7 @@
 // # Configuration
 //
 // Flags override environment variables (KEYBROKER_KEK,
-// KEYBROKER_KEK_DECRYPT_ONLY, KEYBROKER_DATABASE_URL, KEYBROKER_SCHEMA,
+// KEYBROKER_KEK_DECRYPT_ONLY, KEYBROKER_DATABASE_URL, KEYBROKER_SCHEMA, KEYBROKER_BUDGET,
 // KEYBROKER_LOG_LEVEL, KEYBROKER_LOG_FORMAT), which override the JSON
 // config file named by --config or KEYBROKER_CONFIG. JSON keeps the
 // dependency list short; unknown keys are rejected so a misspelt key is not

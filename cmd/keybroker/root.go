@@ -21,16 +21,18 @@ DEKs are wrapped by a key-encryption key (KEK) held by a key service.
 
 Configuration (highest precedence first):
   1. flags               --kek, --kek-decrypt-only, --database-url, --schema,
-                         --log-level, --log-format
+                         --budget, --log-level, --log-format
   2. environment         KEYBROKER_KEK                primary KEK provider URL
                          KEYBROKER_KEK_DECRYPT_ONLY   comma-separated decrypt-only URLs
                          KEYBROKER_DATABASE_URL       PostgreSQL URL
                          KEYBROKER_SCHEMA             schema holding keybroker's tables
+                         KEYBROKER_BUDGET             encryptions per data key (as the services')
                          KEYBROKER_LOG_LEVEL, KEYBROKER_LOG_FORMAT
                          KEYBROKER_CONFIG             config file (like --config)
   3. config file         --config FILE, a JSON object with the keys
                          kek, kek_decrypt_only (array), database_url, schema,
-                         log_level, log_format; unknown keys are an error
+                         budget (number), log_level, log_format; unknown keys
+                         are an error
   4. defaults            log level warn when stderr is a terminal (so per-key
                          and per-batch info lines do not bury the progress
                          bar), info otherwise; log format text
@@ -137,6 +139,7 @@ func newRootCmd(a *app) *cobra.Command {
 	pf.StringSlice("kek-decrypt-only", nil, "decrypt-only KEK provider URLs, comma-separated (env KEYBROKER_KEK_DECRYPT_ONLY)")
 	pf.String("database-url", "", "PostgreSQL URL (env KEYBROKER_DATABASE_URL)")
 	pf.String("schema", "", "schema holding keybroker's tables (env KEYBROKER_SCHEMA)")
+	pf.String("budget", "", "encryptions per data key, as the fleet's pgstore.Config.Budget (env KEYBROKER_BUDGET; default 16777216)")
 	pf.String("log-level", "", "debug, info, warn or error (default warn on a terminal, info otherwise)")
 	pf.String("log-format", "", "text or json (default text)")
 	pf.BoolVar(&a.json, "json", false, "machine-readable JSON output on stdout")

@@ -34,6 +34,7 @@ func (a *app) openStore(ctx context.Context) (*session, error) {
 	st, err := pgstore.New(ctx, pool, pgstore.Config{
 		Schema: a.cfg.Schema,
 		KEK:    kr,
+		Budget: a.cfg.Budget,
 		Actor:  actor(),
 		Logger: a.log,
 	})
