@@ -155,7 +155,7 @@ func TestGolden(t *testing.T) {
 }
 
 // v1Fields splits a well-formed value into its decoded fields.
-func v1Fields(t *testing.T, stored string) (iv, tag, ct []byte) {
+func v1Fields(t testing.TB, stored string) (iv, tag, ct []byte) {
 	t.Helper()
 	f := strings.Split(stored, ":")
 	if len(f) != 4 || f[0] != "v1" {

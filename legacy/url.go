@@ -40,7 +40,11 @@ func Open(rawURL string) (Decoder, error) {
 		if !ok || !envNameRE.MatchString(name) {
 			return nil, errors.New("legacy: malformed meshhook-v1 URL: want meshhook-v1://env/VARNAME with VARNAME an environment variable name")
 		}
-		return MeshHookV1FromEnv(name)
+		d, err := MeshHookV1FromEnv(name)
+		if err != nil {
+			return nil, err // not a typed nil inside a non-nil Decoder
+		}
+		return d, nil
 	}
 	return nil, errors.New("legacy: unknown decoder scheme " + scheme + want)
 }

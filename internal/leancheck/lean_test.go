@@ -23,6 +23,7 @@ func TestLeanImports(t *testing.T) {
 		"github.com/profullstack/keybroker/provider",
 		"github.com/profullstack/keybroker/provider/local",
 		"github.com/profullstack/keybroker/envelope",
+		"github.com/profullstack/keybroker/legacy",
 	} {
 		out, err := exec.Command("go", "list", "-deps", pkg).CombinedOutput()
 		if err != nil {
