@@ -44,8 +44,9 @@ type Decoder interface {
 }
 
 // Func adapts a Go function to a Decoder, as http.HandlerFunc does. The
-// function must keep the Decoder contract; an outcome with both ok and err
-// set is treated by Chain as the error.
+// function must keep the Decoder contract; Chain treats an outcome with err
+// set as the error whatever ok says, and clears and drops any plaintext
+// returned with it.
 type Func func(stored []byte) (plaintext []byte, ok bool, err error)
 
 // Decode calls f(stored).

@@ -10,10 +10,12 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/profullstack/keybroker/envelope"
@@ -402,5 +404,38 @@ func TestRawOpenAgrees(t *testing.T) {
 	got, ok, err := newDecoder(t, hex.EncodeToString(k)).Decode([]byte(stored))
 	if err != nil || !ok || !bytes.Equal(got, raw) {
 		t.Fatalf("Decode: ok=%v, err=%v", ok, err)
+	}
+}
+
+// TestConcurrentDecodeClose: decodes racing each other and Close either
+// return the plaintext or ErrClosed, nothing else (run with -race).
+func TestConcurrentDecodeClose(t *testing.T) {
+	keyText := hex.EncodeToString(randBytes(t, 32))
+	stored := []byte(nodeSeal(t, keyText, []byte("concurrent")).Values[0].Stored)
+	d := newDecoder(t, keyText)
+	var wg sync.WaitGroup
+	errs := make(chan error, 4)
+	for range 4 {
+		wg.Go(func() {
+			for range 2000 {
+				pt, ok, err := d.Decode(stored)
+				if errors.Is(err, legacy.ErrClosed) {
+					return
+				}
+				if err != nil || !ok || string(pt) != "concurrent" {
+					errs <- fmt.Errorf("Decode: %q %v %v", pt, ok, err)
+					return
+				}
+			}
+		})
+	}
+	d.Close()
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	if _, _, err := d.Decode(stored); !errors.Is(err, legacy.ErrClosed) {
+		t.Fatalf("after Close: %v", err)
 	}
 }
