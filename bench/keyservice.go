@@ -14,6 +14,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/service/kms"
 	"github.com/hashicorp/vault/api"
 
+	"github.com/profullstack/keybroker/internal/vaultserver"
 	"github.com/profullstack/keybroker/provider/awskms"
 	"github.com/profullstack/keybroker/provider/vault"
 )
@@ -35,10 +36,10 @@ const (
 // KeyServices are a dev-mode Vault with a transit key and a local-kms with
 // a symmetric key, started for the benchmarks.
 type KeyServices struct {
-	vault, kms *Process
-	token      string
-	keyARN     string
-	proxies    []*CountingProxy
+	vault   *vaultserver.Server
+	kms     *Process
+	keyARN  string
+	proxies []*CountingProxy
 }
 
 // StartKeyServices starts both servers and creates their keys. The AWS SDK
@@ -50,13 +51,10 @@ func StartKeyServices(ctx context.Context) (_ *KeyServices, err error) {
 			ks.Close()
 		}
 	}()
-	if ks.vault, ks.token, err = StartVault(ctx); err != nil {
-		return nil, err
+	if ks.vault, err = vaultserver.Start(ctx, vaultserver.Options{}); err != nil {
+		return nil, fmt.Errorf("bench: %w", err)
 	}
-	vc, err := ks.vaultClient(ks.vault.Addr)
-	if err != nil {
-		return nil, err
-	}
+	vc := ks.vault.Root
 	if err := vc.Sys().MountWithContext(ctx, transitMount, &api.MountInput{Type: "transit"}); err != nil {
 		return nil, fmt.Errorf("bench: mount transit: %w", err)
 	}
@@ -121,7 +119,7 @@ func (ks *KeyServices) vaultClient(addr string) (*api.Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	c.SetToken(ks.token)
+	c.SetToken(ks.vault.Token)
 	return c, nil
 }
 
@@ -161,7 +159,7 @@ func (ks *KeyServices) Contenders(ctx context.Context, viaProxy bool) (out []*Co
 	if err != nil {
 		return out, err
 	}
-	vp, err := vault.New(ctx, vault.Config{Address: a, Mount: transitMount, Key: transitKey, Token: ks.token})
+	vp, err := vault.New(ctx, vault.Config{Address: a, Mount: transitMount, Key: transitKey, Token: ks.vault.Token})
 	if err != nil {
 		return out, err
 	}

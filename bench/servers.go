@@ -6,7 +6,6 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -17,51 +16,22 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/profullstack/keybroker/internal/pgserver"
+	"github.com/profullstack/keybroker/internal/testbin"
 )
-
-// FindBinary returns the path of a server binary that `make deps` builds:
-// $KEYBROKER_<NAME>_BIN, else $KEYBROKER_CACHE/bin (default
-// ~/.cache/keybroker/bin), else $PATH. It is internal/testbin.Find, which
-// this module cannot import.
-func FindBinary(name string) (string, error) {
-	env := "KEYBROKER_" + strings.ToUpper(strings.ReplaceAll(name, "-", "_")) + "_BIN"
-	if p := os.Getenv(env); p != "" {
-		if _, err := os.Stat(p); err != nil {
-			return "", fmt.Errorf("bench: %s: %w", env, err)
-		}
-		return p, nil
-	}
-	dir := filepath.Join(os.Getenv("KEYBROKER_CACHE"), "bin")
-	if os.Getenv("KEYBROKER_CACHE") == "" {
-		home, err := os.UserHomeDir()
-		if err != nil {
-			home = os.TempDir()
-		}
-		dir = filepath.Join(home, ".cache", "keybroker", "bin")
-	}
-	if p := filepath.Join(dir, name); isFile(p) {
-		return p, nil
-	}
-	if p, err := exec.LookPath(name); err == nil {
-		return p, nil
-	}
-	return "", fmt.Errorf("bench: %s not found in %s or $PATH: run `make deps` (scripts/deps.sh) to build it", name, dir)
-}
 
 func isFile(p string) bool {
 	st, err := os.Stat(p)
 	return err == nil && !st.IsDir()
 }
 
-// Process is a server started for the benchmarks. Stop kills it and
-// removes its directory.
+// Process is a server started for the benchmarks (local-kms; Vault comes
+// from internal/vaultserver). Stop kills it and removes its directory.
 type Process struct {
 	Addr   string // http://127.0.0.1:<port>
 	cmd    *exec.Cmd
@@ -120,77 +90,12 @@ func start(cmd *exec.Cmd, dir string) (*Process, error) {
 	return p, nil
 }
 
-// StartVault starts `vault server -dev` on a free loopback port with a
-// random root token, and waits until it is healthy. It returns the process
-// and the root token.
-func StartVault(ctx context.Context) (*Process, string, error) {
-	bin, err := FindBinary("vault")
-	if err != nil {
-		return nil, "", err
-	}
-	var last error
-	for range 3 { // a port lost to a race is retried on another
-		port, err := freePortPair()
-		if err != nil {
-			return nil, "", err
-		}
-		dir, err := os.MkdirTemp("", "kbbench-vault-")
-		if err != nil {
-			return nil, "", err
-		}
-		token := "root-" + randHex(16)
-		cmd := exec.Command(bin, "server", "-dev", "-dev-no-store-token", "-log-level=warn")
-		cmd.Env = []string{
-			"HOME=" + dir,
-			"PATH=" + os.Getenv("PATH"),
-			"VAULT_DEV_ROOT_TOKEN_ID=" + token,
-			"VAULT_DEV_LISTEN_ADDRESS=127.0.0.1:" + strconv.Itoa(port),
-		}
-		p, err := start(cmd, dir)
-		if err != nil {
-			return nil, "", err
-		}
-		p.Addr = "http://127.0.0.1:" + strconv.Itoa(port)
-		if last = p.waitHTTP(ctx, p.Addr+"/v1/sys/health"); last == nil {
-			return p, token, nil
-		}
-		p.Stop()
-	}
-	return nil, "", last
-}
-
-// waitHTTP polls url until it answers 200, the process exits or a minute
-// passes.
-func (p *Process) waitHTTP(ctx context.Context, url string) error {
-	ctx, cancel := context.WithTimeout(ctx, time.Minute)
-	defer cancel()
-	hc := &http.Client{Timeout: 2 * time.Second}
-	tick := time.NewTicker(50 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		resp, err := hc.Get(url)
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return nil
-			}
-		}
-		select {
-		case <-p.exited:
-			return fmt.Errorf("bench: %s exited during start-up: %s", filepath.Base(p.cmd.Path), p.logTail())
-		case <-ctx.Done():
-			return fmt.Errorf("bench: %s not healthy: %w: %s", filepath.Base(p.cmd.Path), ctx.Err(), p.logTail())
-		case <-tick.C:
-		}
-	}
-}
-
 // StartLocalKMS starts local-kms on a port it picks (PORT=0) in region
 // KMSRegion, and returns once it has logged the port.
 func StartLocalKMS() (*Process, error) {
-	bin, err := FindBinary("local-kms")
+	bin, err := testbin.Find("local-kms")
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("bench: %w", err)
 	}
 	dir, err := os.MkdirTemp("", "kbbench-kms-")
 	if err != nil {
@@ -290,24 +195,6 @@ func (p *CountingProxy) Requests() int64 { return p.n.Load() }
 
 // Close stops the proxy.
 func (p *CountingProxy) Close() { p.srv.Close() }
-
-func freePortPair() (int, error) {
-	for range 20 {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			return 0, err
-		}
-		port := l.Addr().(*net.TCPAddr).Port
-		// dev-mode Vault also listens on port+1 (cluster)
-		l2, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(port+1))
-		l.Close()
-		if err == nil {
-			l2.Close()
-			return port, nil
-		}
-	}
-	return 0, errors.New("bench: no free pair of loopback ports")
-}
 
 func randHex(n int) string {
 	b := make([]byte, n)

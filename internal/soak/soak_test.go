@@ -91,7 +91,7 @@ func TestSoak(t *testing.T) {
 		soakRun(t, bins, "local://"+path)
 	})
 	t.Run("vault", func(t *testing.T) {
-		v, err := vaultserver.Start()
+		v, err := vaultserver.Start(t.Context(), vaultserver.Options{})
 		if err != nil {
 			t.Fatal(err)
 		}

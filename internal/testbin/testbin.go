@@ -1,7 +1,7 @@
-// Package testbin finds the server binaries that tests start (vault,
-// local-kms, PostgreSQL's initdb and pg_ctl), which `make deps` builds or
-// installs once per machine. A missing binary is an error naming the command
-// that installs it: tests never skip for lack of one.
+// Package testbin finds the server binaries that tests and benchmarks
+// start (vault, local-kms, PostgreSQL's initdb and pg_ctl), which `make
+// deps` builds or installs once per machine. A missing binary is an error
+// naming the command that installs it: tests never skip for lack of one.
 package testbin
 
 import (

@@ -117,10 +117,11 @@
 //
 // # Testing
 //
-// Tests run a real Vault (built by `make deps`) in dev mode on a loopback
-// port, with transit and approle enabled; two tests start their own
-// server, one with -dev-tls (a throwaway CA, given through VAULT_CACERT)
-// and one that they seal. Dev mode does not reproduce: high availability,
+// Tests run a real Vault (built by `make deps`, started by
+// internal/vaultserver, the launcher the soak test and bench/ share) in
+// dev mode on a loopback port, with transit and approle enabled; two tests
+// start their own server, one with -dev-tls (a throwaway CA, given through
+// VAULT_CACERT) and one that they seal. Dev mode does not reproduce: high availability,
 // standbys and request forwarding; unsealing with key shares, auto-unseal
 // and HSMs; persistent storage (dev mode is in memory); namespaces,
 // performance replication and other Enterprise features; client

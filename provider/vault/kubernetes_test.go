@@ -124,14 +124,14 @@ func TestKubernetes(t *testing.T) {
 	defer ts.Close()
 
 	mount := "k8s-" + randHex(4)
-	if err := srv.root.Sys().EnableAuthWithOptions(mount, &api.EnableAuthOptions{Type: "kubernetes"}); err != nil {
+	if err := srv.Root.Sys().EnableAuthWithOptions(mount, &api.EnableAuthOptions{Type: "kubernetes"}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := srv.root.Logical().Write("auth/"+mount+"/config", map[string]any{"kubernetes_host": ts.URL, "disable_local_ca_jwt": true}); err != nil {
+	if _, err := srv.Root.Logical().Write("auth/"+mount+"/config", map[string]any{"kubernetes_host": ts.URL, "disable_local_ca_jwt": true}); err != nil {
 		t.Fatal(err)
 	}
 	key := newTransitKey(t, srv, "transit", nil)
-	if _, err := srv.root.Logical().Write("auth/"+mount+"/role/app", map[string]any{
+	if _, err := srv.Root.Logical().Write("auth/"+mount+"/role/app", map[string]any{
 		"bound_service_account_names": "app", "bound_service_account_namespaces": "kb",
 		"audience": "vault", "token_policies": writePolicy(t, key), "token_ttl": "1h",
 	}); err != nil {
@@ -169,7 +169,7 @@ func TestKubernetes(t *testing.T) {
 
 	// The file is read at every login: a rotated token is picked up.
 	auth := vault.KubernetesAuth("app", jwtFile, mount)
-	c, err := api.NewClient(&api.Config{Address: srv.addr})
+	c, err := api.NewClient(&api.Config{Address: srv.Addr})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -18,6 +18,7 @@ import (
 	"github.com/hashicorp/vault/api"
 	"github.com/hashicorp/vault/api/auth/approle"
 
+	"github.com/profullstack/keybroker/internal/vaultserver"
 	"github.com/profullstack/keybroker/provider"
 	"github.com/profullstack/keybroker/provider/providertest"
 	"github.com/profullstack/keybroker/provider/vault"
@@ -56,7 +57,7 @@ func TestConformance(t *testing.T) {
 func TestNestedMount(t *testing.T) {
 	ctx := context.Background()
 	name := newTransitKey(t, srv, "team/transit", nil)
-	p, err := provider.Open(ctx, "vault://team/transit/keys/"+name+"?addr="+srv.addr)
+	p, err := provider.Open(ctx, "vault://team/transit/keys/"+name+"?addr="+srv.Addr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -171,7 +172,7 @@ func TestOpenErrors(t *testing.T) {
 			if !strings.Contains(msg, c.msg) {
 				t.Fatalf("error %q does not mention %q", msg, c.msg)
 			}
-			if strings.Contains(msg, secret) || strings.Contains(msg, srv.token) || strings.ContainsAny(msg, "\r\n") {
+			if strings.Contains(msg, secret) || strings.Contains(msg, srv.Token) || strings.ContainsAny(msg, "\r\n") {
 				t.Fatalf("error leaks a secret or spans lines: %q", msg)
 			}
 			var pe *provider.Error
@@ -279,7 +280,7 @@ path "transit/encrypt/` + key + `" { capabilities = ["update"] }
 path "transit/decrypt/` + key + `" { capabilities = ["update"] }
 path "transit/keys/` + key + `" { capabilities = ["read"] }
 `
-	if err := srv.root.Sys().PutPolicy(name, rules); err != nil {
+	if err := srv.Root.Sys().PutPolicy(name, rules); err != nil {
 		t.Fatal(err)
 	}
 	return name
@@ -290,15 +291,15 @@ path "transit/keys/` + key + `" { capabilities = ["read"] }
 func appRole(t *testing.T, settings map[string]any) (roleID, secretID string) {
 	t.Helper()
 	role := "r-" + randHex(6)
-	if _, err := srv.root.Logical().Write("auth/approle/role/"+role, settings); err != nil {
+	if _, err := srv.Root.Logical().Write("auth/approle/role/"+role, settings); err != nil {
 		t.Fatal(err)
 	}
-	s, err := srv.root.Logical().Read("auth/approle/role/" + role + "/role-id")
+	s, err := srv.Root.Logical().Read("auth/approle/role/" + role + "/role-id")
 	if err != nil {
 		t.Fatal(err)
 	}
 	roleID = s.Data["role_id"].(string)
-	s, err = srv.root.Logical().Write("auth/approle/role/"+role+"/secret-id", nil)
+	s, err = srv.Root.Logical().Write("auth/approle/role/"+role+"/secret-id", nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -392,14 +393,14 @@ func next(t *testing.T, ch chan vault.TokenEvent, kind vault.TokenEventKind) vau
 func TestTokenRenewal(t *testing.T) {
 	ctx := context.Background()
 	key := newTransitKey(t, srv, "transit", nil)
-	s, err := srv.root.Auth().Token().Create(&api.TokenCreateRequest{TTL: "30s"})
+	s, err := srv.Root.Auth().Token().Create(&api.TokenCreateRequest{TTL: "30s"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	token := s.Auth.ClientToken
 	onEvent, events := collect()
 	p, err := vault.New(ctx, vault.Config{
-		Address: srv.addr, Mount: "transit", Key: key, Token: token,
+		Address: srv.Addr, Mount: "transit", Key: key, Token: token,
 		RenewIncrement: 10 * time.Minute, OnTokenEvent: onEvent,
 	})
 	if err != nil {
@@ -411,7 +412,7 @@ func TestTokenRenewal(t *testing.T) {
 		t.Fatalf("renewed TTL %v, want the 10m increment", e.TTL)
 	}
 	// Ask Vault, not the watcher: the token now outlives its 30s TTL.
-	look, err := srv.root.Auth().Token().Lookup(token)
+	look, err := srv.Root.Auth().Token().Lookup(token)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -440,7 +441,7 @@ func TestTokenRenewal(t *testing.T) {
 func TestRootTokenNotWatched(t *testing.T) {
 	onEvent, events := collect()
 	key := newTransitKey(t, srv, "transit", nil)
-	p, err := vault.New(context.Background(), vault.Config{Address: srv.addr, Mount: "transit", Key: key, Token: srv.token, OnTokenEvent: onEvent})
+	p, err := vault.New(context.Background(), vault.Config{Address: srv.Addr, Mount: "transit", Key: key, Token: srv.Token, OnTokenEvent: onEvent})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -462,7 +463,7 @@ func TestReLogin(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p, err := vault.New(ctx, vault.Config{Address: srv.addr, Mount: "transit", Key: key, Auth: auth, OnTokenEvent: onEvent})
+	p, err := vault.New(ctx, vault.Config{Address: srv.Addr, Mount: "transit", Key: key, Auth: auth, OnTokenEvent: onEvent})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -552,20 +553,20 @@ func TestRewrapIgnoresAssociatedData(t *testing.T) {
 		if aad != "" {
 			data["associated_data"] = b64([]byte(aad))
 		}
-		s, err := srv.root.Logical().Write("transit/encrypt/"+key, data)
+		s, err := srv.Root.Logical().Write("transit/encrypt/"+key, data)
 		if err != nil {
 			t.Fatal(err)
 		}
 		return s.Data["ciphertext"].(string)
 	}
-	if _, err := srv.root.Logical().Write("transit/keys/"+key+"/rotate", nil); err != nil {
+	if _, err := srv.Root.Logical().Write("transit/keys/"+key+"/rotate", nil); err != nil {
 		t.Fatal(err)
 	}
 	// Control: without aad, rewrap works.
-	if _, err := srv.root.Logical().Write("transit/rewrap/"+key, map[string]any{"ciphertext": enc("")}); err != nil {
+	if _, err := srv.Root.Logical().Write("transit/rewrap/"+key, map[string]any{"ciphertext": enc("")}); err != nil {
 		t.Fatalf("rewrap without aad: %v", err)
 	}
-	_, err := srv.root.Logical().Write("transit/rewrap/"+key, map[string]any{"ciphertext": enc("tenant"), "associated_data": b64([]byte("tenant"))})
+	_, err := srv.Root.Logical().Write("transit/rewrap/"+key, map[string]any{"ciphertext": enc("tenant"), "associated_data": b64([]byte("tenant"))})
 	if err == nil || !strings.Contains(err.Error(), "message authentication failed") {
 		t.Fatalf("rewrap of an aad-bound ciphertext: %v; Vault may now support it", err)
 	}
@@ -577,17 +578,13 @@ func TestRewrapIgnoresAssociatedData(t *testing.T) {
 // TestSealed: a sealed Vault answers 503, which is ErrUnavailable. It uses
 // its own server, as sealing is for good.
 func TestSealed(t *testing.T) {
-	s, err := startDevServer()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.stop()
-	if err := s.root.Sys().Mount("transit", &api.MountInput{Type: "transit"}); err != nil {
+	s := startServer(t, vaultserver.Options{})
+	if err := s.Root.Sys().Mount("transit", &api.MountInput{Type: "transit"}); err != nil {
 		t.Fatal(err)
 	}
 	key := newTransitKey(t, s, "transit", nil)
 	ctx := context.Background()
-	p, err := vault.New(ctx, vault.Config{Address: s.addr, Mount: "transit", Key: key, Token: s.token, MaxRetries: -1})
+	p, err := vault.New(ctx, vault.Config{Address: s.Addr, Mount: "transit", Key: key, Token: s.Token, MaxRetries: -1})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -596,7 +593,7 @@ func TestSealed(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := s.root.Sys().Seal(); err != nil {
+	if err := s.Root.Sys().Seal(); err != nil {
 		t.Fatal(err)
 	}
 	_, err = p.Unwrap(ctx, wk, nil)
@@ -607,7 +604,7 @@ func TestSealed(t *testing.T) {
 	if _, err := p.Describe(ctx); !errors.Is(err, provider.ErrUnavailable) {
 		t.Fatalf("Describe on a sealed Vault: %v", err)
 	}
-	_, err = vault.New(ctx, vault.Config{Address: s.addr, Mount: "transit", Key: key, Token: s.token, MaxRetries: -1})
+	_, err = vault.New(ctx, vault.Config{Address: s.Addr, Mount: "transit", Key: key, Token: s.Token, MaxRetries: -1})
 	if !errors.Is(err, provider.ErrUnavailable) {
 		t.Fatalf("New on a sealed Vault: %v", err)
 	}
@@ -617,24 +614,20 @@ func TestSealed(t *testing.T) {
 // VAULT_CACERT, as for the vault CLI; without it, open fails with a
 // certificate error that is not reported as retryable.
 func TestTLS(t *testing.T) {
-	s, err := startServer(true)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.stop()
-	if err := s.root.Sys().Mount("transit", &api.MountInput{Type: "transit"}); err != nil {
+	s := startServer(t, vaultserver.Options{TLS: true})
+	if err := s.Root.Sys().Mount("transit", &api.MountInput{Type: "transit"}); err != nil {
 		t.Fatal(err)
 	}
 	key := newTransitKey(t, s, "transit", nil)
 	ctx := context.Background()
-	u := "vault://transit/keys/" + key + "?addr=" + s.addr
-	t.Setenv("VAULT_TOKEN", s.token)
+	u := "vault://transit/keys/" + key + "?addr=" + s.Addr
+	t.Setenv("VAULT_TOKEN", s.Token)
 
-	_, err = provider.Open(ctx, u)
+	_, err := provider.Open(ctx, u)
 	if err == nil || provider.IsRetryable(err) || !strings.Contains(err.Error(), "certificate") {
 		t.Fatalf("Open without the CA: %v", err)
 	}
-	t.Setenv("VAULT_CACERT", s.caCert)
+	t.Setenv("VAULT_CACERT", s.CACert)
 	p, err := provider.Open(ctx, u)
 	if err != nil {
 		t.Fatalf("Open with VAULT_CACERT: %v", err)
@@ -685,14 +678,14 @@ func BenchmarkVault(b *testing.B) {
 	// unauthenticated (sys/health) and authenticated (token lookup-self).
 	b.Run("baseline-health", func(b *testing.B) {
 		for b.Loop() {
-			if _, err := srv.root.Sys().HealthWithContext(ctx); err != nil {
+			if _, err := srv.Root.Sys().HealthWithContext(ctx); err != nil {
 				b.Fatal(err)
 			}
 		}
 	})
 	b.Run("baseline-lookup-self", func(b *testing.B) {
 		for b.Loop() {
-			if _, err := srv.root.Auth().Token().LookupSelfWithContext(ctx); err != nil {
+			if _, err := srv.Root.Auth().Token().LookupSelfWithContext(ctx); err != nil {
 				b.Fatal(err)
 			}
 		}
