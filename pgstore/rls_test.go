@@ -166,6 +166,7 @@ func TestMigrationRevokesTenantKEKWrites(t *testing.T) {
 	r := pgx.Identifier{role}.Sanitize()
 	if _, err := e.pool.Exec(ctx, `DROP TRIGGER data_keys_kek_fence ON keybroker.data_keys;
 		DROP FUNCTION keybroker.data_keys_kek_fence(); DROP FUNCTION keybroker.record_kek(text, text, text, text);
+		ALTER TABLE keybroker.data_keys DROP COLUMN budget;
 		UPDATE keybroker.schema_version SET version = 2;
 		GRANT SELECT, INSERT, UPDATE ON keybroker.kek TO `+r); err != nil {
 		t.Fatal(err)
