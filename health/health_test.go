@@ -14,8 +14,6 @@ import (
 	"testing"
 	"time"
 
-	kms "cloud.google.com/go/kms/apiv1"
-	"cloud.google.com/go/kms/apiv1/kmspb"
 	"github.com/jackc/pgx/v5"
 	"go.opentelemetry.io/otel/attribute"
 	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
@@ -47,21 +45,11 @@ func gcpKey(t *testing.T) (*kmstest.Server, *gcpkms.Provider) {
 		t.Fatal(err)
 	}
 	t.Cleanup(srv.Close)
-	admin, err := kms.NewKeyManagementClient(ctx, srv.ClientOptions()...)
+	name, err := srv.NewKey("r", "kek")
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { admin.Close() })
-	const loc = "projects/health/locations/us-east1"
-	if _, err := admin.CreateKeyRing(ctx, &kmspb.CreateKeyRingRequest{Parent: loc, KeyRingId: "r", KeyRing: &kmspb.KeyRing{}}); err != nil {
-		t.Fatal(err)
-	}
-	k, err := admin.CreateCryptoKey(ctx, &kmspb.CreateCryptoKeyRequest{Parent: loc + "/keyRings/r", CryptoKeyId: "kek",
-		CryptoKey: &kmspb.CryptoKey{Purpose: kmspb.CryptoKey_ENCRYPT_DECRYPT}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	p, err := gcpkms.Open(ctx, k.Name, srv.ClientOptions()...)
+	p, err := gcpkms.Open(ctx, name, srv.ClientOptions()...)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -6,7 +6,6 @@ import (
 	"testing"
 	"time"
 
-	kms "cloud.google.com/go/kms/apiv1"
 	"cloud.google.com/go/kms/apiv1/kmspb"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -137,21 +136,11 @@ func TestDataKeyOutagesStayDistinct(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(srv.Close)
-	admin, err := kms.NewKeyManagementClient(ctx, srv.ClientOptions()...)
+	name, err := srv.NewKey("r", "k")
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { admin.Close() })
-	const loc = "projects/pgstore/locations/us-east1"
-	if _, err := admin.CreateKeyRing(ctx, &kmspb.CreateKeyRingRequest{Parent: loc, KeyRingId: "r", KeyRing: &kmspb.KeyRing{}}); err != nil {
-		t.Fatal(err)
-	}
-	k, err := admin.CreateCryptoKey(ctx, &kmspb.CreateCryptoKeyRequest{Parent: loc + "/keyRings/r", CryptoKeyId: "k",
-		CryptoKey: &kmspb.CryptoKey{Purpose: kmspb.CryptoKey_ENCRYPT_DECRYPT}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	kek, err := gcpkms.Open(ctx, k.Name, srv.ClientOptions()...)
+	kek, err := gcpkms.Open(ctx, name, srv.ClientOptions()...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -185,8 +174,8 @@ func TestDataKeyOutagesStayDistinct(t *testing.T) {
 		t.Errorf("unavailable: %v", err)
 	}
 	srv.SetInterceptor(nil)
-	if _, err := admin.UpdateCryptoKeyVersion(ctx, &kmspb.UpdateCryptoKeyVersionRequest{
-		CryptoKeyVersion: &kmspb.CryptoKeyVersion{Name: k.Name + "/cryptoKeyVersions/1", State: kmspb.CryptoKeyVersion_DISABLED},
+	if _, err := srv.UpdateCryptoKeyVersion(ctx, &kmspb.UpdateCryptoKeyVersionRequest{
+		CryptoKeyVersion: &kmspb.CryptoKeyVersion{Name: name + "/cryptoKeyVersions/1", State: kmspb.CryptoKeyVersion_DISABLED},
 		UpdateMask:       &fieldmaskpb.FieldMask{Paths: []string{"state"}},
 	}); err != nil {
 		t.Fatal(err)

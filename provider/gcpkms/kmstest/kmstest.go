@@ -118,6 +118,25 @@ func (s *Server) ClientOptions() []option.ClientOption {
 // Close stops the server, cutting open connections.
 func (s *Server) Close() { s.srv.Stop() }
 
+// NewKey creates key ring ring (in projects/kmstest/locations/global) if it
+// does not exist yet, and an ENCRYPT_DECRYPT key id in it with one primary
+// version, and returns the key's resource name: the set-up most tests of
+// other packages need before gcpkms.Open(ctx, name, s.ClientOptions()...).
+func (s *Server) NewKey(ring, id string) (string, error) {
+	const loc = "projects/kmstest/locations/global"
+	ctx := context.Background()
+	_, err := s.CreateKeyRing(ctx, &kmspb.CreateKeyRingRequest{Parent: loc, KeyRingId: ring, KeyRing: &kmspb.KeyRing{}})
+	if err != nil && status.Code(err) != codes.AlreadyExists {
+		return "", fmt.Errorf("kmstest: new key: %w", err)
+	}
+	k, err := s.CreateCryptoKey(ctx, &kmspb.CreateCryptoKeyRequest{Parent: loc + "/keyRings/" + ring, CryptoKeyId: id,
+		CryptoKey: &kmspb.CryptoKey{Purpose: kmspb.CryptoKey_ENCRYPT_DECRYPT}})
+	if err != nil {
+		return "", fmt.Errorf("kmstest: new key: %w", err)
+	}
+	return k.GetName(), nil
+}
+
 // SetInterceptor installs f around every RPC (nil removes it), so a test can
 // inject faults: fail a call with a chosen code, or alter a response (for
 // example corrupt a checksum) after the handler ran.

@@ -181,3 +181,39 @@ func TestListCryptoKeyVersionsPages(t *testing.T) {
 	_, err = c.ListCryptoKeyVersions(ctx, &kmspb.ListCryptoKeyVersionsRequest{Parent: key, PageToken: "x"}).Next()
 	wantCode(t, "List with a bad page token", err, codes.InvalidArgument)
 }
+
+// NewKey makes the key ring once and a usable key each call; a bad id is an
+// error, not a panic.
+func TestNewKey(t *testing.T) {
+	srv, err := kmstest.Start()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	a, err := srv.NewKey("ring", "a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := srv.NewKey("ring", "b") // same ring again
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := "projects/kmstest/locations/global/keyRings/ring/cryptoKeys/a"; a != want || b == a {
+		t.Fatalf("names %q, %q; want %q and another", a, b, want)
+	}
+	ctx := context.Background()
+	c, err := kms.NewKeyManagementClient(ctx, srv.ClientOptions()...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := c.Encrypt(ctx, &kmspb.EncryptRequest{Name: b, Plaintext: []byte("x")}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := srv.NewKey("ring", "a"); status.Code(errors.Unwrap(err)) != codes.AlreadyExists {
+		t.Fatalf("second key a: %v", err)
+	}
+	if _, err := srv.NewKey("bad ring", "a"); status.Code(errors.Unwrap(err)) != codes.InvalidArgument {
+		t.Fatalf("bad ring: %v", err)
+	}
+}
