@@ -132,7 +132,7 @@ COLUMN it is refused before anything is written (--dry-run says so too).`,
 	f.StringVar(&spec.ProjectColumn, "project-column", "project_id", "column holding the project id")
 	f.StringVar(&spec.NameColumn, "name-column", "name", "column holding the secret name")
 	f.BoolVar(&spec.Clear, "clear-plaintext", false, "set each imported plaintext value to NULL")
-	f.IntVar(&spec.Batch, "batch", 0, "rows per transaction (default 500)")
+	f.IntVar(&spec.Batch, "batch", 0, "rows per transaction (default 1000)")
 	f.StringVar(&spec.StartAfter, "start-after", "", "resume after this key (a rerun without it is also safe)")
 	f.BoolVar(&dryRun, "dry-run", false, "check the table and count rows, change nothing")
 	return cmd
