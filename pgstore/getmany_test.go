@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 
@@ -261,5 +262,38 @@ func TestGetManyDataKeyOnce(t *testing.T) {
 	checkValues(t, got, want)
 	if n := tr.n.Load(); n != 3 {
 		t.Errorf("%d round trips, want 3 (the secrets, each data key once)", n)
+	}
+}
+
+// opRecorder is a pgstore.Observer that records each operation and its
+// outcome.
+type opRecorder struct {
+	mu  sync.Mutex
+	ops []string
+}
+
+func (r *opRecorder) Start(ctx context.Context, op string) (context.Context, func(error)) {
+	return ctx, func(err error) {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		r.ops = append(r.ops, fmt.Sprintf("%s:%v", op, err != nil))
+	}
+}
+
+// The Observer sees one "getmany" per call, failed or not.
+func TestGetManyObserver(t *testing.T) {
+	ctx := context.Background()
+	rec := &opRecorder{}
+	e := newEnv(t, pgstore.Config{Observer: rec})
+	names, _ := putRandom(t, e.store, "p", 3)
+	rec.ops = nil
+	if _, err := e.store.GetMany(ctx, "p", names); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.store.GetMany(ctx, "p", []string{""}); err == nil {
+		t.Fatal("empty name accepted")
+	}
+	if got := strings.Join(rec.ops, " "); got != "getmany:false getmany:true" {
+		t.Fatalf("observed %q", got)
 	}
 }
