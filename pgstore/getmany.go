@@ -22,14 +22,14 @@ const MaxGetMany = 1000
 //
 // The values are opened like Get's, with the cached data keys; a data key
 // missing from the cache costs one more round trip and one unwrap, once
-// per call however many of the secrets share it. The Observer sees the
-// call as operation "getmany". The call is all or
-// nothing: if any value fails to decrypt, for any of the reasons Get lists,
-// it returns only an error matching envelope.ErrDecrypt (the same opaque
-// error as Get's, naming no secret) and no values (those already opened
-// are zeroed); the database's, ctx's
-// and the key service's errors are returned as Get returns them. The map
-// and the values are the caller's: the Store keeps no reference to them.
+// per call however many of the secrets share it. The call is all or
+// nothing: if any value fails to decrypt, for any of the reasons Get
+// lists, it returns only an error matching envelope.ErrDecrypt (the same
+// opaque error as Get's, naming no secret) and no values (those already
+// opened are zeroed); the database's, ctx's and the key service's errors
+// are returned as Get returns them. names is only read. The map and the
+// values are the caller's: the Store keeps no reference to them. The
+// Observer sees the call as one operation "getmany".
 func (s *Store) GetMany(ctx context.Context, project string, names []string) (map[string][]byte, error) {
 	if s.obs == nil {
 		return s.getMany(ctx, project, names)
