@@ -320,3 +320,103 @@ SELECT $1, $2, $3, $4, d.id FROM keybroker.data_keys d WHERE d.id = $5 AND d.pro
 		return err
 	}}})
 }
+
+// BenchmarkGetMany10 reads 10 secrets of one project each iteration, one
+// call after the other on each connection of benchConns: one Get (the
+// round trip GetMany aims to cost), GetMany of 10 names, 10 Gets (what it
+// replaces) and, as the floor, one plain SELECT of the 10 plaintext rows;
+// the op that runs first after switching connection (slower, measured)
+// rotates from one iteration to the next.
+// It reports each one's time per operation (<conn>-<op>-ns/op) and
+// <conn>-getmany10-vs-get, GetMany's time over one Get's (the target is at
+// most 1.5), and <conn>-getmany10-vs-plain, over the plain SELECT's.
+func BenchmarkGetMany10(b *testing.B) {
+	ctx := context.Background()
+	e := newEnv(b, pgstore.Config{})
+	plainTable(b, e)
+	v := benchValue(b)
+	const sets = 100
+	names := make([][]string, sets)
+	for i := range sets * 10 {
+		name := fmt.Sprint("s", i)
+		if _, err := e.pool.Exec(ctx, plainUpsert, "p", name, v); err != nil {
+			b.Fatal(err)
+		}
+		if err := e.store.Put(ctx, "p", name, v); err != nil {
+			b.Fatal(err)
+		}
+		names[i%sets] = append(names[i%sets], name)
+	}
+	// Statistics, as autovacuum would gather: without them the planner
+	// guesses a project has a few rows and reads all 1000 of them,
+	// filtering on name, rather than looking the names up in the index.
+	if _, err := e.pool.Exec(ctx, `ANALYZE plain_secrets, keybroker.encrypted_secrets`); err != nil {
+		b.Fatal(err)
+	}
+	type op struct {
+		name string
+		run  func(s *pgstore.Store, pool *pgxpool.Pool, i int) error
+	}
+	ops := []op{
+		{"get", func(s *pgstore.Store, _ *pgxpool.Pool, i int) error {
+			_, err := s.Get(ctx, "p", names[i%sets][0])
+			return err
+		}},
+		{"getmany10", func(s *pgstore.Store, _ *pgxpool.Pool, i int) error {
+			got, err := s.GetMany(ctx, "p", names[i%sets])
+			if err == nil && len(got) != 10 {
+				err = fmt.Errorf("GetMany returned %d secrets", len(got))
+			}
+			return err
+		}},
+		{"get10x", func(s *pgstore.Store, _ *pgxpool.Pool, i int) error {
+			for _, name := range names[i%sets] {
+				if _, err := s.Get(ctx, "p", name); err != nil {
+					return err
+				}
+			}
+			return nil
+		}},
+		{"plain-select10", func(_ *pgstore.Store, pool *pgxpool.Pool, i int) error {
+			rows, _ := pool.Query(ctx, `SELECT name, value FROM plain_secrets WHERE project_id = $1 AND name = ANY($2)`, "p", names[i%sets])
+			n := 0
+			_, err := pgx.ForEachRow(rows, []any{new(string), new([]byte)}, func() error { n++; return nil })
+			if err == nil && n != 10 {
+				err = fmt.Errorf("plain SELECT returned %d rows", n)
+			}
+			return err
+		}},
+	}
+	type conn struct {
+		name  string
+		pool  *pgxpool.Pool
+		store *pgstore.Store
+		t     []time.Duration
+	}
+	var conns []*conn
+	for _, c := range benchConns {
+		pool := c.pool(b, e.url)
+		conns = append(conns, &conn{c.name, pool, newStore(b, pool, pgstore.Config{KEK: e.kek}), make([]time.Duration, len(ops))})
+	}
+	i := 0
+	for b.Loop() {
+		for _, c := range conns {
+			for j := range ops {
+				k := (i + j) % len(ops)
+				t0 := time.Now()
+				if err := ops[k].run(c.store, c.pool, i); err != nil {
+					b.Fatal(err)
+				}
+				c.t[k] += time.Since(t0)
+			}
+		}
+		i++
+	}
+	for _, c := range conns {
+		for k, o := range ops {
+			b.ReportMetric(float64(c.t[k].Nanoseconds())/float64(i), c.name+"-"+o.name+"-ns/op")
+		}
+		b.ReportMetric(float64(c.t[1])/float64(c.t[0]), c.name+"-getmany10-vs-get")
+		b.ReportMetric(float64(c.t[1])/float64(c.t[3]), c.name+"-getmany10-vs-plain")
+	}
+}

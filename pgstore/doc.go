@@ -12,6 +12,11 @@
 //	s, err := pgstore.New(ctx, pool, pgstore.Config{KEK: kek, Actor: "meshhook"})
 //	err = s.Put(ctx, projectID, "stripe-key", value)
 //	value, err := s.Get(ctx, projectID, "stripe-key")
+//	values, err := s.GetMany(ctx, projectID, []string{"stripe-key", "github-token"})
+//
+// GetMany reads up to MaxGetMany secrets of one project with one statement
+// in one round trip (plus one per data key not yet cached); names that are
+// not set are absent from its map.
 //
 // # Schema
 //
@@ -127,7 +132,7 @@
 // specifies the tables and both associated data byte by byte, with a worked
 // example.
 //
-// Errors. Get returns one error, matching envelope.ErrDecrypt, for every
+// Errors. Get (and GetMany, for the whole call) returns one error, matching envelope.ErrDecrypt, for every
 // row that does not decrypt, whether the ciphertext or the data key (its
 // wrapped form, its kek row, its row missing) was altered; outages, access
 // denied and disabled keys stay distinct (see Get).

@@ -2,12 +2,13 @@ package pgstore
 
 import "context"
 
-// Observer is told of each Put and Get, for metrics and traces, without
-// this package depending on a telemetry library. Start is called before
-// the operation with "put" or "get"; it may return a derived ctx (carrying
-// a span, for instance) that the operation then uses, and a function the
+// Observer is told of each Put, Get and GetMany, for metrics and traces,
+// without this package depending on a telemetry library. Start is called
+// before the operation with "put", "get" or "getmany" (once per GetMany
+// call, however many names); it may return a derived ctx (carrying a
+// span, for instance) that the operation then uses, and a function the
 // Store calls once with the operation's error (nil on success). Neither
-// receives the project, the name or the value. Implementations must be
+// receives the project, the names or the values. Implementations must be
 // safe for concurrent use and must not block.
 type Observer interface {
 	Start(ctx context.Context, op string) (context.Context, func(error))

@@ -77,8 +77,9 @@ type Config struct {
 	// Logger receives one line per key-management step (never secrets).
 	// Discarded when nil.
 	Logger *slog.Logger
-	// Observer, when set, is told of every Put and Get (for metrics and
-	// traces; telemetry.Telemetry.StoreObserver is one). Optional.
+	// Observer, when set, is told of every Put, Get and GetMany (for
+	// metrics and traces; telemetry.Telemetry.StoreObserver is one).
+	// Optional.
 	Observer Observer
 }
 

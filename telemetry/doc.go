@@ -20,9 +20,10 @@
 //     "keybroker.decrypt" (parents of the key-service spans they cause),
 //     keybroker.operations, keybroker.operation.duration, and observed
 //     cache counters and DEK budget use.
-//   - StoreObserver is a pgstore.Observer: spans "keybroker.put" and
-//     "keybroker.get" and the same operation metrics for pgstore's Put and
-//     Get (set pgstore.Config.Observer).
+//   - StoreObserver is a pgstore.Observer: spans "keybroker.put",
+//     "keybroker.get" and "keybroker.getmany" and the same operation
+//     metrics for pgstore's Put, Get and GetMany (set
+//     pgstore.Config.Observer).
 //   - ObserveCache observes any cache's counters, for example pgstore's
 //     Store.CacheStats; Progress records Rewrap, Reencrypt and
 //     MigratePlaintext progress callbacks as gauges.

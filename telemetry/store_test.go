@@ -50,11 +50,15 @@ func TestStoreObserver(t *testing.T) {
 	if _, err := st.Get(ctx, "p1", "missing"); !errors.Is(err, pgstore.ErrNotFound) {
 		t.Fatalf("Get missing: %v, want ErrNotFound", err)
 	}
+	if m, err := st.GetMany(ctx, "p1", []string{"a", "missing"}); err != nil || len(m) != 1 {
+		t.Fatalf("GetMany: %d secrets, %v; want 1", len(m), err)
+	}
 	got := r.collect(t)
 	for attrs, want := range map[string]float64{
-		"keybroker.operation=put,keybroker.outcome=ok":    1,
-		"keybroker.operation=get,keybroker.outcome=ok":    1,
-		"keybroker.operation=get,keybroker.outcome=error": 1,
+		"keybroker.operation=put,keybroker.outcome=ok":     1,
+		"keybroker.operation=get,keybroker.outcome=ok":     1,
+		"keybroker.operation=get,keybroker.outcome=error":  1,
+		"keybroker.operation=getmany,keybroker.outcome=ok": 1,
 	} {
 		if v := value(t, got, telemetry.MetricOperations, attrs); v != want {
 			t.Errorf("operations{%s} = %v, want %v", attrs, v, want)

@@ -116,7 +116,7 @@ func value(t *testing.T, got map[string][]point, name, attrs string) float64 {
 // allowedAttrs is every attribute key and value the package may emit: no
 // key ids, versions, tenants, names or anything derived from data.
 var allowedAttrs = map[attribute.Key][]string{
-	telemetry.AttrOperation: {"encrypt", "decrypt", "put", "get", "wrap", "unwrap", "rewrap", "rotate", "describe", "retire", "reencrypt", "migrate_plaintext"},
+	telemetry.AttrOperation: {"encrypt", "decrypt", "put", "get", "getmany", "wrap", "unwrap", "rewrap", "rotate", "describe", "retire", "reencrypt", "migrate_plaintext"},
 	telemetry.AttrBackend:   {"local", "awskms", "gcpkms", "vault"},
 	telemetry.AttrComponent: {"envelope", "pgstore"},
 	telemetry.AttrOutcome: {"ok", "decrypt_failed", "key_not_found", "access_denied", "key_disabled", "unavailable",
