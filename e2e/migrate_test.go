@@ -238,6 +238,7 @@ type cutter struct {
 	mu        sync.Mutex
 	countdown int
 	cuts      int
+	cutSQL    string // the statement the last cut came before ("batch" for a batch)
 	err       error
 }
 
@@ -247,7 +248,7 @@ func (c *cutter) arm(n int) {
 	c.mu.Unlock()
 }
 
-func (c *cutter) maybeCut(ctx context.Context, conn *pgx.Conn) {
+func (c *cutter) maybeCut(ctx context.Context, conn *pgx.Conn, sql string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.countdown == 0 {
@@ -266,19 +267,26 @@ func (c *cutter) maybeCut(ctx context.Context, conn *pgx.Conn) {
 		c.err = err
 	}
 	c.cuts++
+	c.cutSQL = sql
 }
 
-func (c *cutter) TraceQueryStart(ctx context.Context, conn *pgx.Conn, _ pgx.TraceQueryStartData) context.Context {
-	c.maybeCut(ctx, conn)
+func (c *cutter) TraceQueryStart(ctx context.Context, conn *pgx.Conn, d pgx.TraceQueryStartData) context.Context {
+	c.maybeCut(ctx, conn, d.SQL)
 	return ctx
 }
 func (c *cutter) TraceQueryEnd(context.Context, *pgx.Conn, pgx.TraceQueryEndData) {}
 func (c *cutter) TraceBatchStart(ctx context.Context, conn *pgx.Conn, _ pgx.TraceBatchStartData) context.Context {
-	c.maybeCut(ctx, conn)
+	c.maybeCut(ctx, conn, "batch")
 	return ctx
 }
-func (c *cutter) TraceBatchQuery(context.Context, *pgx.Conn, pgx.TraceBatchQueryData) {}
-func (c *cutter) TraceBatchEnd(context.Context, *pgx.Conn, pgx.TraceBatchEndData)     {}
+func (c *cutter) TraceBatchQuery(_ context.Context, _ *pgx.Conn, d pgx.TraceBatchQueryData) {
+	c.mu.Lock()
+	if c.cutSQL == "batch" {
+		c.cutSQL = "batch: " + d.SQL
+	}
+	c.mu.Unlock()
+}
+func (c *cutter) TraceBatchEnd(context.Context, *pgx.Conn, pgx.TraceBatchEndData) {}
 
 // testKillMigration: the migrating process loses its database connection at 20 random
 // points (the plaintext column being cleared as rows are migrated, so a lost row would be
@@ -339,7 +347,7 @@ func testKillMigration(t *testing.T, e *env) {
 		n := 1 + r.IntN(100)
 		points = append(points, strconv.Itoa(n))
 		cut.arm(n)
-		_, err := run()
+		res, err := run()
 		if cut.err != nil {
 			t.Fatalf("cut %d: %v", i+1, cut.err)
 		}
@@ -347,7 +355,7 @@ func testKillMigration(t *testing.T, e *env) {
 			t.Fatalf("run %d finished before its cut point (statement %d): the legacy table is too small for 20 cuts", i+1, n)
 		}
 		if err == nil {
-			t.Fatalf("run %d: no error although its connection was cut at statement %d", i+1, n)
+			t.Fatalf("run %d: no error although its connection was cut at statement %d (%.60q); result %+v", i+1, n, cut.cutSQL, res)
 		}
 		if msg := err.Error(); !strings.HasPrefix(msg, "pgstore: ") || strings.Contains(msg, "\n") {
 			t.Fatalf("run %d: error %q, want one line starting with pgstore:", i+1, msg)

@@ -13,6 +13,7 @@ import (
 	"github.com/jackc/pgx/v5/pgtype"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/profullstack/keybroker/envelope"
 	"github.com/profullstack/keybroker/provider"
 )
 
@@ -451,6 +452,12 @@ JOIN `+s.q+`.encrypted_secrets s ON s.project_id = u.p AND s.name = u.n`, ps, ns
 		var same bool
 		if cur != nil {
 			pt, err := s.open(ctx, sid.project, cur.id.Bytes, nil, cur.blob, cur.nonce, secretAAD(sid.project, sid.name))
+			if err != nil && !errors.Is(err, envelope.ErrDecrypt) {
+				// A lost connection or an unreachable key service says
+				// nothing about the stored secret: fail the batch rather
+				// than count the row as a conflict.
+				return br, fmt.Errorf("pgstore: migrate plaintext: read back row %q: %w", keys[i], err)
+			}
 			same = err == nil && len(pt) == len(values[i]) && subtle.ConstantTimeCompare(pt, values[i]) == 1
 			provider.Clear(pt)
 		}

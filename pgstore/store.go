@@ -562,10 +562,12 @@ func (s *Store) reserve(ctx context.Context, project string) ([16]byte, *envelop
 		if pk.valid && pk.next < pk.end {
 			pk.next++
 			dk, release, err := s.dataKey(ctx, project, pk.id, nil)
-			if err != nil && !reloaded {
+			if errors.Is(err, envelope.ErrDecrypt) && !reloaded {
 				// The key's row may be gone (deleted behind pgstore's back):
 				// ask the database for a reservation again, once, which
-				// finds or creates the project's active key.
+				// finds or creates the project's active key. Any other
+				// error (a lost connection, an unreachable key service) is
+				// the caller's to see.
 				reloaded, pk.valid = true, false
 				continue
 			}
