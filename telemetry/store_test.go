@@ -6,8 +6,11 @@ import (
 	"os"
 	"testing"
 
+	"github.com/jackc/pgx/v5/pgxpool"
+
 	"github.com/profullstack/keybroker/internal/pgtest"
 	"github.com/profullstack/keybroker/pgstore"
+	"github.com/profullstack/keybroker/provider"
 	"github.com/profullstack/keybroker/provider/local"
 	"github.com/profullstack/keybroker/telemetry"
 )
@@ -19,18 +22,7 @@ var _ pgstore.Observer = (*telemetry.StoreObserver)(nil)
 func TestStoreObserver(t *testing.T) {
 	ctx := context.Background()
 	r := newRecorder(t)
-	pool := pgtest.Pool(t)
-	if err := pgstore.Migrate(ctx, pool, pgstore.DefaultSchema); err != nil {
-		t.Fatal(err)
-	}
-	kek, err := local.Generate("tel")
-	if err != nil {
-		t.Fatal(err)
-	}
-	kr, err := r.tel.Keyring(kek)
-	if err != nil {
-		t.Fatal(err)
-	}
+	pool, kr := migratedKeyring(t, r)
 	st, err := pgstore.New(ctx, pool, pgstore.Config{KEK: kr, Observer: r.tel.StoreObserver()})
 	if err != nil {
 		t.Fatal(err)
@@ -97,18 +89,7 @@ func TestStoreObserver(t *testing.T) {
 func TestStoreObserverTamperedDataKey(t *testing.T) {
 	ctx := context.Background()
 	r := newRecorder(t)
-	pool := pgtest.Pool(t)
-	if err := pgstore.Migrate(ctx, pool, pgstore.DefaultSchema); err != nil {
-		t.Fatal(err)
-	}
-	kek, err := local.Generate("tel")
-	if err != nil {
-		t.Fatal(err)
-	}
-	kr, err := r.tel.Keyring(kek)
-	if err != nil {
-		t.Fatal(err)
-	}
+	pool, kr := migratedKeyring(t, r)
 	open := func() *pgstore.Store {
 		st, err := pgstore.New(ctx, pool, pgstore.Config{KEK: kr, Observer: r.tel.StoreObserver()})
 		if err != nil {
@@ -141,4 +122,23 @@ func TestStoreObserverTamperedDataKey(t *testing.T) {
 	if v := value(t, got, telemetry.MetricKMSCalls, "keybroker.backend=local,keybroker.operation=unwrap,keybroker.outcome=invalid_ciphertext"); v != 1 {
 		t.Errorf("unwraps invalid_ciphertext = %v, want 1", v)
 	}
+}
+
+// migratedKeyring gives a fresh migrated database and a local keyring
+// instrumented by r's Telemetry.
+func migratedKeyring(t *testing.T, r *recorder) (*pgxpool.Pool, *provider.Keyring) {
+	t.Helper()
+	pool := pgtest.Pool(t)
+	if err := pgstore.Migrate(context.Background(), pool, pgstore.DefaultSchema); err != nil {
+		t.Fatal(err)
+	}
+	kek, err := local.Generate("tel")
+	if err != nil {
+		t.Fatal(err)
+	}
+	kr, err := r.tel.Keyring(kek)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pool, kr
 }

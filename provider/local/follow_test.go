@@ -15,7 +15,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 
 	"github.com/profullstack/keybroker/provider"
@@ -444,47 +443,18 @@ func TestFollowWhileAnotherHandleRotates(t *testing.T) {
 	ctx := context.Background()
 	p, path := savedFile(t)
 	q := reopen(t, path)
-	const workers, ops, rotations = 4, 100, 10
-	errs := make(chan error, workers+1)
-	var wg sync.WaitGroup
-	for range workers {
-		wg.Go(func() {
-			dek := bytes.Repeat([]byte{5}, 32)
-			for range ops {
-				wk, err := p.Wrap(ctx, dek, nil)
-				if err != nil {
-					errs <- err
-					return
-				}
-				got, err := p.Unwrap(ctx, wk, nil)
-				if err != nil && !errors.Is(err, provider.ErrKeyNotFound) { // retired meanwhile
-					errs <- err
-					return
-				}
-				if err == nil && !bytes.Equal(got, dek) {
-					errs <- errors.New("DEK mismatch")
-					return
-				}
-			}
-		})
-	}
-	wg.Go(func() {
+	const rotations = 10
+	wrapUnwrapWhile(t, p, 4, 100, func() error {
 		for i := range rotations {
 			if _, err := q.Rotate(ctx); err != nil {
-				errs <- err
-				return
+				return err
 			}
 			if err := q.Retire(ctx, strconv.Itoa(i+1)); err != nil {
-				errs <- err
-				return
+				return err
 			}
 		}
+		return nil
 	})
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		t.Error(err)
-	}
 	st, err := p.Describe(ctx)
 	if err != nil || st.PrimaryVersion != strconv.Itoa(rotations+1) || strings.Join(st.Versions, ",") != strconv.Itoa(rotations+1) {
 		t.Fatalf("after another handle's rotations: %+v, %v", st, err)
