@@ -193,19 +193,19 @@ func New(ctx context.Context, pool *pgxpool.Pool, cfg Config) (*Store, error) {
 		return nil, fmt.Errorf("pgstore: check row-level security: %w", err)
 	}
 	return &Store{
-		rls:      rls,
-		pool:     pool,
-		db:       pool,
-		schema:   cfg.Schema,
-		q:        pgx.Identifier{cfg.Schema}.Sanitize(),
-		keyring:  kr,
-		budget:   cfg.Budget,
-		chunk:    cfg.ReserveChunk,
-		cache:    envelope.NewKeyCache(cfg.CacheEntries, cfg.CacheTTL),
-		actor:    cfg.Actor,
-		log:      cfg.Logger,
-		obs:      cfg.Observer,
-		res:      &reservations{keys: map[scopeKey]*projectKey{}},
+		rls:     rls,
+		pool:    pool,
+		db:      pool,
+		schema:  cfg.Schema,
+		q:       pgx.Identifier{cfg.Schema}.Sanitize(),
+		keyring: kr,
+		budget:  cfg.Budget,
+		chunk:   cfg.ReserveChunk,
+		cache:   envelope.NewKeyCache(cfg.CacheEntries, cfg.CacheTTL),
+		actor:   cfg.Actor,
+		log:     cfg.Logger,
+		obs:     cfg.Observer,
+		res:     &reservations{keys: map[scopeKey]*projectKey{}},
 	}, nil
 }
 
