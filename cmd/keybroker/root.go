@@ -150,6 +150,7 @@ func newRootCmd(a *app) *cobra.Command {
 		newPutCmd(a), newGetCmd(a), newDeleteCmd(a), newListCmd(a),
 		newRotateCmd(a), newRewrapCmd(a), newReencryptCmd(a), newRetireCmd(a),
 		newImportCmd(a),
+		newColumnCmd(a),
 		newStatusCmd(a), newVerifyCmd(a),
 		newKeygenCmd(a),
 		newVersionCmd(a),
