@@ -96,10 +96,7 @@ func (c Column) check() error {
 			return fmt.Errorf("%w: column %q named twice in the declaration", ErrInvalidArgument, n)
 		}
 	}
-	if len(c.Table)+1+len(c.Value) > MaxNameLen {
-		return fmt.Errorf("%w: table and value column names are more than %d bytes together", ErrInvalidArgument, MaxNameLen-1)
-	}
-	return nil
+	return c.context([]string{""}).Check()
 }
 
 // short quotes s for an error message, cut to its first 64 bytes.
