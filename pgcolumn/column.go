@@ -193,7 +193,7 @@ func quoteTable(c Column) string {
 // text form, in the declared order) of project, under the project's active
 // data key of the column's scope, and returns the bytes to store in the
 // column. The application writes them itself, typically in its own
-// transaction; the column's fence trigger refuses them (SQLSTATE KB002,
+// transaction; the column's fence trigger refuses them (SQLSTATE KB005,
 // ErrStaleKey through Refused) if the data key was retired meanwhile — see
 // Write for a helper that seals again.
 func (e *Encrypted) Seal(ctx context.Context, project string, key []string, value []byte) ([]byte, error) {
@@ -364,12 +364,13 @@ func (e *Encrypted) OpenMany(ctx context.Context, project string, rows []Row) ([
 	return out, nil
 }
 
-// SQLSTATEs the column fence trigger raises (docs/STORAGE.md).
+// SQLSTATEs the column fence trigger raises (docs/STORAGE.md). KB001 and
+// KB002 are pgstore's (a retired KEK version, a shredded project).
 const (
 	// SQLStateStaleKey: the value names a data key that is retired or
 	// gone (re-encryption retired it after the value was sealed). Sealing
 	// again gives a value the fence accepts.
-	SQLStateStaleKey = "KB002"
+	SQLStateStaleKey = "KB005"
 	// SQLStateLegacyRefused: the value is not sealed and the column no
 	// longer accepts legacy values.
 	SQLStateLegacyRefused = "KB003"

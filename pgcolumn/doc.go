@@ -61,7 +61,7 @@
 // read FOR KEY SHARE so that Reencrypt's FOR UPDATE retirement and its
 // destroying DELETE fence writers in every process. A value sealed just
 // before a concurrent Reencrypt retired its key is refused with SQLSTATE
-// KB002; Refused maps that to ErrStaleKey (and drops the stale
+// KB005; Refused maps that to ErrStaleKey (and drops the stale
 // reservation), and Write runs the application's statement in a savepoint
 // and seals again, so the caller's transaction survives. Unsealed values
 // pass only while the column accepts legacy values (KB003 after). KB004

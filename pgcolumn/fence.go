@@ -142,7 +142,7 @@ BEGIN
         WHERE d.id = encode(substring(v FROM 9 FOR 16), 'hex')::uuid FOR KEY SHARE;
         IF NOT FOUND OR k.state = 'retired' THEN
             RAISE EXCEPTION 'keybroker: %: the value''s data key is retired or gone; seal the value again', scope
-                USING ERRCODE = 'KB002';
+                USING ERRCODE = 'KB005';
         END IF;
         IF k.project_id IS DISTINCT FROM project OR k.scope IS DISTINCT FROM scope THEN
             RAISE EXCEPTION 'keybroker: %: value sealed for another project or column', scope

@@ -78,7 +78,7 @@ func TestFence(t *testing.T) {
 }
 
 // A value whose data key was retired after it was sealed is refused with
-// KB002 (ErrStaleKey); Refused drops the reservation so the next Seal
+// KB005 (ErrStaleKey); Refused drops the reservation so the next Seal
 // uses a fresh key, and Write does all of it inside the caller's
 // transaction.
 func TestFenceStaleKey(t *testing.T) {
@@ -98,7 +98,7 @@ func TestFenceStaleKey(t *testing.T) {
 	retire()
 	err = e.insert(t, p, "A", stale)
 	if sqlstateOf(err) != pgcolumn.SQLStateStaleKey {
-		t.Fatalf("insert under a retired key: %v, want SQLSTATE KB002", err)
+		t.Fatalf("insert under a retired key: %v, want SQLSTATE KB005", err)
 	}
 	if err := e.col.Refused(err, p, stale); !errors.Is(err, pgcolumn.ErrStaleKey) {
 		t.Fatalf("Refused = %v, want ErrStaleKey", err)

@@ -6,6 +6,7 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/profullstack/keybroker/internal/meshhook"
 	"github.com/profullstack/keybroker/internal/pgtest"
 	"github.com/profullstack/keybroker/pgcolumn"
 	"github.com/profullstack/keybroker/pgstore"
@@ -13,20 +14,10 @@ import (
 	"github.com/profullstack/keybroker/provider/local"
 )
 
-// meshhookSchema is MeshHook's schema, verbatim from issue 13.
-const meshhookSchema = `
-create table projects (id uuid primary key default gen_random_uuid(), owner uuid not null,
-  name text not null, created_at timestamptz not null default now(), updated_at timestamptz not null default now());
-create table secrets (id uuid primary key default gen_random_uuid(),
-  project_id uuid not null references projects(id) on delete cascade, key text not null,
-  value_encrypted bytea not null, created_at timestamptz not null default now(),
-  updated_at timestamptz not null default now(), unique(project_id, key));
-`
-
 // secretsColumn declares MeshHook's secrets.value_encrypted.
 var secretsColumn = pgcolumn.Column{Table: "public.secrets", Project: "project_id", Key: []string{"key"}, Value: "value_encrypted"}
 
-// env is a migrated database with MeshHook's schema, a Store over it and
+// env is a migrated database with MeshHook's schema (verbatim, in public), a Store over it and
 // the installed secrets column.
 type env struct {
 	url   string
@@ -53,7 +44,7 @@ func newEnvKEK(t testing.TB, kek provider.KEKProvider) *env {
 	if err := pgstore.Migrate(ctx, pool, ""); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := pool.Exec(ctx, meshhookSchema); err != nil {
+	if _, err := pool.Exec(ctx, meshhook.SchemaSQL); err != nil {
 		t.Fatal(err)
 	}
 	store, err := pgstore.New(ctx, pool, pgstore.Config{KEK: kek})

@@ -353,7 +353,7 @@ func (e *Encrypted) sealVerified(ctx context.Context, project string, key []stri
 // scope that no row of the table references, and counts those left. The
 // NOT EXISTS is in the DELETE itself; a writer racing it is fenced (its
 // trigger's FOR KEY SHARE of the key waits for the delete, then finds no
-// row: KB002).
+// row: KB005).
 func (e *Encrypted) destroyRetired(ctx context.Context, project string) (destroyed, remaining int64, err error) {
 	scope := e.col.Scope()
 	var gone []pgtype.UUID

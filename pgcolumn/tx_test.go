@@ -11,6 +11,7 @@ import (
 
 	"github.com/profullstack/keybroker/envelope"
 	"github.com/profullstack/keybroker/pgcolumn"
+	"github.com/profullstack/keybroker/pgstore"
 )
 
 // MeshHook's flow: a project row and its sealed secrets are inserted in one
@@ -123,4 +124,33 @@ func TestOpenMany(t *testing.T) {
 	if _, err := col.OpenMany(ctx, p, bad); !errors.Is(err, pgcolumn.ErrLegacyRefused) {
 		t.Fatalf("OpenMany with an unsealed value: %v, want ErrLegacyRefused", err)
 	}
+}
+
+// Shredding a project (pgstore.Store.ShredProject) destroys its column
+// data keys too: its values no longer open (read by a fresh process) and
+// no value can be sealed for it; other projects keep theirs.
+func TestShreddedProject(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t)
+	p, q := e.project(t), e.project(t)
+	e.fill(t, p, 3)
+	wantQ := e.fill(t, q, 3)
+	var stored []byte
+	if err := e.pool.QueryRow(ctx, `SELECT value_encrypted FROM secrets WHERE project_id = $1 AND key = 'R0'`, p).Scan(&stored); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.store.ShredProject(ctx, p); err != nil {
+		t.Fatal(err)
+	}
+	col, err := pgcolumn.New(ctx, newStoreOn(t, e), secretsColumn, pgcolumn.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := col.Open(ctx, p, []string{"R0"}, stored); err != envelope.ErrDecrypt {
+		t.Fatalf("Open after the shred: %v, want ErrDecrypt", err)
+	}
+	if _, err := col.Seal(ctx, p, []string{"R9"}, []byte("v")); !errors.Is(err, pgstore.ErrProjectShredded) {
+		t.Fatalf("Seal for a shredded project: %v, want pgstore.ErrProjectShredded", err)
+	}
+	check(t, e, col, q, wantQ)
 }

@@ -10,6 +10,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/profullstack/keybroker/internal/meshhook"
 	"github.com/profullstack/keybroker/pgcolumn"
 	"github.com/profullstack/keybroker/pgstore"
 	"github.com/profullstack/keybroker/provider"
@@ -33,13 +34,7 @@ var meshhookSecrets = pgcolumn.Column{Table: "public.secrets", Project: "project
 func TestCrashColumnReencrypt(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
-	if _, err := e.pool.Exec(e.ctx, `
-create table projects (id uuid primary key default gen_random_uuid(), owner uuid not null,
-  name text not null, created_at timestamptz not null default now(), updated_at timestamptz not null default now());
-create table secrets (id uuid primary key default gen_random_uuid(),
-  project_id uuid not null references projects(id) on delete cascade, key text not null,
-  value_encrypted bytea not null, created_at timestamptz not null default now(),
-  updated_at timestamptz not null default now(), unique(project_id, key))`); err != nil {
+	if _, err := e.pool.Exec(e.ctx, meshhook.SchemaSQL); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := e.pool.Exec(e.ctx, `insert into projects (id, owner, name) values ($1, gen_random_uuid(), 'big'), ($2, gen_random_uuid(), 'other')`, columnBig, columnOther); err != nil {
