@@ -1,0 +1,84 @@
+package pgcolumn_test
+
+import (
+	"context"
+	"testing"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/profullstack/keybroker/internal/pgtest"
+	"github.com/profullstack/keybroker/pgcolumn"
+	"github.com/profullstack/keybroker/pgstore"
+	"github.com/profullstack/keybroker/provider/local"
+)
+
+// meshhookSchema is MeshHook's schema, verbatim from issue 13.
+const meshhookSchema = `
+create table projects (id uuid primary key default gen_random_uuid(), owner uuid not null,
+  name text not null, created_at timestamptz not null default now(), updated_at timestamptz not null default now());
+create table secrets (id uuid primary key default gen_random_uuid(),
+  project_id uuid not null references projects(id) on delete cascade, key text not null,
+  value_encrypted bytea not null, created_at timestamptz not null default now(),
+  updated_at timestamptz not null default now(), unique(project_id, key));
+`
+
+// secretsColumn declares MeshHook's secrets.value_encrypted.
+var secretsColumn = pgcolumn.Column{Table: "public.secrets", Project: "project_id", Key: []string{"key"}, Value: "value_encrypted"}
+
+// env is a migrated database with MeshHook's schema, a Store over it and
+// the installed secrets column.
+type env struct {
+	url   string
+	pool  *pgxpool.Pool
+	store *pgstore.Store
+	col   *pgcolumn.Encrypted
+}
+
+func newEnv(t testing.TB) *env {
+	t.Helper()
+	ctx := context.Background()
+	u := pgtest.NewDatabase(t)
+	pool := pgtest.PoolFor(t, u)
+	if err := pgstore.Migrate(ctx, pool, ""); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pool.Exec(ctx, meshhookSchema); err != nil {
+		t.Fatal(err)
+	}
+	kek, err := local.Generate("test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	store, err := pgstore.New(ctx, pool, pgstore.Config{KEK: kek})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { store.Close() })
+	if err := pgcolumn.Install(ctx, store, secretsColumn); err != nil {
+		t.Fatal(err)
+	}
+	col, err := pgcolumn.New(ctx, store, secretsColumn, pgcolumn.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &env{url: u, pool: pool, store: store, col: col}
+}
+
+// project inserts a MeshHook project and returns its id (text form).
+func (e *env) project(t testing.TB) string {
+	t.Helper()
+	var id string
+	if err := e.pool.QueryRow(context.Background(), `INSERT INTO projects (owner, name) VALUES (gen_random_uuid(), 'p') RETURNING id::text`).Scan(&id); err != nil {
+		t.Fatal(err)
+	}
+	return id
+}
+
+func count(t testing.TB, pool *pgxpool.Pool, sql string, args ...any) int64 {
+	t.Helper()
+	var n int64
+	if err := pool.QueryRow(context.Background(), sql, args...).Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
