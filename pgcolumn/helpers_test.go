@@ -82,3 +82,15 @@ func count(t testing.TB, pool *pgxpool.Pool, sql string, args ...any) int64 {
 	}
 	return n
 }
+
+// newStoreOn is a second Store over e's database (its own cache and
+// reservations, as another process would have), closed when t ends.
+func newStoreOn(t testing.TB, e *env) *pgstore.Store {
+	t.Helper()
+	s, err := pgstore.New(context.Background(), e.pool, pgstore.Config{KEK: e.store.Keyring()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
