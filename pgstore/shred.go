@@ -64,9 +64,13 @@ func (s *Store) ShredProject(ctx context.Context, project string) (ShredResult, 
 	}
 	// This process's reservation and cached keys of the project go too;
 	// other processes drop theirs when a write finds its key gone.
-	s.mu.Lock()
-	delete(s.projects, project)
-	s.mu.Unlock()
+	s.res.mu.Lock()
+	for k := range s.res.keys {
+		if k.project == project { // every scope: keybroker's secrets and each column
+			delete(s.res.keys, k)
+		}
+	}
+	s.res.mu.Unlock()
 	for _, id := range ids {
 		s.cache.Remove(cacheID(project, id.Bytes))
 	}
