@@ -171,7 +171,7 @@ type migrateQueries struct {
 	// selHead, the keyset condition, selTail and a LIMIT parameter make
 	// the batch read (concatenated: identifiers may hold any character).
 	selHead, selTail string
-	update    string
+	update           string
 }
 
 // ref turns index-ordered values into a RowRef.
