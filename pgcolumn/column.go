@@ -98,10 +98,7 @@ func (c Column) check() error {
 			return fmt.Errorf("%w: column %q named twice in the declaration", ErrInvalidArgument, n)
 		}
 	}
-	if len(c.Table)+1+len(c.Value) > MaxNameLen {
-		return fmt.Errorf("%w: table and value column names are more than %d bytes together", ErrInvalidArgument, MaxNameLen-1)
-	}
-	return nil
+	return c.context([]string{""}).Check()
 }
 
 // short quotes s for an error message, cut to its first 64 bytes.
@@ -498,4 +495,24 @@ func (e *Encrypted) Write(ctx context.Context, tx pgx.Tx, project string, key []
 		}
 	}
 	return fmt.Errorf("%w on each of %d attempts", last, maxWriteAttempts)
+}
+
+// Lookup returns the declaration installed for table's value column (the
+// registry's project and key columns), or ErrNotDeclared: for tools that
+// name a column by table and value column only.
+func Lookup(ctx context.Context, store *pgstore.Store, table, value string) (Column, error) {
+	ks, err := layered(store)
+	if err != nil {
+		return Column{}, err
+	}
+	col := Column{Table: table, Value: value}
+	err = ks.Pool().QueryRow(ctx, `SELECT project_column, key_columns FROM `+pgx.Identifier{ks.Schema()}.Sanitize()+`.columns
+WHERE table_name = $1 AND column_name = $2`, table, value).Scan(&col.Project, &col.Key)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return Column{}, fmt.Errorf("%w: %s.%s", ErrNotDeclared, short(table), short(value))
+	}
+	if err != nil {
+		return Column{}, fmt.Errorf("pgcolumn: read column registry: %w", err)
+	}
+	return col, nil
 }

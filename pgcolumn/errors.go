@@ -26,4 +26,7 @@ var (
 	// copied from another column). Sealing it again for the right project
 	// and row is the fix; retrying the same bytes is not.
 	ErrMisdirected = errors.New("pgcolumn: value sealed for another project or column")
+	// ErrVerify: a freshly sealed value did not open to the plaintext it
+	// was made from; nothing was written.
+	ErrVerify = errors.New("pgcolumn: verification failed")
 )

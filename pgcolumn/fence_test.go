@@ -13,7 +13,7 @@ import (
 	"github.com/profullstack/keybroker/pgcolumn"
 )
 
-func sqlstate(err error) string {
+func sqlstateOf(err error) string {
 	var pe *pgconn.PgError
 	if errors.As(err, &pe) {
 		return pe.Code
@@ -53,7 +53,7 @@ func TestFence(t *testing.T) {
 		"too short":                  {p, good[:55], pgcolumn.SQLStateMisdirected, pgcolumn.ErrMisdirected},
 	} {
 		err := e.insert(t, c.project, "B-"+name, c.value)
-		if sqlstate(err) != c.state || !errors.Is(e.col.Refused(err, c.project, c.value), c.target) {
+		if sqlstateOf(err) != c.state || !errors.Is(e.col.Refused(err, c.project, c.value), c.target) {
 			t.Errorf("%s: insert: %v, want SQLSTATE %s (%v)", name, err, c.state, c.target)
 		}
 	}
@@ -66,7 +66,7 @@ func TestFence(t *testing.T) {
 		t.Fatal(err)
 	}
 	err = e.insert(t, p, "legacy2", []byte("plaintext"))
-	if sqlstate(err) != pgcolumn.SQLStateLegacyRefused || !errors.Is(e.col.Refused(err, p, nil), pgcolumn.ErrLegacyRefused) {
+	if sqlstateOf(err) != pgcolumn.SQLStateLegacyRefused || !errors.Is(e.col.Refused(err, p, nil), pgcolumn.ErrLegacyRefused) {
 		t.Fatalf("legacy value after refusal: %v, want SQLSTATE KB003", err)
 	}
 	// An unchanged value is not re-checked (the row already holds it), an
@@ -97,7 +97,7 @@ func TestFenceStaleKey(t *testing.T) {
 	}
 	retire()
 	err = e.insert(t, p, "A", stale)
-	if sqlstate(err) != pgcolumn.SQLStateStaleKey {
+	if sqlstateOf(err) != pgcolumn.SQLStateStaleKey {
 		t.Fatalf("insert under a retired key: %v, want SQLSTATE KB002", err)
 	}
 	if err := e.col.Refused(err, p, stale); !errors.Is(err, pgcolumn.ErrStaleKey) {

@@ -9,6 +9,7 @@ import (
 	"github.com/profullstack/keybroker/internal/pgtest"
 	"github.com/profullstack/keybroker/pgcolumn"
 	"github.com/profullstack/keybroker/pgstore"
+	"github.com/profullstack/keybroker/provider"
 	"github.com/profullstack/keybroker/provider/local"
 )
 
@@ -36,6 +37,16 @@ type env struct {
 
 func newEnv(t testing.TB) *env {
 	t.Helper()
+	kek, err := local.Generate("test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return newEnvKEK(t, kek)
+}
+
+// newEnvKEK is newEnv with the Store's KEK given.
+func newEnvKEK(t testing.TB, kek provider.KEKProvider) *env {
+	t.Helper()
 	ctx := context.Background()
 	u := pgtest.NewDatabase(t)
 	pool := pgtest.PoolFor(t, u)
@@ -43,10 +54,6 @@ func newEnv(t testing.TB) *env {
 		t.Fatal(err)
 	}
 	if _, err := pool.Exec(ctx, meshhookSchema); err != nil {
-		t.Fatal(err)
-	}
-	kek, err := local.Generate("test")
-	if err != nil {
 		t.Fatal(err)
 	}
 	store, err := pgstore.New(ctx, pool, pgstore.Config{KEK: kek})

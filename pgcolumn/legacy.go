@@ -11,15 +11,9 @@ import (
 	"github.com/profullstack/keybroker/provider"
 )
 
-// Errors of the legacy path.
-var (
-	// ErrVerify: MigrateLegacy read back a value it had just written and
-	// it did not open to the decoded plaintext; the batch was rolled back.
-	ErrVerify = errors.New("pgcolumn: verification failed")
-	// ErrLegacyRemaining: RefuseLegacy found unsealed values in the column
-	// and left legacy acceptance on; run MigrateLegacy (again) first.
-	ErrLegacyRemaining = errors.New("pgcolumn: unsealed values remain")
-)
+// ErrLegacyRemaining: RefuseLegacy found unsealed values in the column and
+// left legacy acceptance on; run MigrateLegacy (again) first.
+var ErrLegacyRemaining = errors.New("pgcolumn: unsealed values remain")
 
 // acceptsLegacy reports whether the column's registry row still accepts
 // unsealed values, reading it from the database every time until it says

@@ -23,13 +23,6 @@ const DefaultMigrateBatch = 1000
 // MaxReportedRows bounds MigrateResult.UndecodableRows.
 const MaxReportedRows = 100
 
-// RowRef names a row of the column by its project and key columns' values
-// (text form). It never carries a value.
-type RowRef struct {
-	Project string
-	Key     []string
-}
-
 // MigrateOptions configures MigrateLegacy.
 type MigrateOptions struct {
 	// Legacy decodes each unsealed value into the plaintext to seal:

@@ -61,7 +61,7 @@ func opener(r *pgcolumn.Encrypted) meshhook.Opener {
 	}
 }
 
-func check(t testing.TB, e *env, exp meshhook.Expected, open meshhook.Opener) {
+func checkFixture(t testing.TB, e *env, exp meshhook.Expected, open meshhook.Opener) {
 	t.Helper()
 	rep, err := meshhook.Check(context.Background(), e.pool, "public", exp, open)
 	if err != nil {
@@ -85,7 +85,7 @@ func TestMigrateLegacy(t *testing.T) {
 	f, dec := legacyFixture(t, e, meshhook.Options{Rows: 400, Projects: 5, V1: 160, Lookalike: 40, Forged: 3})
 	exp := f.Expected()
 	r := e.reader(t, dec)
-	check(t, e, exp, opener(r))
+	checkFixture(t, e, exp, opener(r))
 	// A reader without a decoder refuses legacy values.
 	row := f.Rows[0]
 	if _, err := e.col.Open(ctx, row.Project, []string{row.Key}, row.Stored); !errors.Is(err, pgcolumn.ErrLegacyRefused) {
@@ -128,7 +128,7 @@ func TestMigrateLegacy(t *testing.T) {
 	if n := count(t, e.pool, unsealed); n != 3 {
 		t.Fatalf("%d unsealed values left, want the 3 forged", n)
 	}
-	check(t, e, exp, opener(r))
+	checkFixture(t, e, exp, opener(r))
 	sealedOnly := meshhook.Expected{}
 	for k, w := range exp {
 		if !w.Refused {

@@ -11,38 +11,6 @@ import (
 	"github.com/profullstack/keybroker/pgcolumn"
 )
 
-// newColumnCmd is `keybroker column`: encrypted columns of application
-// tables (package pgcolumn).
-func newColumnCmd(a *app) *cobra.Command {
-	cmd := &cobra.Command{
-		Use:   "column",
-		Short: "Encrypted columns of application tables: migrate legacy values, finish",
-		Args:  args(cobra.NoArgs),
-	}
-	cmd.AddCommand(newColumnMigrateCmd(a), newColumnFinishCmd(a))
-	return cmd
-}
-
-// columnFlags declare the column a command works on.
-type columnFlags struct {
-	col pgcolumn.Column
-}
-
-func (c *columnFlags) add(cmd *cobra.Command) {
-	f := cmd.Flags()
-	f.StringVar(&c.col.Table, "table", "", "the application table, schema.table (required)")
-	f.StringVar(&c.col.Project, "project-column", "project_id", "the column holding each row's project")
-	f.StringSliceVar(&c.col.Key, "key", []string{"key"}, "the column(s) identifying a row within its project, comma-separated")
-	f.StringVar(&c.col.Value, "value", "", "the encrypted (bytea) column (required)")
-}
-
-func (c *columnFlags) check() error {
-	if c.col.Table == "" || c.col.Value == "" {
-		return usageErrorf("--table and --value are required")
-	}
-	return nil
-}
-
 // columnRow is a row named in output: project and key, never a value.
 type columnRow struct {
 	Project string   `json:"project"`
@@ -59,14 +27,13 @@ type columnMigrateResult struct {
 	Remaining       int64       `json:"remaining"`
 }
 
-func newColumnMigrateCmd(a *app) *cobra.Command {
+func newColumnMigrateCmd(a *app, f *columnFlags) *cobra.Command {
 	var (
-		cf    columnFlags
 		urls  []string
 		batch int
 	)
 	cmd := &cobra.Command{
-		Use:   "migrate --table SCHEMA.TABLE --value COLUMN [--legacy URL]...",
+		Use:   "migrate [--legacy URL]...",
 		Short: "Seal a column's plaintext and legacy values in place, online",
 		Long: `migrate converts, in place, every unsealed value of an installed encrypted
 column (plaintext, or a legacy ciphertext --legacy decodes) to keybroker's
@@ -94,9 +61,6 @@ fix or rewrite them and rerun; 1 error (committed batches are kept; rerun);
 2 usage.`,
 		Args: args(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := cf.check(); err != nil {
-				return err
-			}
 			if len(urls) == 0 {
 				urls = []string{"plaintext://"} // a column of plaintexts only
 			}
@@ -106,31 +70,28 @@ fix or rewrite them and rerun; 1 error (committed batches are kept; rerun);
 			}
 			defer chain.Close()
 			ctx := cmd.Context()
-			s, err := a.openStore(ctx)
+			s, col, err := a.openColumn(ctx, f)
 			if err != nil {
 				return err
 			}
 			defer s.close()
-			col, err := pgcolumn.New(ctx, s.store, cf.col, pgcolumn.Options{})
-			if err != nil {
-				return err
-			}
+			name := col.Column().Table + "." + col.Column().Value
 			p := a.newProgress("column migrate", -1)
 			res, err := col.MigrateLegacy(ctx, pgcolumn.MigrateOptions{Legacy: chain, BatchSize: batch,
 				Progress: func(pr pgcolumn.MigrateProgress) {
-					a.log.Info("column migrate: batch committed", "column", cf.col.Scope(), "done", pr.Done, "total", pr.Total)
+					a.log.Info("column migrate: batch committed", "column", name, "done", pr.Done, "total", pr.Total)
 					p.set(pr.Done, pr.Total)
 				}})
 			p.finish()
 			if err != nil {
 				return err
 			}
-			out := columnMigrateResult{Column: cf.col.Table + "." + cf.col.Value, Pending: res.Pending, Migrated: res.Migrated,
+			out := columnMigrateResult{Column: name, Pending: res.Pending, Migrated: res.Migrated,
 				Changed: res.Changed, Undecodable: res.Undecodable, UndecodableRows: []columnRow{}, Remaining: res.Remaining}
 			for _, r := range res.UndecodableRows {
 				out.UndecodableRows = append(out.UndecodableRows, columnRow{Project: r.Project, Key: r.Key})
 			}
-			a.log.Info("column migrate", "column", cf.col.Scope(), "migrated", res.Migrated, "changed", res.Changed,
+			a.log.Info("column migrate", "column", name, "migrated", res.Migrated, "changed", res.Changed,
 				"undecodable", res.Undecodable, "remaining", res.Remaining)
 			err = a.emit(out, func(w io.Writer) {
 				for _, r := range out.UndecodableRows {
@@ -148,17 +109,15 @@ fix or rewrite them and rerun; 1 error (committed batches are kept; rerun);
 			return err
 		},
 	}
-	cf.add(cmd)
-	f := cmd.Flags()
-	f.StringArrayVar(&urls, "legacy", nil, "decode values with this decoder before plaintext (meshhook-v1://env/VARNAME); repeatable")
-	f.IntVar(&batch, "batch", 0, fmt.Sprintf("rows per transaction (default %d)", pgcolumn.DefaultMigrateBatch))
+	fl := cmd.Flags()
+	fl.StringArrayVar(&urls, "legacy", nil, "decode values with this decoder before plaintext (meshhook-v1://env/VARNAME); repeatable")
+	fl.IntVar(&batch, "batch", 0, fmt.Sprintf("rows per transaction (default %d)", pgcolumn.DefaultMigrateBatch))
 	return cmd
 }
 
-func newColumnFinishCmd(a *app) *cobra.Command {
-	var cf columnFlags
-	cmd := &cobra.Command{
-		Use:   "finish --table SCHEMA.TABLE --value COLUMN",
+func newColumnFinishCmd(a *app, f *columnFlags) *cobra.Command {
+	return &cobra.Command{
+		Use:   "finish",
 		Short: "Switch legacy acceptance off once every value is sealed",
 		Long: `finish switches legacy acceptance off for an installed encrypted column, for
 good: from then on the column's trigger refuses every unsealed write and
@@ -172,25 +131,18 @@ Exit codes: 0 legacy values are refused from now on; 5 unsealed values
 remain: run "keybroker column migrate" first; 1 error; 2 usage.`,
 		Args: args(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := cf.check(); err != nil {
-				return err
-			}
 			ctx := cmd.Context()
-			s, err := a.openStore(ctx)
+			s, col, err := a.openColumn(ctx, f)
 			if err != nil {
 				return err
 			}
 			defer s.close()
-			col, err := pgcolumn.New(ctx, s.store, cf.col, pgcolumn.Options{})
-			if err != nil {
-				return err
-			}
 			if err := col.RefuseLegacy(ctx); errors.Is(err, pgcolumn.ErrLegacyRemaining) {
 				return incomplete("column finish: %v", err)
 			} else if err != nil {
 				return err
 			}
-			name := cf.col.Table + "." + cf.col.Value
+			name := col.Column().Table + "." + col.Column().Value
 			return a.emit(struct {
 				Column        string `json:"column"`
 				LegacyRefused bool   `json:"legacy_refused"`
@@ -199,6 +151,4 @@ remain: run "keybroker column migrate" first; 1 error; 2 usage.`,
 			})
 		},
 	}
-	cf.add(cmd)
-	return cmd
 }

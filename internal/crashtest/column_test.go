@@ -4,276 +4,163 @@ package crashtest
 
 import (
 	"bytes"
-	"context"
-	"errors"
+	"crypto/rand"
 	"fmt"
-	"os"
-	"os/exec"
-	"path/filepath"
-	"strconv"
-	"syscall"
 	"testing"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgconn"
 
-	"github.com/profullstack/keybroker/internal/meshhook"
 	"github.com/profullstack/keybroker/pgcolumn"
 	"github.com/profullstack/keybroker/pgstore"
 	"github.com/profullstack/keybroker/provider"
 )
 
-// TestCrashColumnMigrate is issue 13's MeshHook test. MeshHook's schema
-// verbatim with 20,000 rows over 50 projects made by Node's node:crypto
-// (40% v1, 60% plaintext of which 1,200 look like v1). Two application
-// writers run as separate OS processes while `keybroker column migrate
-// --legacy meshhook-v1://env/SECRETS_ENCRYPTION_KEY --batch 200` is
-// SIGKILLed at random points (a stderr line or its audit event) and rerun:
-// one writes v1 values as today's MeshHook does, one sealed values as the
-// new code does. Then the v1 writer stops (the deploy), a plain rerun must
-// exit 0, every row must open — without any legacy decoder — to the
-// fixture's value or the writers' acknowledged write, and `column finish`
-// switches legacy acceptance off. Then a project is deleted through
-// MeshHook's ON DELETE CASCADE with keybroker's shred trigger, and the
-// application flow: a row and its sealed value inserted in one
-// transaction, another rolled back, a run's 10 secrets read in one
-// OpenMany.
-func TestCrashColumnMigrate(t *testing.T) {
+// The two MeshHook projects of TestCrashColumnReencrypt.
+const (
+	columnBig   = "00000000-0000-4000-8000-00000000b196"
+	columnOther = "00000000-0000-4000-8000-000000000e4e"
+)
+
+var meshhookSecrets = pgcolumn.Column{Table: "public.secrets", Project: "project_id", Key: []string{"key"}, Value: "value_encrypted"}
+
+// TestCrashColumnReencrypt SIGKILLs `column reencrypt BIG --batch 20` of
+// 1,000 values in MeshHook's secrets table (schema verbatim from issue 13)
+// three times in each of four rounds and finishes with a plain rerun: every
+// value of BIG under its one active data key of the column and opening
+// byte-exact, no retired key left, the other project untouched, and the
+// audit exact (each retirement moved every value once and destroyed its
+// key once).
+func TestCrashColumnReencrypt(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
-	ctx := e.ctx
-	if err := meshhook.CreateSchema(ctx, e.pool, "public"); err != nil {
+	if _, err := e.pool.Exec(e.ctx, `
+create table projects (id uuid primary key default gen_random_uuid(), owner uuid not null,
+  name text not null, created_at timestamptz not null default now(), updated_at timestamptz not null default now());
+create table secrets (id uuid primary key default gen_random_uuid(),
+  project_id uuid not null references projects(id) on delete cascade, key text not null,
+  value_encrypted bytea not null, created_at timestamptz not null default now(),
+  updated_at timestamptz not null default now(), unique(project_id, key))`); err != nil {
 		t.Fatal(err)
 	}
-	f, err := meshhook.Generate(ctx, meshhook.Standard())
-	if err != nil {
+	if _, err := e.pool.Exec(e.ctx, `insert into projects (id, owner, name) values ($1, gen_random_uuid(), 'big'), ($2, gen_random_uuid(), 'other')`, columnBig, columnOther); err != nil {
 		t.Fatal(err)
 	}
-	if err := meshhook.Load(ctx, e.pool, "public", f); err != nil {
-		t.Fatal(err)
-	}
-	kek, err := provider.Open(ctx, "local://"+e.keyring)
-	if err != nil {
-		t.Fatal(err)
-	}
-	st, err := pgstore.New(ctx, e.pool, pgstore.Config{KEK: kek, Actor: "crashtest"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
-	decl := pgcolumn.Column{Table: "public.secrets", Project: "project_id", Key: []string{"key"}, Value: "value_encrypted"}
-	if err := pgcolumn.Install(ctx, st, decl); err != nil {
-		t.Fatal(err)
-	}
-	col, err := pgcolumn.New(ctx, st, decl, pgcolumn.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	e.extraEnv = []string{"SECRETS_ENCRYPTION_KEY=" + f.KeyHex} // the children's environment; never a command line
-
-	// The application writers, each its own OS process.
-	appwriter := buildAppwriter(t)
-	dir := t.TempDir()
-	type writer struct {
-		cmd *exec.Cmd
-		log string
-		out bytes.Buffer
-	}
-	start := func(worker int, mode string) *writer {
-		w := &writer{log: filepath.Join(dir, fmt.Sprintf("writer-%d.log", worker))}
-		w.cmd = exec.Command(appwriter, "-schema", "public", "-mode", mode, "-log", w.log,
-			"-worker", strconv.Itoa(worker), "-workers", "2", "-seed", strconv.FormatUint(e.rng.Uint64(), 10))
-		w.cmd.Env = append(e.childEnv(fmt.Sprintf("appwriter-%d", worker)), "DATABASE_URL="+e.dbURL)
-		w.cmd.Stdout, w.cmd.Stderr = &w.out, &w.out
-		if err := w.cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		return w
-	}
-	stop := func(w *writer) {
-		_ = w.cmd.Process.Signal(syscall.SIGTERM)
-		if err := w.cmd.Wait(); err != nil {
-			t.Fatalf("appwriter: %v: %s", err, w.out.String())
-		}
-	}
-	legacyWriter, sealedWriter := start(0, "v1"), start(1, "sealed")
-	defer func() { // on a failure path
-		for _, w := range []*writer{legacyWriter, sealedWriter} {
-			if w.cmd.ProcessState == nil {
-				_ = w.cmd.Process.Kill()
-				_ = w.cmd.Wait()
+	e.must("column", "install", "--table", "public.secrets", "--project-column", "project_id", "--key", "key", "--value", "value_encrypted")
+	want := map[[2]string][]byte{}
+	e.withColumn(func(col *pgcolumn.Encrypted) {
+		err := pgx.BeginFunc(e.ctx, e.pool, func(tx pgx.Tx) error {
+			for i := range 1100 {
+				project := columnBig
+				if i >= 1000 {
+					project = columnOther
+				}
+				key := fmt.Sprint("SECRET_", i)
+				v := make([]byte, 1+i%200)
+				rand.Read(v)
+				sealed, err := col.Seal(e.ctx, project, []string{key}, v)
+				if err != nil {
+					return err
+				}
+				if _, err := tx.Exec(e.ctx, `INSERT INTO secrets (project_id, key, value_encrypted) VALUES ($1, $2, $3)`, project, key, sealed); err != nil {
+					return err
+				}
+				want[[2]string{project, key}] = v
 			}
-		}
-	}()
-
-	e.incompleteOK = true // the v1 writer writes behind the walk
-	const batch = 200
-	args := []string{"column", "migrate", "--table", "public.secrets", "--value", "value_encrypted",
-		"--legacy", "meshhook-v1://env/SECRETS_ENCRYPTION_KEY", "--batch", strconv.Itoa(batch)}
-	unsealed := `SELECT count(*) FROM secrets WHERE substring(value_encrypted FROM 1 FOR 4) <> 'KBEN'::bytea`
-	kills := 0
-	for range 4 {
-		pending := e.count(unsealed)
-		if o := e.runKilled(e.linePlan(int(pending/batch)), args...); o.killed {
-			kills++
-			// At any instant: each committed batch audited exactly.
-			e.checkColumnAudit("after-kill")
-		}
-	}
-	// The deploy: today's writer stops; the rerun seals what it wrote.
-	stop(legacyWriter)
-	e.incompleteOK = false
-	e.finish(args...)
-	e.checks.ok("column-all-sealed", e.count(unsealed) == 0, "%d unsealed values after the rerun", e.count(unsealed))
-	e.checkColumnAudit("after-rerun")
-	stop(sealedWriter)
-
-	// Every row opens, with no legacy decoder, to its fixture value or
-	// the last acknowledged write (or a write cut in flight).
-	exp := f.Expected()
-	for _, w := range []*writer{legacyWriter, sealedWriter} {
-		if err := exp.ApplyLogFile(w.log); err != nil {
-			t.Fatal(err)
-		}
-	}
-	// Audit: a value is sealed by the migration once (a sealed value is
-	// never migrated again), so the events count at least every fixture
-	// row no writer touched, and at most those plus the v1 writer's writes.
-	untouched := 0
-	for k, w := range f.Expected() {
-		if now := exp[k]; len(now.Values) == 1 && now.Values[0] == w.Values[0] {
-			untouched++
-		}
-	}
-	v1Writes := e.countLines(legacyWriter.log)
-	audited := e.eventSum("column.migrate_legacy")
-	e.checks.ok("column-audit-count", audited >= int64(untouched) && audited <= int64(untouched)+v1Writes,
-		"migrate events count %d sealed values; %d untouched fixture rows, %d v1 writes", audited, untouched, v1Writes)
-	strict := func(ctx context.Context, project, key string, stored []byte) ([]byte, error) {
-		return col.Open(ctx, project, []string{key}, stored)
-	}
-	rep, err := meshhook.Check(ctx, e.pool, "public", exp, strict)
-	if err != nil {
-		t.Fatal(err)
-	}
-	e.checks.ok("column-values-exact", rep.OK(), "%v", rep)
-	t.Logf("%d kills; %v", kills, rep)
-
-	// Finish: legacy refused from now on, by the trigger.
-	e.must("column", "finish", "--table", "public.secrets", "--value", "value_encrypted")
-	row := f.Rows[0]
-	_, err = e.pool.Exec(ctx, `UPDATE secrets SET value_encrypted = 'plain' WHERE project_id = $1 AND key = $2`, row.Project, row.Key)
-	var pe *pgconn.PgError
-	e.checks.ok("column-legacy-refused", errors.As(err, &pe) && pe.Code == pgcolumn.SQLStateLegacyRefused, "plaintext write after finish: %v", err)
-
-	// Project deletion through MeshHook's cascade, keybroker's trigger on
-	// its projects table.
-	if _, err := e.pool.Exec(ctx, `CREATE TRIGGER keybroker_shred AFTER DELETE ON projects FOR EACH ROW EXECUTE FUNCTION `+schema+`.shred_project_trigger('id')`); err != nil {
-		t.Fatal(err)
-	}
-	gone := f.Projects[0].ID
-	if _, err := e.pool.Exec(ctx, `DELETE FROM projects WHERE id = $1`, gone); err != nil {
-		t.Fatal(err)
-	}
-	e.checks.ok("shred-rows-gone", e.count(`SELECT count(*) FROM secrets WHERE project_id = $1`, gone) == 0, "secrets rows of the deleted project remain")
-	e.checks.ok("shred-keys-gone", e.count(`SELECT count(*) FROM `+schema+`.data_keys WHERE project_id = $1`, gone) == 0, "data keys of the deleted project remain")
-	exp.DropProject(gone)
-	rep, err = meshhook.Check(ctx, e.pool, "public", exp, strict)
-	if err != nil {
-		t.Fatal(err)
-	}
-	e.checks.ok("shred-others-intact", rep.OK(), "after the delete: %v", rep)
-
-	// The application flow. A row and its sealed value in one transaction;
-	// another rolled back leaves nothing.
-	p := f.Projects[1].ID
-	if _, err := e.pool.Exec(ctx, `INSERT INTO secrets (project_id, key, value_encrypted) VALUES ($1, 'run_0', $2)`, p, mustSeal(t, col, p, "run_0", "v0")); err != nil {
-		t.Fatal(err)
-	}
-	write := func(key, value string, commit bool) {
-		tx, err := e.pool.Begin(ctx)
+			return nil
+		})
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer tx.Rollback(ctx)
-		if err := col.Write(ctx, tx, p, []string{key}, []byte(value), func(ctx context.Context, tx pgx.Tx, sealed []byte) error {
-			_, err := tx.Exec(ctx, `INSERT INTO secrets (project_id, key, value_encrypted) VALUES ($1, $2, $3)
-ON CONFLICT (project_id, key) DO UPDATE SET value_encrypted = EXCLUDED.value_encrypted, updated_at = now()`, p, key, sealed)
-			return err
-		}); err != nil {
-			t.Fatal(err)
+	})
+	other := e.columnDigest(columnOther)
+	args := []string{"column", "reencrypt", "--table", "public.secrets", "--value", "value_encrypted", columnBig, "--batch", "20"}
+	scope := meshhookSecrets.Scope()
+	for range 4 * scale(t) {
+		for range 3 {
+			// Progress lines at every tenth of the 1,000 values.
+			e.runKilled(e.linePlan(10), args...)
 		}
-		if commit {
-			if err := tx.Commit(ctx); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
-	var keys []string
-	for i := 1; i <= 9; i++ {
-		keys = append(keys, "run_"+strconv.Itoa(i))
-		write(keys[len(keys)-1], "v"+strconv.Itoa(i), true)
-	}
-	write("rolled_back", "never", false)
-	e.checks.ok("app-rollback", e.count(`SELECT count(*) FROM secrets WHERE project_id = $1 AND key = 'rolled_back'`, p) == 0, "a rolled-back row is there")
-	rows, err := e.pool.Query(ctx, `SELECT key, value_encrypted FROM secrets WHERE project_id = $1 AND key = ANY($2) ORDER BY key`, p, append(keys, "run_0"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var batchRows []pgcolumn.Row
-	var k string
-	var v []byte
-	if _, err := pgx.ForEachRow(rows, []any{&k, &v}, func() error {
-		batchRows = append(batchRows, pgcolumn.Row{Key: []string{k}, Stored: bytes.Clone(v)})
-		return nil
-	}); err != nil {
-		t.Fatal(err)
-	}
-	vals, err := col.OpenMany(ctx, p, batchRows)
-	if err != nil || len(vals) != 10 {
-		t.Fatalf("OpenMany of a run's 10 secrets: %d values, %v", len(vals), err)
-	}
-	for i, r := range batchRows {
-		e.checks.ok("app-openmany", string(vals[i]) == "v"+r.Key[0][len("run_"):], "%s: wrong value", r.Key[0])
+		e.finish(args...)
+		left := e.count(`SELECT count(*) FROM `+schema+`.data_keys WHERE project_id = $1 AND scope = $2 AND state <> 'active'`, columnBig, scope)
+		e.checks.ok("column-old-keys-gone", left == 0, "project big still has %d column data keys that are not active", left)
+		stale := e.count(`SELECT count(*) FROM secrets t WHERE t.project_id = $1 AND NOT EXISTS (SELECT 1 FROM `+schema+`.data_keys d
+WHERE d.project_id = $2 AND d.scope = $3 AND d.state = 'active' AND uuid_send(d.id) = substring(t.value_encrypted FROM 9 FOR 16))`, columnBig, columnBig, scope)
+		e.checks.ok("column-all-moved", stale == 0, "%d values of big not under its active column data key", stale)
+		e.checks.ok("column-other-untouched", e.columnDigest(columnOther) == other, "project other's values or column data keys changed")
+		retirements := e.count(`SELECT count(*) FROM `+schema+`.key_events WHERE event = 'dek.retire' AND project_id = $1 AND detail->>'column' = $2 AND count > 0`, columnBig, scope)
+		moved := e.count(`SELECT coalesce(sum(count), 0) FROM `+schema+`.key_events WHERE event = 'dek.reencrypt' AND project_id = $1 AND detail->>'column' = $2`, columnBig, scope)
+		e.checks.ok("column-audit-reencrypt", moved == 1000*retirements, "dek.reencrypt events count %d values for %d retirements of 1,000", moved, retirements)
+		retired := e.count(`SELECT coalesce(sum(count), 0) FROM `+schema+`.key_events WHERE event = 'dek.retire' AND project_id = $1 AND detail->>'column' = $2`, columnBig, scope)
+		destroyed := e.count(`SELECT count(*) FROM `+schema+`.key_events WHERE event = 'dek.destroy' AND project_id = $1 AND detail->>'column' = $2`, columnBig, scope)
+		e.checks.ok("column-audit-destroy", destroyed == retired, "%d dek.destroy events for %d retired keys", destroyed, retired)
+		e.checkColumn(want)
+		code, out, errOut := e.run("column", "verify", "--table", "public.secrets", "--value", "value_encrypted")
+		e.checks.ok("column-verify-exit-0", code == 0, "keybroker column verify: exit %d: %s %s", code, lastLines(out, 2), lastLines(errOut, 2))
 	}
 }
 
-func mustSeal(t *testing.T, col *pgcolumn.Encrypted, project, key, value string) []byte {
-	t.Helper()
-	b, err := col.Seal(context.Background(), project, []string{key}, []byte(value))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
-}
-
-// checkColumnAudit: every column.migrate_legacy event names the column
-// and counts no more values than its batch read rows.
-func (e *env) checkColumnAudit(when string) {
+// withColumn runs fn with the secrets column opened through a fresh Store
+// on the test's keyring file.
+func (e *env) withColumn(fn func(*pgcolumn.Encrypted)) {
 	e.t.Helper()
-	bad := e.count(`SELECT count(*) FROM ` + schema + `.key_events WHERE event = 'column.migrate_legacy'
-  AND (detail->>'column' <> 'column:public.secrets.value_encrypted' OR count > (detail->>'rows')::bigint)`)
-	e.checks.ok("column-audit-"+when, bad == 0, "%d migrate events name another column or count more than their rows", bad)
-}
-
-// countLines counts the lines of a writer log ("try" and "ack": an upper
-// bound on its writes, twice over).
-func (e *env) countLines(path string) int64 {
-	e.t.Helper()
-	b, err := os.ReadFile(path)
+	kek, err := provider.Open(e.ctx, "local://"+e.keyring)
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	return int64(bytes.Count(b, []byte("\n")))
+	st, err := pgstore.New(e.ctx, e.pool, pgstore.Config{KEK: kek, Actor: "crashtest"})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	defer st.Close()
+	col, err := pgcolumn.New(e.ctx, st, meshhookSecrets, pgcolumn.Options{})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	fn(col)
 }
 
-// buildAppwriter compiles internal/meshhook's appwriter.
-func buildAppwriter(t *testing.T) string {
-	t.Helper()
-	bin := filepath.Join(t.TempDir(), "appwriter")
-	cmd := exec.Command("go", "build", "-ldflags=-s -w", "-o", bin, "github.com/profullstack/keybroker/internal/meshhook/appwriter")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("go build appwriter: %v\n%s", err, out)
+// checkColumn checks that the table holds exactly want's rows and that each
+// opens byte-exact through a fresh Store.
+func (e *env) checkColumn(want map[[2]string][]byte) {
+	e.t.Helper()
+	defer e.timed("read back")()
+	e.withColumn(func(col *pgcolumn.Encrypted) {
+		rows, err := e.pool.Query(e.ctx, `SELECT project_id::text, key, value_encrypted FROM secrets`)
+		if err != nil {
+			e.t.Fatal(err)
+		}
+		var (
+			project, key string
+			stored       []byte
+			n, bad       int
+			first        string
+		)
+		_, err = pgx.ForEachRow(rows, []any{&project, &key, &stored}, func() error {
+			n++
+			v, err := col.Open(e.ctx, project, []string{key}, stored)
+			if w, ok := want[[2]string{project, key}]; err != nil || !ok || !bytes.Equal(v, w) {
+				if bad++; first == "" {
+					first = fmt.Sprintf("%s/%s (%v)", project, key, err)
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			e.t.Fatal(err)
+		}
+		e.checks.ok("column-read-back", bad == 0 && n == len(want), "%d rows (want %d), %d do not open byte-exact, first: %s", n, len(want), bad, first)
+	})
+}
+
+// columnDigest is a digest of a project's values and column data keys.
+func (e *env) columnDigest(project string) string {
+	e.t.Helper()
+	var d string
+	if err := e.pool.QueryRow(e.ctx, `SELECT md5(
+  coalesce((SELECT string_agg(key || ':' || encode(value_encrypted, 'hex'), ',' ORDER BY key) FROM secrets WHERE project_id::text = $2), '') || '|' ||
+  coalesce((SELECT string_agg(id || ':' || state || ':' || encode(wrapped_dek, 'hex'), ',' ORDER BY id)
+    FROM `+schema+`.data_keys WHERE project_id = $1 AND scope <> ''), ''))`, project, project).Scan(&d); err != nil {
+		e.t.Fatal(err)
 	}
-	return bin
+	return d
 }

@@ -7,7 +7,7 @@
 // The test builds ./cmd/keybroker with `go build` once per test binary and
 // runs it against a fresh database on the server internal/pgtest provides,
 // with a local keyring file (local:///…/keyring.json) made by `keybroker
-// keygen`. Four tests, one per command:
+// keygen`. Five tests, one per command:
 //
 //   - TestCrashImport: `import-plaintext --clear-plaintext --batch 40` of
 //     a 20,000-row text table (values of 1-120 characters of 1- to 4-byte
@@ -21,6 +21,11 @@
 //     keys, eight rounds, finished with `rewrap` and `retire VERSION` when
 //     the kill landed after the rotation (a rerun of `rotate --retire`
 //     would rotate again), and in half of those the `retire` is killed too.
+//   - TestCrashColumnReencrypt: `column reencrypt PROJECT --batch 20` of
+//     1,000 values in MeshHook's own secrets table (pgcolumn) beside a
+//     project it must not touch, three kills in each of four rounds; the
+//     values are read back through pgcolumn, the audit checked against the
+//     column's retirements.
 //
 // # Where the kill lands
 //
@@ -88,8 +93,8 @@
 //
 //	go test -race -count=1 ./internal/crashtest/
 //
-// The tests are Linux only (inotify, /proc/locks, flock). The four run at
-// once (TestMain sets -test.parallel=4 unless given).
+// The tests are Linux only (inotify, /proc/locks, flock). The tests run
+// four at once (TestMain sets -test.parallel=4 unless given).
 // The seed is printed by every test; KEYBROKER_CRASHTEST_SEED=N replays its
 // sequence of kill points and values (where exactly inside a batch a line
 // kill lands still depends on the machine). -crashtest.scale=K (or
