@@ -255,13 +255,19 @@ func TestOpenManyLegacy(t *testing.T) {
 		}
 	}
 	// A broken v1 value among them fails the call with ErrDecrypt.
-	rows[1].Stored = append([]byte(nil), rows[1].Stored...)
-	if f.Rows[1].Kind == meshhook.KindV1 {
-		rows[1].Stored[len(rows[1].Stored)-6] ^= 1
+	for _, row := range f.Rows {
+		if row.Kind != meshhook.KindV1 || len(row.Plaintext) < 3 {
+			continue
+		}
+		broken := bytes.Clone(row.Stored)
+		broken[len("v1:")+16+1+24+1] ^= 1 // the first ciphertext character: the header stays well formed, so the value is claimed and fails
+		rows[1] = pgcolumn.Row{Key: []string{row.Key}, Stored: broken}
 		if _, err := r.OpenMany(ctx, p, rows); !errors.Is(err, envelope.ErrDecrypt) {
 			t.Fatalf("broken v1 in OpenMany: %v", err)
 		}
+		return
 	}
+	t.Fatal("no v1 row of 3 bytes or more in the fixture")
 }
 
 // A value the application rewrites between the batch's read and its
