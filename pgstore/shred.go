@@ -105,10 +105,15 @@ type ShredPreview struct {
 
 // PreviewShred counts project's data keys and secrets and reports whether
 // it is shredded, changing nothing (the CLI's --dry-run). It reads
-// <schema>.shredded_projects, which only the schema owner may.
+// <schema>.shredded_projects, which only the schema owner may; under a
+// role row-level security binds it returns ErrRowSecurity rather than
+// counts of nothing.
 func (s *Store) PreviewShred(ctx context.Context, project string) (ShredPreview, error) {
 	if err := checkProject(project); err != nil {
 		return ShredPreview{}, err
+	}
+	if s.rls {
+		return ShredPreview{}, fmt.Errorf("%w: preview shred of project %q", ErrRowSecurity, project)
 	}
 	var p ShredPreview
 	err := s.pool.QueryRow(ctx, `SELECT (SELECT count(*) FROM `+s.q+`.data_keys WHERE project_id = $1),

@@ -17,6 +17,8 @@ import (
 	"github.com/profullstack/keybroker/internal/meshhook"
 	"github.com/profullstack/keybroker/internal/pgtest"
 	"github.com/profullstack/keybroker/internal/testbin"
+	"github.com/profullstack/keybroker/pgstore"
+	"github.com/profullstack/keybroker/provider/local"
 )
 
 func TestMain(m *testing.M) { os.Exit(pgtest.Main(m)) }
@@ -242,5 +244,112 @@ func TestAppWriters(t *testing.T) {
 	var plain int64
 	if err := pool.QueryRow(ctx, `SELECT count(*) FROM app.secrets WHERE key LIKE 'app_w%' AND position('v1:'::bytea in value_encrypted) <> 1`).Scan(&plain); err != nil || plain != 0 {
 		t.Fatalf("%d writer rows not v1 (%v)", plain, err)
+	}
+}
+
+// MeshHook on keybroker's own table, several appwriter processes writing
+// through pgstore (mode keybroker-store), while the application deletes a
+// project from its projects table with keybroker's trigger attached, and
+// one writer is SIGKILLed: the deleted project leaves nothing in keybroker
+// even though writers kept writing to it (no data key, no secret: the
+// tombstone refused them), its deletion is audited, and every other row
+// reads back as the logs say.
+func TestShredUnderAppWriters(t *testing.T) {
+	ctx := context.Background()
+	pool, url, f := loaded(t, meshhook.Options{Rows: 600, Projects: 6, V1: 200, Lookalike: 30})
+	if err := pgstore.Migrate(ctx, pool, ""); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pool.Exec(ctx, `CREATE TRIGGER keybroker_shred AFTER DELETE ON app.projects
+		FOR EACH ROW EXECUTE FUNCTION keybroker.shred_project_trigger('id')`); err != nil {
+		t.Fatal(err)
+	}
+	kek, err := local.Generate("meshhook")
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyring := filepath.Join(t.TempDir(), "keyring.json")
+	if err := kek.Save(keyring); err != nil {
+		t.Fatal(err)
+	}
+	bin := buildAppwriter(t)
+	dir := t.TempDir()
+	type proc struct {
+		cmd *exec.Cmd
+		out *bytes.Buffer
+	}
+	var procs []proc
+	for i := range 3 {
+		cmd := exec.Command(bin, "-schema", "app", "-mode", "keybroker-store", "-workers", "3", "-worker", fmt.Sprint(i),
+			"-log", filepath.Join(dir, fmt.Sprintf("w%d.log", i)), "-ops", "400", "-new-every", "3", "-seed", "11")
+		cmd.Env = append(os.Environ(), "DATABASE_URL="+url, "KEYBROKER_KEK=local://"+keyring)
+		var out bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &out, &out
+		testbin.KillWithParent(cmd)
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+		procs = append(procs, proc{cmd, &out})
+	}
+	for i := range 3 {
+		for acks(t, filepath.Join(dir, fmt.Sprintf("w%d.log", i))) < 60 {
+			if t.Context().Err() != nil {
+				t.Fatalf("writer %d made no progress", i)
+			}
+		}
+	}
+	deleted := f.Projects[2].ID
+	if _, err := pool.Exec(ctx, `delete from app.projects where id = $1`, deleted); err != nil {
+		t.Fatal(err)
+	}
+	if err := procs[2].cmd.Process.Kill(); err != nil { // SIGKILL, wherever it is
+		t.Fatal(err)
+	}
+	procs[2].cmd.Wait()
+	for _, p := range procs[:2] {
+		if err := p.cmd.Wait(); err != nil {
+			t.Fatalf("appwriter: %v\n%s", err, p.out)
+		}
+	}
+	var keys, secrets, events int64
+	if err := pool.QueryRow(ctx, `SELECT (SELECT count(*) FROM keybroker.data_keys WHERE project_id = $1),
+		(SELECT count(*) FROM keybroker.encrypted_secrets WHERE project_id = $1),
+		(SELECT count(*) FROM keybroker.key_events WHERE project_id = $1 AND event = 'project.shred')`, deleted).Scan(&keys, &secrets, &events); err != nil {
+		t.Fatal(err)
+	}
+	if keys != 0 || secrets != 0 || events != 1 {
+		t.Fatalf("deleted project: %d data keys, %d secrets, %d shred events in keybroker", keys, secrets, events)
+	}
+	// Every other project: as the logs say, read through keybroker.
+	store, err := pgstore.New(ctx, pool, pgstore.Config{KEK: kek})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close()
+	leg := legacyOpener(t, f)
+	open := func(ctx context.Context, project, key string, stored []byte) ([]byte, error) {
+		if bytes.HasPrefix(stored, []byte(meshhook.StoreMarker)) {
+			return store.Get(ctx, project, key)
+		}
+		return leg(ctx, project, key, stored)
+	}
+	exp := f.Expected()
+	for i := range 3 {
+		if err := exp.ApplyLogFile(filepath.Join(dir, fmt.Sprintf("w%d.log", i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	exp.DropProject(deleted)
+	rep, err := meshhook.Check(ctx, pool, "app", exp, open)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !rep.OK() {
+		t.Fatalf("check: %v", rep)
+	}
+	var viaStore int64
+	if err := pool.QueryRow(ctx, `SELECT count(*) FROM app.secrets WHERE position($1::bytea in value_encrypted) = 1`, meshhook.StoreMarker).Scan(&viaStore); err != nil || viaStore < 100 {
+		t.Fatalf("%d rows went through keybroker (%v)", viaStore, err)
 	}
 }

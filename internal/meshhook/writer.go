@@ -25,6 +25,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/profullstack/keybroker/legacy"
+	"github.com/profullstack/keybroker/pgstore"
 )
 
 // Encoder turns a plaintext into the bytes the application stores in
@@ -191,7 +192,8 @@ type logLine struct {
 // until Ops acknowledged writes or ctx ends (then it returns its summary
 // and no error). A project deleted under it (the insert's foreign key
 // fails) is dropped from its choice; any other failed write is counted and
-// the writer goes on.
+// the writer goes on. A project whose keybroker data keys refuse the
+// write (pgstore.ErrProjectShredded) is dropped likewise.
 func RunWriter(ctx context.Context, cfg WriterConfig) (WriterSummary, error) {
 	sum := WriterSummary{Worker: cfg.Worker}
 	if cfg.Pool == nil || cfg.Encoder == nil || cfg.Log == nil || cfg.Workers < 1 || cfg.Worker < 0 || cfg.Worker >= cfg.Workers {
@@ -272,7 +274,8 @@ ON CONFLICT (project_id, key) DO UPDATE SET value_encrypted = EXCLUDED.value_enc
 			}
 		case ctx.Err() != nil:
 			return sum, nil
-		case errors.As(err, &pe) && pe.Code == "23503": // foreign key: the project is gone
+		case errors.As(err, &pe) && pe.Code == "23503", // foreign key: the project is gone
+			errors.Is(err, pgstore.ErrProjectShredded):
 			gone[k.Project] = true
 			sum.ProjectsGone = len(gone)
 			sum.Failed++

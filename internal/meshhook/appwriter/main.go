@@ -9,8 +9,10 @@
 //
 // -mode picks the value encoder by its registered name
 // (meshhook.RegisterEncoder): "v1" (MeshHook's legacy v1 values under
-// SECRETS_ENCRYPTION_KEY) and "plaintext" are built in; a file in this
-// directory registering another one in an init function adds a mode.
+// SECRETS_ENCRYPTION_KEY), "plaintext", and "keybroker-store" (the value
+// in keybroker's own table through pgstore, KEK from KEYBROKER_KEK, schema
+// KEYBROKER_SCHEMA) are built in; a file registering another one in an
+// init function adds a mode.
 // Errors that stop it go to stderr with exit status 1.
 package main
 
