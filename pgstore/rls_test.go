@@ -170,6 +170,8 @@ func TestMigrationRevokesTenantKEKWrites(t *testing.T) {
 		DROP TRIGGER data_keys_shred_fence ON keybroker.data_keys; DROP FUNCTION keybroker.data_keys_shred_fence();
 		DROP FUNCTION keybroker.shred_project(text, text); DROP FUNCTION keybroker.shred_project_trigger();
 		DROP FUNCTION keybroker.reopen_project(text, text); DROP TABLE keybroker.shredded_projects;
+		DROP TABLE keybroker.columns; ALTER TABLE keybroker.data_keys DROP COLUMN scope;
+		CREATE UNIQUE INDEX data_keys_one_active ON keybroker.data_keys (project_id) WHERE state = 'active';
 		UPDATE keybroker.schema_version SET version = 2;
 		GRANT SELECT, INSERT, UPDATE ON keybroker.kek TO `+r); err != nil {
 		t.Fatal(err)
