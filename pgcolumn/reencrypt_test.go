@@ -2,12 +2,15 @@ package pgcolumn_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/profullstack/keybroker/envelope"
 	"github.com/profullstack/keybroker/pgcolumn"
 )
 
@@ -191,4 +194,38 @@ func TestReencryptResume(t *testing.T) {
 	if res, err := e.col.Reencrypt(ctx, p, pgcolumn.ReencryptOptions{Resume: true}); err != nil || res.Pending != 0 || res.Reencrypted != 0 {
 		t.Fatalf("second Resume = %+v, %v", res, err)
 	}
+}
+
+// A value that does not open stops Reencrypt with an error naming its row
+// (never its value); the retired key it still needs is kept, everything
+// else stays readable, and Resume finishes once the row is repaired.
+func TestReencryptUnreadableRow(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t)
+	p := e.project(t)
+	want := e.fill(t, p, 10)
+	if _, err := e.pool.Exec(ctx, `UPDATE secrets SET value_encrypted = (SELECT value_encrypted FROM secrets WHERE project_id = $1 AND key = 'R0')
+WHERE project_id = $1 AND key = 'R5'`, p); err != nil {
+		t.Fatal(err)
+	}
+	_, err := e.col.Reencrypt(ctx, p, pgcolumn.ReencryptOptions{BatchSize: 3})
+	if !errors.Is(err, envelope.ErrDecrypt) || !strings.Contains(err.Error(), `row ["R5"]`) || strings.Contains(err.Error(), want["R0"]) {
+		t.Fatalf("Reencrypt with an unreadable row: %v; want ErrDecrypt naming row R5", err)
+	}
+	if n := count(t, e.pool, `SELECT count(*) FROM keybroker.data_keys WHERE project_id = $1 AND state = 'retired'`, p); n != 1 {
+		t.Fatalf("%d retired keys after the failed run, want the old one kept", n)
+	}
+	// Repair R5 (the application writes it again), then resume.
+	sealed, err := e.col.Seal(ctx, p, []string{"R5"}, []byte(want["R5"]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.pool.Exec(ctx, `UPDATE secrets SET value_encrypted = $2 WHERE project_id = $1 AND key = 'R5'`, p, sealed); err != nil {
+		t.Fatal(err)
+	}
+	res, err := e.col.Reencrypt(ctx, p, pgcolumn.ReencryptOptions{Resume: true})
+	if err != nil || res.DestroyedKeys != 1 || res.RemainingKeys != 0 {
+		t.Fatalf("Resume after the repair = %+v, %v", res, err)
+	}
+	check(t, e, e.col, p, want)
 }

@@ -109,5 +109,5 @@
 // sequence of kill points and values (where exactly inside a batch a line
 // kill lands still depends on the machine). -crashtest.scale=K (or
 // KEYBROKER_CRASHTEST_SCALE=K) runs K times as many rounds; the default
-// kills about 45 times.
+// kills about 57 times.
 package crashtest
