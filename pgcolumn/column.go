@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"unicode/utf8"
 
 	"github.com/jackc/pgx/v5"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/profullstack/keybroker/envelope"
 	"github.com/profullstack/keybroker/internal/keys"
+	"github.com/profullstack/keybroker/legacy"
 	"github.com/profullstack/keybroker/pgstore"
 	"github.com/profullstack/keybroker/provider"
 )
@@ -108,7 +110,18 @@ func short(s string) string {
 }
 
 // Options configures the handle New returns.
-type Options struct{}
+type Options struct {
+	// Legacy, when set, makes the handle a reader that accepts legacy
+	// values while the column does (until RefuseLegacy): Open and OpenMany
+	// decode an unsealed value with it — legacy.NewChain of
+	// legacy.Open("meshhook-v1://env/SECRETS_ENCRYPTION_KEY") and
+	// legacy.Plaintext(), say — after confirming in the database that the
+	// column still accepts legacy values (one query per Open or OpenMany
+	// call that meets an unsealed value; none once RefuseLegacy has been
+	// seen). Without it an unsealed value is ErrLegacyRefused. The handle
+	// does not close it.
+	Legacy legacy.Decoder
+}
 
 // Encrypted is a declared, installed column: it seals and opens the
 // column's values. It is safe for concurrent use.
@@ -120,6 +133,10 @@ type Encrypted struct {
 	// compare them as they are indexed rather than as text.
 	projType string
 	keyTypes []string
+	// legacy decodes unsealed values (Options.Legacy); legacyOff is set
+	// once the registry said the column refuses them (one-way).
+	legacy    legacy.Decoder
+	legacyOff atomic.Bool
 }
 
 // Column returns the declaration.
@@ -151,7 +168,7 @@ func New(ctx context.Context, store *pgstore.Store, col Column, opts Options) (*
 	if err := col.check(); err != nil {
 		return nil, err
 	}
-	e := &Encrypted{ks: ks, col: col}
+	e := &Encrypted{ks: ks, col: col, legacy: opts.Legacy}
 	q := pgx.Identifier{ks.Schema()}.Sanitize()
 	var (
 		project string
@@ -206,7 +223,18 @@ func (e *Encrypted) Seal(ctx context.Context, project string, key []string, valu
 // envelope.ErrDecrypt. A value that does not start with the envelope magic
 // "KBEN" is unsealed: ErrLegacyRefused. An unreachable key service or
 // database is returned as it is.
+//
+// With Options.Legacy, an unsealed value is decoded with it instead while
+// the column accepts legacy values (see Options), and refused
+// (ErrLegacyRefused) once RefuseLegacy has switched that off; a claimed
+// legacy value that does not decode is envelope.ErrDecrypt.
 func (e *Encrypted) Open(ctx context.Context, project string, key []string, stored []byte) ([]byte, error) {
+	if !sealed(stored) && e.legacy != nil {
+		if err := checkArgs(e.ks, project, e.col.context(key)); err != nil {
+			return nil, err
+		}
+		return e.openLegacy(ctx, stored, false)
+	}
 	return open(ctx, e.ks, project, e.col.context(key), stored)
 }
 
@@ -305,7 +333,8 @@ type Row struct {
 // plaintexts in rows' order. Each distinct data key is looked up once for
 // the call (from the cache, or loaded and unwrapped once). It fails as a
 // whole, with Open's errors wrapped with the failing row's index, and then
-// returns no plaintext.
+// returns no plaintext. Unsealed values are opened as Open opens them,
+// with one registry query for the call.
 func (e *Encrypted) OpenMany(ctx context.Context, project string, rows []Row) ([][]byte, error) {
 	if err := e.ks.CheckProject(project); err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrInvalidArgument, err)
@@ -321,10 +350,20 @@ func (e *Encrypted) OpenMany(ctx context.Context, project string, rows []Row) ([
 		return nil, fmt.Errorf("pgcolumn: row %d: %w", i, err)
 	}
 	ids := make([][16]byte, len(rows))
+	legacyChecked := false
 	for i, r := range rows {
 		c := e.col.context(r.Key)
 		if err := c.Check(); err != nil {
 			return fail(i, err)
+		}
+		if !sealed(r.Stored) && e.legacy != nil {
+			pt, err := e.openLegacy(ctx, r.Stored, legacyChecked)
+			if err != nil {
+				return fail(i, err)
+			}
+			legacyChecked = true
+			out[i] = pt
+			continue
 		}
 		if !sealed(r.Stored) {
 			return fail(i, fmt.Errorf("%w: %s.%s", ErrLegacyRefused, c.Table, c.Column))
@@ -346,6 +385,9 @@ func (e *Encrypted) OpenMany(ctx context.Context, project string, rows []Row) ([
 		}
 	}()
 	for i, r := range rows {
+		if out[i] != nil || !sealed(r.Stored) { // opened as a legacy value
+			continue
+		}
 		l, ok := leases[ids[i]]
 		if !ok {
 			dk, release, err := e.ks.DataKey(ctx, project, ids[i])

@@ -88,4 +88,35 @@
 // Verify opens every value and counts (never returning values); Status
 // counts values by data key state and KEK version without decrypting.
 // `keybroker column install|reencrypt|verify|status` runs them.
+//
+// # Legacy values: reading them, migrating them, refusing them
+//
+// A column adopted from an existing table starts with unsealed values
+// (plaintext, or another scheme's ciphertexts such as MeshHook's "v1:").
+// While its registry row accepts legacy values (accept_legacy, on at
+// Install), a handle made with Options.Legacy (a legacy.Decoder, e.g. a
+// chain of legacy.MeshHookV1 and legacy.Plaintext) opens sealed and
+// unsealed values alike; it accepts an unsealed value only after reading
+// accept_legacy from the database in that call (Open: one query; OpenMany:
+// one for the call), and remembers a refusal for good, so a long-running
+// reader never accepts a legacy value after RefuseLegacy committed.
+//
+// MigrateLegacy seals every unsealed value in place — keyset batches over
+// the column's unique index, each one transaction: read, decode, Seal, a
+// guarded UPDATE (WHERE value = the value read, so a row the application
+// rewrote meanwhile is left to it), every updated row opened again and
+// compared with the decoded plaintext before commit (ErrVerify rolls the
+// batch back), one column.migrate_legacy audit event per batch. It is
+// stateless and so resumable after any kill; values that do not decode are
+// left as they are and reported by row (never by value). NOT NULL holds
+// throughout and no plaintext is written anywhere new.
+//
+// RefuseLegacy ends it, in the database: one transaction sets
+// accept_legacy to false — the fence trigger holds that row FOR SHARE
+// while it accepts an unsealed write, so the UPDATE waits for those in
+// flight and later ones wait for it — then counts unsealed values and
+// rolls back with ErrLegacyRemaining unless there are none. After it the
+// trigger refuses unsealed writes (KB003) and readers refuse unsealed
+// values (ErrLegacyRefused). `keybroker column migrate|finish` runs them;
+// docs/OPERATIONS.md, "MeshHook adoption", gives the steps.
 package pgcolumn

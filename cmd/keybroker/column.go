@@ -69,7 +69,8 @@ Name the column with --table and --value; install also needs
 index, NOT NULL). Identifiers are taken literally.`,
 	}
 	f.register(cmd)
-	cmd.AddCommand(newColumnInstallCmd(a, f), newColumnReencryptCmd(a, f), newColumnVerifyCmd(a, f), newColumnStatusCmd(a, f))
+	cmd.AddCommand(newColumnInstallCmd(a, f), newColumnReencryptCmd(a, f), newColumnVerifyCmd(a, f), newColumnStatusCmd(a, f),
+		newColumnMigrateCmd(a, f), newColumnFinishCmd(a, f))
 	return cmd
 }
 
