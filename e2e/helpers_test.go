@@ -120,13 +120,16 @@ func verifyAll(ctx context.Context, t *testing.T, st *pgstore.Store, set *secret
 	}
 }
 
-// newStore migrates schema (idempotent) and opens a Store on it.
+// newStore migrates schema (idempotent) and opens a Store on it. Data
+// keys are wrapped directly under kek (DirectKEK): the scenarios rewrap
+// every data key through the real key services, which with the key
+// hierarchy (pgstore's default) a KEK rotation no longer does.
 func newStore(ctx context.Context, t *testing.T, pool *pgxpool.Pool, schema string, kek provider.KEKProvider, budget int64) *pgstore.Store {
 	t.Helper()
 	if err := pgstore.Migrate(ctx, pool, schema); err != nil {
 		t.Fatalf("migrate schema %s: %v", schema, err)
 	}
-	st, err := pgstore.New(ctx, pool, pgstore.Config{Schema: schema, KEK: kek, Budget: budget, Actor: "e2e"})
+	st, err := pgstore.New(ctx, pool, pgstore.Config{Schema: schema, KEK: kek, Budget: budget, Actor: "e2e", DirectKEK: true})
 	if err != nil {
 		t.Fatalf("pgstore.New: %v", err)
 	}

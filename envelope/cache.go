@@ -21,9 +21,12 @@ import (
 //
 // An entry is dropped ttl after it was loaded, however often it is used,
 // by a timer (time.AfterFunc), so idle keys do not linger. When a load makes
-// the cache exceed maxEntries, the least recently used entry is dropped;
-// finding it scans the entries, a cost paid only by loads (which call a key
-// service) once the cache is full.
+// the cache exceed maxEntries, the least recently used of up to
+// evictSample entries (all of them in a cache that small; otherwise a
+// sample, where Go's map iteration starts at random) is dropped: an
+// approximate LRU whose cost per load stays constant however large the
+// cache, so a full cache of 100,000 keys does not make every miss scan
+// them all.
 type KeyCache struct {
 	max   int
 	ttl   time.Duration
@@ -198,15 +201,23 @@ func (c *KeyCache) expire(id string, e *cacheEntry) {
 	}
 }
 
+// evictSample is how many entries eviction compares (Redis samples 5; more
+// is closer to exact LRU and still constant time).
+const evictSample = 64
+
 // evictLocked drops least recently used entries until the cache is within
 // its bound. keep (the entry just loaded) stays.
 func (c *KeyCache) evictLocked(keep *cacheEntry) {
 	for c.ready > c.max {
 		var oldID string
 		var old *cacheEntry
+		seen := 0
 		for id, e := range c.entries {
 			if e != keep && e.key != nil && (old == nil || e.used.Load() < old.used.Load()) {
 				oldID, old = id, e
+			}
+			if seen++; seen >= evictSample && old != nil {
+				break
 			}
 		}
 		if old == nil {

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"strconv"
 	"sync"
 	"time"
 
@@ -111,8 +112,10 @@ type StoreReport struct {
 	DataKeys      *int64 `json:"data_keys,omitempty"`
 	Secrets       *int64 `json:"secrets,omitempty"`
 	// DataKeysToRewrap and SecretsToRewrap count data keys not wrapped
-	// under the primary provider's current version, and the secrets under
-	// them (run `keybroker rewrap`). Nil while that version is unknown.
+	// under the version new data keys get (the newest intermediate key, or
+	// with pgstore.Config.DirectKEK the primary provider's current
+	// version), and the secrets under them (run `keybroker rewrap`). Nil
+	// while that version is unknown.
 	DataKeysToRewrap *int64 `json:"data_keys_to_rewrap,omitempty"`
 	SecretsToRewrap  *int64 `json:"secrets_to_rewrap,omitempty"`
 	// RetiredVersionsInUse counts retired key versions still wrapping a
@@ -223,7 +226,7 @@ func (c *Checker) refresh(done chan struct{}) {
 		}
 	}
 	if c.cfg.Store != nil {
-		r.Store = storeReport(st, stErr, r.Providers[0])
+		r.Store = storeReport(st, stErr, r.Providers[0], c.cfg.Store)
 	}
 	if c.cfg.CacheStats != nil {
 		n := c.cfg.CacheStats().Entries
@@ -260,7 +263,11 @@ func (c *Checker) checkProvider(ctx context.Context, p provider.KEKProvider, pri
 	return pr
 }
 
-func storeReport(st *pgstore.Status, err error, primary ProviderReport) *StoreReport {
+// storeReport summarises st. Data keys "to rewrap" are those not under
+// the version new data keys get: with the key hierarchy the newest
+// intermediate key version st records, else the primary provider's
+// current version.
+func storeReport(st *pgstore.Status, err error, primary ProviderReport, store *pgstore.Store) *StoreReport {
 	if errors.Is(err, pgstore.ErrRowSecurity) { // the database answered
 		return &StoreReport{Reachable: true, Outcome: telemetry.OutcomeOK, CountsOmitted: err.Error()}
 	}
@@ -275,17 +282,27 @@ func storeReport(st *pgstore.Status, err error, primary ProviderReport) *StoreRe
 	}
 	retired := 0
 	sr.DataKeys, sr.Secrets, sr.MaxBudgetUsed, sr.RetiredVersionsInUse = &dataKeys, &st.Secrets, &st.MaxActiveUse, &retired
+	current, version := primary.Ref, primary.PrimaryVersion
+	if !store.DirectKEK() {
+		current, version = store.Hierarchy().Ref(), ""
+		newest := uint64(0)
+		for _, v := range st.Versions {
+			if n, err := strconv.ParseUint(v.Version, 10, 32); err == nil && v.Provider == current.Provider && v.KeyID == current.KeyID && n > newest {
+				newest, version = n, v.Version
+			}
+		}
+	}
 	var keys, secrets int64
 	for _, v := range st.Versions {
 		if v.RetiredAt != nil && v.DataKeys > 0 {
 			retired++
 		}
-		if v.Provider != primary.Ref.Provider || v.KeyID != primary.Ref.KeyID || v.Version != primary.PrimaryVersion {
+		if v.Provider != current.Provider || v.KeyID != current.KeyID || v.Version != version {
 			keys += v.DataKeys
 			secrets += v.Secrets
 		}
 	}
-	if primary.PrimaryVersion != "" {
+	if version != "" {
 		sr.DataKeysToRewrap, sr.SecretsToRewrap = &keys, &secrets
 	}
 	return sr

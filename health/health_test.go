@@ -185,7 +185,9 @@ func TestStoreCountsAndRateLimit(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	st, err := pgstore.New(ctx, pool, pgstore.Config{KEK: kr})
+	// DirectKEK: a KEK rotation leaves data keys to rewrap, which the
+	// report counts. (TestStoreHierarchyToRewrap covers the default.)
+	st, err := pgstore.New(ctx, pool, pgstore.Config{KEK: kr, DirectKEK: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -308,7 +310,9 @@ func TestStoreWithKeyServiceStopped(t *testing.T) {
 	if err := pgstore.Migrate(ctx, pool, pgstore.DefaultSchema); err != nil {
 		t.Fatal(err)
 	}
-	st, err := pgstore.New(ctx, pool, pgstore.Config{KEK: kek})
+	// DirectKEK: a new data key needs the key service. (With the key
+	// hierarchy it needs only the intermediate key this Store holds.)
+	st, err := pgstore.New(ctx, pool, pgstore.Config{KEK: kek, DirectKEK: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -428,7 +432,9 @@ func TestStoreUnderRowSecurity(t *testing.T) {
 	if _, err := owner.Exec(ctx, `GRANT USAGE ON SCHEMA keybroker TO `+r+`;
 		GRANT SELECT ON keybroker.schema_version TO `+r+`;
 		GRANT SELECT, INSERT ON keybroker.kek, keybroker.key_events TO `+r+`;
-		GRANT SELECT, INSERT, UPDATE, DELETE ON keybroker.data_keys, keybroker.encrypted_secrets TO `+r); err != nil {
+		GRANT SELECT, INSERT, UPDATE, DELETE ON keybroker.data_keys, keybroker.encrypted_secrets TO `+r+`;
+		GRANT SELECT ON keybroker.intermediate_keys TO `+r+`;
+		GRANT EXECUTE ON FUNCTION keybroker.add_intermediate_key(text, integer, bigint, bytea, text) TO `+r); err != nil {
 		t.Fatal(err)
 	}
 	tenant, err := pgstore.New(ctx, pgtest.PoolFor(t, roleURL), pgstore.Config{KEK: kek})
@@ -450,5 +456,54 @@ func TestStoreUnderRowSecurity(t *testing.T) {
 	}
 	if rep, err := owned.Check(ctx); err != nil || rep.Store.CountsOmitted != "" || rep.Store.Secrets == nil || *rep.Store.Secrets != 10 {
 		t.Fatalf("owner: %+v, %v; want 10 secrets", rep.Store, err)
+	}
+}
+
+// With the key hierarchy the data keys to rewrap are those not under the
+// newest intermediate key: none after a KEK rotation (which moves the
+// intermediate key only), all of them after an intermediate key rotation.
+func TestStoreHierarchyToRewrap(t *testing.T) {
+	ctx := context.Background()
+	pool := pgtest.PoolFor(t, pgtest.NewDatabase(t))
+	if err := pgstore.Migrate(ctx, pool, pgstore.DefaultSchema); err != nil {
+		t.Fatal(err)
+	}
+	kek, err := local.Generate("health")
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := pgstore.New(ctx, pool, pgstore.Config{KEK: kek})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	for _, p := range []string{"p1", "p2"} {
+		if err := st.Put(ctx, p, "a", []byte("v")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c, err := health.New(health.Config{Store: st, TTL: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	toRewrap := func() int64 {
+		t.Helper()
+		r, err := c.Check(ctx)
+		if err != nil || r.Store == nil || r.Store.DataKeysToRewrap == nil {
+			t.Fatalf("check: %+v, %v", r, err)
+		}
+		return *r.Store.DataKeysToRewrap
+	}
+	if _, err := st.RotateKEK(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if n := toRewrap(); n != 0 {
+		t.Fatalf("after a KEK rotation %d data keys to rewrap, want 0", n)
+	}
+	if _, err := st.RotateIntermediate(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if n := toRewrap(); n != 2 {
+		t.Fatalf("after an intermediate key rotation %d data keys to rewrap, want 2", n)
 	}
 }

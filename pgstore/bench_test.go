@@ -253,7 +253,7 @@ func BenchmarkRewrap(b *testing.B) {
 	ctx := context.Background()
 	for _, secrets := range []int{0, migrateRows} {
 		b.Run(fmt.Sprintf("datakeys=100/secrets=%d", secrets), func(b *testing.B) {
-			e := newEnv(b, pgstore.Config{})
+			e := newEnv(b, pgstore.Config{DirectKEK: true})
 			if secrets == 0 {
 				for p := range 100 {
 					if err := e.store.Put(ctx, fmt.Sprint("proj", p), "only", []byte("v")); err != nil {

@@ -35,6 +35,8 @@
 //     (messages) and their state: active (at most one per project, used for
 //     new writes), spent (budget used up) or retired (awaiting
 //     re-encryption).
+//   - intermediate_keys: the key hierarchy's intermediate keys, by chain
+//     and version, each wrapped under a kek row of the deployment's KEK.
 //   - encrypted_secrets: one envelope per (project id, name) in
 //     encrypted_data, the nonce its header carries, and the data key id it
 //     names.
@@ -42,11 +44,29 @@
 //     shredding).
 //   - key_events: the audit trail of key management (kek.record, dek.create,
 //     kek.rotate, kek.rewrap, dek.corrupt, kek.retire, kek.retire.provider,
-//     dek.retire, dek.reencrypt, dek.destroy, migrate.plaintext,
-//     project.shred, project.reopen) with counts
+//     dek.retire, dek.reencrypt, dek.destroy, migrate.plaintext, ik.create,
+//     ik.rotate, ik.rewrap, project.shred, project.reopen) with counts
 //     and Config.Actor. Each batch's event commits in the batch's own
 //     transaction, so a killed run leaves exactly the events of what it
 //     committed.
+//
+// # Key hierarchy
+//
+// By default a data key is wrapped not by Config.KEK but by an
+// intermediate key (package pgstore/hierarchy) kept in the
+// intermediate_keys table and wrapped by Config.KEK: each process calls
+// the key service once per live intermediate key per CacheTTL, not once
+// per project, and a cache miss costs a local unwrap (Get reads the
+// wrapped data key in its one round trip). RotateKEK then changes the KEK
+// of the intermediate keys only, and Rewrap rewraps them (one key-service
+// call each) before any data key; RotateIntermediate makes a new
+// intermediate key, to which Rewrap moves data keys locally. Intermediate
+// key versions are kek rows (provider "intermediate"), so Status, Rewrap
+// and RetireKEK treat them like KEK versions; RetireKEK also refuses a KEK
+// version that still wraps an intermediate key. Config.DirectKEK opts a
+// deployment out (docs/SECURITY.md states the trade-off); both kinds of
+// data key stay readable in either mode, and Rewrap moves them to the
+// configured one.
 //
 // # Fences
 //
@@ -199,8 +219,11 @@
 // are neither superuser, BYPASSRLS, nor the tables' owner, so give each
 // tenant-facing service such a role, with USAGE on the schema, SELECT on
 // schema_version and kek, SELECT and INSERT on key_events, SELECT, INSERT,
-// UPDATE, DELETE on data_keys and encrypted_secrets, and EXECUTE on the
-// function record_kek(text, text, text, text) — and no INSERT, UPDATE or
+// UPDATE, DELETE on data_keys and encrypted_secrets, SELECT on
+// intermediate_keys, and EXECUTE on the functions record_kek(text, text,
+// text, text) and add_intermediate_key(text, integer, bigint, bytea, text)
+// (the only way a tenant creates an intermediate key: it cannot alter or
+// delete one) — and no INSERT, UPDATE or
 // DELETE on kek (the third migration revokes them from every role but the
 // owner), so a tenant can neither forge a KEK version nor mark one retired:
 //
@@ -209,6 +232,8 @@
 //	GRANT SELECT, INSERT ON keybroker.key_events TO tenant;
 //	GRANT SELECT, INSERT, UPDATE, DELETE ON keybroker.data_keys, keybroker.encrypted_secrets TO tenant;
 //	GRANT EXECUTE ON FUNCTION keybroker.record_kek(text, text, text, text) TO tenant;
+//	GRANT SELECT ON keybroker.intermediate_keys TO tenant;
+//	GRANT EXECUTE ON FUNCTION keybroker.add_intermediate_key(text, integer, bigint, bytea, text) TO tenant;
 //	-- only for the role that deletes projects (see Project shredding):
 //	GRANT EXECUTE ON FUNCTION keybroker.shred_project(text, text) TO tenant;
 //

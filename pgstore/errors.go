@@ -72,9 +72,14 @@ const maxWriteAttempts = 4
 type InUseError struct {
 	Provider, KeyID, Version string
 	DataKeys                 int64 // data keys still wrapped under the version
+	IntermediateKeys         int64 // intermediate keys still wrapped under the version
 }
 
 func (e *InUseError) Error() string {
+	if e.IntermediateKeys > 0 {
+		return fmt.Sprintf("pgstore: key version %s:%s version %q still wraps %d data key(s) and %d intermediate key(s): rewrap first",
+			e.Provider, e.KeyID, e.Version, e.DataKeys, e.IntermediateKeys)
+	}
 	return fmt.Sprintf("pgstore: key version %s:%s version %q still wraps %d data key(s): rewrap first", e.Provider, e.KeyID, e.Version, e.DataKeys)
 }
 

@@ -52,7 +52,9 @@ func Example() {
 	}
 	fmt.Println(string(v))
 
-	// Rotate the KEK and rewrap the data keys: secrets are not rewritten.
+	// Rotate the KEK and rewrap: with the key hierarchy (the default) only
+	// the intermediate key is rewrapped, one key-service call; data keys
+	// and secrets are not rewritten.
 	ver, err := s.RotateKEK(ctx)
 	if err != nil {
 		log.Fatal(err)
@@ -61,14 +63,14 @@ func Example() {
 	if err != nil {
 		log.Fatal(err)
 	}
-	fmt.Println("rewrapped", res.Rewrapped, "data key(s) to version", ver.Version)
+	fmt.Println("rewrapped", res.IntermediateKeys, "intermediate key(s) and", res.Rewrapped, "data key(s) to version", ver.Version)
 	// The old version is no longer needed.
 	if err := s.RetireKEK(ctx, pgstore.KEKVersion{Provider: "local", KeyID: "example", Version: "1"}); err != nil {
 		log.Fatal(err)
 	}
 	// Output:
 	// sk_test_123
-	// rewrapped 1 data key(s) to version 2
+	// rewrapped 1 intermediate key(s) and 0 data key(s) to version 2
 }
 
 func ExampleStore_MigratePlaintext() {

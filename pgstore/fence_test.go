@@ -57,13 +57,13 @@ func waitForLockWaits(t testing.TB, pool *pgxpool.Pool, n int64) {
 func TestStaleKeyringRefusedUnderRetiredVersion(t *testing.T) {
 	ctx := context.Background()
 	path := keyringFile(t)
-	e := newEnv(t, pgstore.Config{KEK: openFile(t, path)})
+	e := newEnv(t, pgstore.Config{DirectKEK: true, KEK: openFile(t, path)})
 	stale := e.store
 	if err := stale.Put(ctx, "p0", "s", []byte("v")); err != nil {
 		t.Fatal(err)
 	}
 	// The operator, in another process.
-	op := newStore(t, e.pool, pgstore.Config{KEK: openFile(t, path)})
+	op := newStore(t, e.pool, pgstore.Config{DirectKEK: true, KEK: openFile(t, path)})
 	v1, err := op.PrimaryVersion(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -87,7 +87,7 @@ func TestStaleKeyringRefusedUnderRetiredVersion(t *testing.T) {
 	if n := count(t, e.pool, `SELECT count(*) FROM keybroker.data_keys d JOIN keybroker.kek k ON k.id = d.kek_id WHERE k.retired_at IS NOT NULL`); n != 0 {
 		t.Fatalf("%d data keys under a retired version (put: %v)", n, err)
 	}
-	fresh := newStore(t, e.pool, pgstore.Config{KEK: openFile(t, path)})
+	fresh := newStore(t, e.pool, pgstore.Config{DirectKEK: true, KEK: openFile(t, path)})
 	if err == nil {
 		if got, gerr := fresh.Get(ctx, "p1", "s"); gerr != nil || string(got) != "v" {
 			t.Fatalf("a fresh process reads the acknowledged write: %q, %v", got, gerr)
@@ -157,11 +157,11 @@ func TestRetiredRefusalRefreshesKeyring(t *testing.T) {
 	if kek.p, err = kek.snapshot(); err != nil {
 		t.Fatal(err)
 	}
-	e := newEnv(t, pgstore.Config{KEK: kek})
+	e := newEnv(t, pgstore.Config{DirectKEK: true, KEK: kek})
 	if err := e.store.Put(ctx, "p0", "s", []byte("v")); err != nil {
 		t.Fatal(err)
 	}
-	op := newStore(t, e.pool, pgstore.Config{KEK: openFile(t, path)})
+	op := newStore(t, e.pool, pgstore.Config{DirectKEK: true, KEK: openFile(t, path)})
 	v1, _ := op.PrimaryVersion(ctx)
 	if _, err := op.RotateKEK(ctx); err != nil {
 		t.Fatal(err)
@@ -181,7 +181,7 @@ func TestRetiredRefusalRefreshesKeyring(t *testing.T) {
 	if v := count(t, e.pool, `SELECT k.key_version::bigint FROM keybroker.data_keys d JOIN keybroker.kek k ON k.id = d.kek_id WHERE d.project_id = 'p1'`); v != 2 {
 		t.Fatalf("p1's data key under version %d, want 2", v)
 	}
-	if got, err := newStore(t, e.pool, pgstore.Config{KEK: openFile(t, path)}).Get(ctx, "p1", "s"); err != nil || string(got) != "w" {
+	if got, err := newStore(t, e.pool, pgstore.Config{DirectKEK: true, KEK: openFile(t, path)}).Get(ctx, "p1", "s"); err != nil || string(got) != "w" {
 		t.Fatalf("fresh get: %q, %v", got, err)
 	}
 }
@@ -190,7 +190,7 @@ func TestRetiredRefusalRefreshesKeyring(t *testing.T) {
 // ways round, with two real connections.
 func TestRetiredFenceRace(t *testing.T) {
 	ctx := context.Background()
-	e := newEnv(t, pgstore.Config{})
+	e := newEnv(t, pgstore.Config{DirectKEK: true})
 	putMany(t, e.store, 1, 1)
 	v1, _ := e.store.PrimaryVersion(ctx)
 	if _, err := e.store.RotateKEK(ctx); err != nil {
@@ -382,7 +382,7 @@ func TestReencryptConcurrentWriters(t *testing.T) {
 // rows once its transaction is gone.
 func TestRewrapReportsSkippedCorruptRemaining(t *testing.T) {
 	ctx := context.Background()
-	e := newEnv(t, pgstore.Config{})
+	e := newEnv(t, pgstore.Config{DirectKEK: true})
 	putMany(t, e.store, 6, 1)
 	if _, err := e.store.RotateKEK(ctx); err != nil {
 		t.Fatal(err)
@@ -441,7 +441,7 @@ func TestRetireKEKDatabaseFirst(t *testing.T) {
 	ctx := context.Background()
 	path := keyringFile(t)
 	file := openFile(t, path)
-	e := newEnv(t, pgstore.Config{KEK: file})
+	e := newEnv(t, pgstore.Config{DirectKEK: true, KEK: file})
 	putMany(t, e.store, 2, 1)
 	v1, _ := e.store.PrimaryVersion(ctx)
 	if _, err := e.store.RotateKEK(ctx); err != nil {
@@ -459,7 +459,7 @@ func TestRetireKEKDatabaseFirst(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	half := newStore(t, e.pool, pgstore.Config{KEK: ro})
+	half := newStore(t, e.pool, pgstore.Config{DirectKEK: true, KEK: ro})
 	if err := half.RetireKEK(ctx, v1); err == nil || !errors.Is(err, pgstore.ErrRetireIncomplete) || !errors.Is(err, local.ErrReadOnly) {
 		t.Fatalf("retire with a read-only keyring: %v", err)
 	}

@@ -26,7 +26,9 @@ func tenantURL(t *testing.T, e *env) string {
 		GRANT SELECT ON keybroker.schema_version, keybroker.kek TO `+r+`;
 		GRANT SELECT, INSERT ON keybroker.key_events TO `+r+`;
 		GRANT SELECT, INSERT, UPDATE, DELETE ON keybroker.data_keys, keybroker.encrypted_secrets TO `+r+`;
-		GRANT EXECUTE ON FUNCTION keybroker.record_kek(text, text, text, text) TO `+r); err != nil {
+		GRANT EXECUTE ON FUNCTION keybroker.record_kek(text, text, text, text) TO `+r+`;
+		GRANT SELECT ON keybroker.intermediate_keys TO `+r+`;
+		GRANT EXECUTE ON FUNCTION keybroker.add_intermediate_key(text, integer, bigint, bytea, text) TO `+r); err != nil {
 		t.Fatal(err)
 	}
 	return roleURL
@@ -117,7 +119,7 @@ func TestRowLevelSecurity(t *testing.T) {
 // versions through record_kek and keeps working.
 func TestTenantCannotForgeKEK(t *testing.T) {
 	ctx := context.Background()
-	e := newEnv(t, pgstore.Config{})
+	e := newEnv(t, pgstore.Config{DirectKEK: true})
 	putMany(t, e.store, 1, 1) // kek row for version 1
 	tenant := pgtest.PoolFor(t, tenantURL(t, e))
 	before := snapshot(t, e.pool)
@@ -140,7 +142,7 @@ func TestTenantCannotForgeKEK(t *testing.T) {
 	if _, err := e.kek.Rotate(ctx); err != nil {
 		t.Fatal(err)
 	}
-	ts := newStore(t, tenant, pgstore.Config{KEK: e.kek, Actor: "tenant"})
+	ts := newStore(t, tenant, pgstore.Config{KEK: e.kek, Actor: "tenant", DirectKEK: true})
 	if err := ts.Put(ctx, "p9", "s", []byte("v")); err != nil {
 		t.Fatalf("tenant put: %v", err)
 	}

@@ -14,6 +14,7 @@ import (
 	"github.com/jackc/pgx/v5/pgtype"
 
 	"github.com/profullstack/keybroker/envelope"
+	"github.com/profullstack/keybroker/pgstore/hierarchy"
 	"github.com/profullstack/keybroker/provider"
 )
 
@@ -34,7 +35,8 @@ var ErrNotSupported = errors.New("pgstore: not supported by the provider")
 // MigratePlaintext when their options leave it zero.
 const DefaultBatchSize = 1000
 
-// PrimaryVersion returns the KEK version new data keys are wrapped under:
+// PrimaryVersion returns the version new data keys are wrapped under (with
+// the key hierarchy, the current intermediate key's):
 // what the primary provider's Describe reports or, for a provider that is
 // not a provider.Describer, the version of a throwaway key it wraps. It
 // records the version in the kek table.
@@ -43,8 +45,21 @@ func (s *Store) PrimaryVersion(ctx context.Context) (KEKVersion, error) {
 	return v, err
 }
 
+// KEKPrimaryVersion returns the deployment KEK's primary version (as
+// PrimaryVersion finds it), the one intermediate keys are wrapped under;
+// with DirectKEK it is PrimaryVersion.
+func (s *Store) KEKPrimaryVersion(ctx context.Context) (KEKVersion, error) {
+	v, _, err := s.primaryOf(ctx, s.keyring.Primary())
+	return v, err
+}
+
 func (s *Store) primary(ctx context.Context) (KEKVersion, int64, error) {
-	p := s.keyring.Primary()
+	return s.primaryOf(ctx, s.dek.Primary())
+}
+
+// primaryOf is primary for provider p (the data keys' primary, or the
+// deployment KEK's).
+func (s *Store) primaryOf(ctx context.Context, p provider.KEKProvider) (KEKVersion, int64, error) {
 	ref := p.Ref()
 	v := KEKVersion{Provider: ref.Provider, KeyID: ref.KeyID}
 	if d, ok := p.(provider.Describer); ok {
@@ -70,10 +85,13 @@ func (s *Store) primary(ctx context.Context) (KEKVersion, int64, error) {
 	return v, id, err
 }
 
-// RotateKEK makes a new version of the primary KEK (the provider must be a
-// provider.Rotator, else ErrNotSupported), records it in the kek table and
-// the audit trail, and returns it. New data keys are wrapped under it at
-// once; existing ones stay under their version until Rewrap.
+// RotateKEK makes a new version of the deployment's primary KEK (the
+// provider must be a provider.Rotator, else ErrNotSupported), records it
+// in the kek table and the audit trail, and returns it. Without the key
+// hierarchy new data keys are wrapped under it at once and existing ones
+// stay under their version until Rewrap; with it, new intermediate keys
+// are, and Rewrap rewraps the existing intermediate keys to it (one
+// key-service call each), leaving data keys as they are.
 func (s *Store) RotateKEK(ctx context.Context) (KEKVersion, error) {
 	p := s.keyring.Primary()
 	ref := p.Ref()
@@ -94,6 +112,32 @@ func (s *Store) RotateKEK(ctx context.Context) (KEKVersion, error) {
 		return v, err
 	}
 	s.log.Info("pgstore: rotated KEK", "kek", v.String())
+	return v, nil
+}
+
+// RotateIntermediate makes a new intermediate key version (one
+// key-service call, to wrap it), the one new data keys are wrapped under
+// from now on, in every process within its Config.CacheTTL; Rewrap then
+// moves existing data keys to it locally. ErrNotSupported with
+// Config.DirectKEK.
+func (s *Store) RotateIntermediate(ctx context.Context) (KEKVersion, error) {
+	if s.direct {
+		return KEKVersion{}, fmt.Errorf("%w: the key hierarchy is off (Config.DirectKEK)", ErrNotSupported)
+	}
+	ver, err := s.ik.Rotate(ctx)
+	if err != nil {
+		return KEKVersion{}, fmt.Errorf("pgstore: rotate intermediate key: %w", err)
+	}
+	ref := s.ik.Ref()
+	v := KEKVersion{Provider: ref.Provider, KeyID: ref.KeyID, Version: ver}
+	id, err := s.kekRowFor(ctx, s.pool, v.Provider, v.KeyID, v.Version)
+	if err != nil {
+		return v, err
+	}
+	if err := s.event(ctx, s.pool, "ik.rotate", "", id, nil, 1, map[string]any{"version": v.String()}); err != nil {
+		return v, err
+	}
+	s.log.Info("pgstore: rotated intermediate key", "version", v.String())
 	return v, nil
 }
 
@@ -140,9 +184,13 @@ type CorruptKey struct {
 
 // RewrapResult is what Rewrap did, or (DryRun) would do.
 type RewrapResult struct {
-	Primary   KEKVersion     // the version data keys were rewrapped to
-	Pending   []VersionCount // data keys not under Primary when the call started, by version
-	Rewrapped int64          // data keys rewrapped by this call (0 in a dry run)
+	Primary KEKVersion // the version data keys were rewrapped to
+	// IntermediateKeys counts the intermediate keys rewrapped to the
+	// deployment KEK's primary version (after RotateKEK or a move between
+	// backends): one key-service call each. Always 0 in a dry run.
+	IntermediateKeys int
+	Pending          []VersionCount // data keys not under Primary when the call started, by version
+	Rewrapped        int64          // data keys rewrapped by this call (0 in a dry run)
 	// Skipped counts data keys still pending, other than Corrupt, after
 	// another transaction held them locked for longer than LockWait.
 	Skipped int64
@@ -156,10 +204,16 @@ type RewrapResult struct {
 	Remaining int64
 }
 
-// Rewrap rewraps every data key not wrapped under the primary KEK version
-// (an older version, or another provider of the keyring) to the primary,
-// with provider.Keyring.Rewrap: inside the key service when it can, else
-// by unwrapping and wrapping again. It changes only data_keys rows: secrets
+// Rewrap first (unless DryRun) rewraps every
+// intermediate key not under the deployment KEK's primary version to it
+// (hierarchy.Provider.RewrapKEK: O(intermediate keys) key-service calls).
+// It then rewraps every data key not wrapped under the data keys' primary
+// version — the current intermediate key, or with DirectKEK the KEK's
+// primary version — (an older version, another provider of the keyring,
+// or directly under the KEK in a database from before the hierarchy) to
+// it, with provider.Keyring.Rewrap: locally from one intermediate key to
+// another, inside the key service when it can, else by unwrapping and
+// wrapping again. It changes only data_keys rows: secrets
 // are not touched, so the work is proportional to data keys, not secrets.
 //
 // Each batch is its own transaction, with its kek.rewrap event, and locks
@@ -187,6 +241,13 @@ func (s *Store) Rewrap(ctx context.Context, opts RewrapOptions) (RewrapResult, e
 	wait := opts.LockWait
 	if wait == 0 {
 		wait = DefaultLockWait
+	}
+	if !opts.DryRun {
+		ir, err := s.ik.RewrapKEK(ctx)
+		if err != nil {
+			return res, fmt.Errorf("pgstore: %w", err)
+		}
+		res.IntermediateKeys = ir.Rewrapped
 	}
 	primary, primaryID, err := s.primary(ctx)
 	if err != nil {
@@ -219,12 +280,19 @@ WHERE d.kek_id <> $1 GROUP BY 1, 2, 3 ORDER BY 1, 2, 3`, primaryID)
 	corrupt := []pgtype.UUID{}
 	// blocking: every unlocked row is done; wait for those others hold.
 	blocking, timedOut := false, false
+	// after: the highest id the last batch looked at. Batches go through
+	// the table in id order from there (keyset pagination), so a batch
+	// does not scan past the rows earlier ones did, which made a rewrap of
+	// n data keys cost O(n²/batch) index reads; a pass that reaches the end
+	// starts once more from the beginning, for rows skipped or wrapped
+	// under an old version meanwhile, before Rewrap waits or stops.
+	var after pgtype.UUID
 	for {
 		var lockWait time.Duration
 		if blocking {
 			lockWait = wait
 		}
-		n, bad, err := s.rewrapBatch(ctx, primary, primaryID, kekIDs, batch, corrupt, lockWait)
+		n, bad, last, err := s.rewrapBatch(ctx, primary, primaryID, kekIDs, batch, corrupt, after, lockWait)
 		if blocking && pgCode(err) == "55P03" { // lock_timeout
 			timedOut = true
 			break
@@ -244,7 +312,11 @@ WHERE d.kek_id <> $1 GROUP BY 1, 2, 3 ORDER BY 1, 2, 3`, primaryID)
 			}
 		}
 		if n > 0 || len(bad) > 0 {
-			blocking = false
+			blocking, after = false, last
+			continue
+		}
+		if after.Valid {
+			after = pgtype.UUID{} // the end of this pass: once more from the start
 			continue
 		}
 		if blocking || wait < 0 {
@@ -270,22 +342,23 @@ func isCorrupt(err error) bool {
 	return errors.Is(err, provider.ErrInvalidCiphertext) || errors.Is(err, envelope.ErrDecrypt)
 }
 
-// rewrapBatch rewraps up to batch data keys, other than those in exclude,
-// in one transaction and returns how many it committed and which failed
-// to unwrap. With lockWait zero it skips rows other transactions hold;
-// otherwise it waits up to lockWait for each (then fails with SQLSTATE
-// 55P03).
-func (s *Store) rewrapBatch(ctx context.Context, primary KEKVersion, primaryID int64, kekIDs map[string]int64, batch int, exclude []pgtype.UUID, lockWait time.Duration) (int64, []CorruptKey, error) {
+// rewrapBatch rewraps up to batch data keys with ids above after (any,
+// when after is not Valid), other than those in exclude, in one
+// transaction and returns how many it committed, which failed to unwrap,
+// and the highest id it selected. With lockWait zero it skips rows other
+// transactions hold; otherwise it waits up to lockWait for each (then
+// fails with SQLSTATE 55P03).
+func (s *Store) rewrapBatch(ctx context.Context, primary KEKVersion, primaryID int64, kekIDs map[string]int64, batch int, exclude []pgtype.UUID, after pgtype.UUID, lockWait time.Duration) (n int64, bad []CorruptKey, last pgtype.UUID, err error) {
 	tx, err := s.pool.Begin(ctx)
 	if err != nil {
-		return 0, nil, fmt.Errorf("pgstore: rewrap: %w", err)
+		return 0, nil, last, fmt.Errorf("pgstore: rewrap: %w", err)
 	}
 	defer tx.Rollback(context.WithoutCancel(ctx))
 	lock := "SKIP LOCKED"
 	if lockWait > 0 {
 		lock = ""
 		if _, err := tx.Exec(ctx, `SELECT set_config('lock_timeout', $1, true)`, fmt.Sprintf("%dms", max(lockWait.Milliseconds(), 1))); err != nil {
-			return 0, nil, fmt.Errorf("pgstore: rewrap: %w", err)
+			return 0, nil, last, fmt.Errorf("pgstore: rewrap: %w", err)
 		}
 	}
 	type row struct {
@@ -293,11 +366,16 @@ func (s *Store) rewrapBatch(ctx context.Context, primary KEKVersion, primaryID i
 		project string
 		wk      provider.WrappedKey
 	}
+	args := []any{primaryID, batch, exclude}
+	from := ""
+	if after.Valid {
+		from, args = "AND d.id > $4 ", append(args, after)
+	}
 	rows, err := tx.Query(ctx, `SELECT d.id, d.project_id, d.wrapped_dek, k.provider, k.key_id, k.key_version
 FROM `+s.q+`.data_keys d JOIN `+s.q+`.kek k ON k.id = d.kek_id
-WHERE d.kek_id <> $1 AND d.id <> ALL($3::uuid[]) ORDER BY d.id LIMIT $2 FOR NO KEY UPDATE OF d `+lock, primaryID, batch, exclude)
+WHERE d.kek_id <> $1 AND d.id <> ALL($3::uuid[]) `+from+`ORDER BY d.id LIMIT $2 FOR NO KEY UPDATE OF d `+lock, args...)
 	if err != nil {
-		return 0, nil, fmt.Errorf("pgstore: rewrap: %w", err)
+		return 0, nil, last, fmt.Errorf("pgstore: rewrap: %w", err)
 	}
 	var r row
 	var todo []row
@@ -306,68 +384,70 @@ WHERE d.kek_id <> $1 AND d.id <> ALL($3::uuid[]) ORDER BY d.id LIMIT $2 FOR NO K
 		return nil
 	})
 	if err != nil {
-		return 0, nil, fmt.Errorf("pgstore: rewrap: %w", err)
+		return 0, nil, last, fmt.Errorf("pgstore: rewrap: %w", err)
 	}
 	if len(todo) == 0 {
-		return 0, nil, nil
+		return 0, nil, last, nil
 	}
+	last = todo[len(todo)-1].id
 	var (
 		ids     []pgtype.UUID
 		wrapped [][]byte
 		keks    []int64
-		bad     []CorruptKey
 	)
-	from := map[string]int64{}
+	fromVersions := map[string]int64{}
 	for i := range todo {
 		t := &todo[i]
 		old := KEKVersion{Provider: t.wk.Provider, KeyID: t.wk.KeyID, Version: t.wk.Version}
-		nwk, err := s.keyring.Rewrap(ctx, &t.wk, wrapAAD(t.project, t.id.Bytes))
+		nwk, err := s.dek.Rewrap(ctx, &t.wk, wrapAAD(t.project, t.id.Bytes))
 		if isCorrupt(err) {
 			s.log.Error("pgstore: rewrap: data key does not unwrap; left as it is", "project", t.project, "data_key", t.id.String(), "kek", old.String())
 			bad = append(bad, CorruptKey{Project: t.project, DataKeyID: t.id.Bytes, KEKVersion: old})
 			if err := s.event(ctx, tx, "dek.corrupt", t.project, 0, &t.id.Bytes, 1, map[string]any{"kek": old.String()}); err != nil {
-				return 0, nil, err
+				return 0, nil, last, err
 			}
 			continue
 		}
 		if err != nil {
-			return 0, nil, fmt.Errorf("pgstore: rewrap data key of project %q: %w", t.project, err)
+			return 0, nil, last, fmt.Errorf("pgstore: rewrap data key of project %q: %w", t.project, err)
 		}
 		if nwk.Provider != primary.Provider || nwk.KeyID != primary.KeyID {
-			return 0, nil, fmt.Errorf("pgstore: rewrap: provider returned a key for %s, want %s:%s", nwk.Ref(), primary.Provider, primary.KeyID)
+			return 0, nil, last, fmt.Errorf("pgstore: rewrap: provider returned a key for %s, want %s:%s", nwk.Ref(), primary.Provider, primary.KeyID)
 		}
 		kid, ok := kekIDs[nwk.Version]
 		if !ok { // the primary rotated while we worked
 			if kid, err = s.kekRowFor(ctx, s.pool, nwk.Provider, nwk.KeyID, nwk.Version); err != nil {
-				return 0, nil, err
+				return 0, nil, last, err
 			}
 			kekIDs[nwk.Version] = kid
 		}
 		ids, wrapped, keks = append(ids, t.id), append(wrapped, nwk.Ciphertext), append(keks, kid)
-		from[old.String()]++
+		fromVersions[old.String()]++
 	}
 	if len(ids) > 0 {
 		if _, err := tx.Exec(ctx, `UPDATE `+s.q+`.data_keys d SET wrapped_dek = u.w, kek_id = u.k, rewrapped_at = now()
 FROM unnest($1::uuid[], $2::bytea[], $3::bigint[]) AS u(id, w, k) WHERE d.id = u.id`, ids, wrapped, keks); err != nil {
 			if pgCode(err) == sqlstateRetired {
-				return 0, nil, fmt.Errorf("%w: %s: rewrap to it refused", ErrRetiredVersion, primary)
+				return 0, nil, last, fmt.Errorf("%w: %s: rewrap to it refused", ErrRetiredVersion, primary)
 			}
-			return 0, nil, fmt.Errorf("pgstore: rewrap: %w", err)
+			return 0, nil, last, fmt.Errorf("pgstore: rewrap: %w", err)
 		}
-		if err := s.event(ctx, tx, "kek.rewrap", "", primaryID, nil, int64(len(ids)), map[string]any{"to": primary.String(), "from": from}); err != nil {
-			return 0, nil, err
+		if err := s.event(ctx, tx, "kek.rewrap", "", primaryID, nil, int64(len(ids)), map[string]any{"to": primary.String(), "from": fromVersions}); err != nil {
+			return 0, nil, last, err
 		}
 	}
 	if err := tx.Commit(ctx); err != nil {
-		return 0, nil, fmt.Errorf("pgstore: rewrap: commit: %w", err)
+		return 0, nil, last, fmt.Errorf("pgstore: rewrap: commit: %w", err)
 	}
-	return int64(len(ids)), bad, nil
+	return int64(len(ids)), bad, last, nil
 }
 
-// RetireKEK retires KEK version v: refused with ErrPrimaryVersion for the
-// primary version, with ErrUnknownVersion if the kek table does not record
-// it, and with an *InUseError (matching ErrRetiredVersionInUse) while any
-// data key is still wrapped under it (Rewrap first).
+// RetireKEK retires KEK version v — a version of the deployment's KEK or
+// an intermediate key version: refused with ErrPrimaryVersion for the
+// primary version (of the data keys, or of the deployment KEK), with
+// ErrUnknownVersion if the kek table does not record it, and with an
+// *InUseError (matching ErrRetiredVersionInUse) while any data key or
+// intermediate key is still wrapped under it (Rewrap first).
 //
 // The database side commits first: one transaction locks the kek row FOR
 // UPDATE (the data_keys trigger of migration 003 reads it FOR SHARE, so no
@@ -388,6 +468,15 @@ func (s *Store) RetireKEK(ctx context.Context, v KEKVersion) error {
 	if v == primary {
 		return fmt.Errorf("%w: %s", ErrPrimaryVersion, v)
 	}
+	if !s.direct && v.Provider != hierarchy.Scheme {
+		kekPrimary, _, err := s.primaryOf(ctx, s.keyring.Primary())
+		if err != nil {
+			return err
+		}
+		if v == kekPrimary {
+			return fmt.Errorf("%w: %s wraps the intermediate keys", ErrPrimaryVersion, v)
+		}
+	}
 	tx, err := s.pool.Begin(ctx)
 	if err != nil {
 		return fmt.Errorf("pgstore: retire: %w", err)
@@ -403,11 +492,13 @@ func (s *Store) RetireKEK(ctx context.Context, v KEKVersion) error {
 	if err != nil {
 		return fmt.Errorf("pgstore: retire: %w", err)
 	}
-	if err := tx.QueryRow(ctx, `SELECT count(*) FROM `+s.q+`.data_keys WHERE kek_id = $1`, id).Scan(&inUse); err != nil {
+	var ikInUse int64
+	if err := tx.QueryRow(ctx, `SELECT (SELECT count(*) FROM `+s.q+`.data_keys WHERE kek_id = $1),
+  (SELECT count(*) FROM `+s.q+`.intermediate_keys WHERE kek_id = $1)`, id).Scan(&inUse, &ikInUse); err != nil {
 		return fmt.Errorf("pgstore: retire: %w", err)
 	}
-	if inUse > 0 {
-		return &InUseError{Provider: v.Provider, KeyID: v.KeyID, Version: v.Version, DataKeys: inUse}
+	if inUse > 0 || ikInUse > 0 {
+		return &InUseError{Provider: v.Provider, KeyID: v.KeyID, Version: v.Version, DataKeys: inUse, IntermediateKeys: ikInUse}
 	}
 	if !wasRetired {
 		if _, err := tx.Exec(ctx, `UPDATE `+s.q+`.kek SET retired_at = now() WHERE id = $1`, id); err != nil {
@@ -441,7 +532,7 @@ func (s *Store) RetireKEK(ctx context.Context, v KEKVersion) error {
 // lists its live versions without v. With no Retirer for the key, nothing
 // is to be done (live false).
 func (s *Store) liveAtProvider(ctx context.Context, v KEKVersion) (provider.Retirer, bool, error) {
-	for _, p := range s.keyring.Providers() {
+	for _, p := range s.dek.Providers() {
 		if p.Ref() != (provider.KeyRef{Provider: v.Provider, KeyID: v.KeyID}) {
 			continue
 		}

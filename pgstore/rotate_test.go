@@ -39,7 +39,7 @@ func checkMany(t testing.TB, s *pgstore.Store, projects, perProject int) {
 
 func TestRotateRewrapRetire(t *testing.T) {
 	ctx := context.Background()
-	e := newEnv(t, pgstore.Config{Actor: "tester"})
+	e := newEnv(t, pgstore.Config{DirectKEK: true, Actor: "tester"})
 	s := e.store
 	putMany(t, s, 5, 3)
 	old, err := s.PrimaryVersion(ctx)
@@ -108,7 +108,7 @@ func TestRotateRewrapRetire(t *testing.T) {
 			t.Fatal("provider still has version 1")
 		}
 	}
-	checkMany(t, newStore(t, e.pool, pgstore.Config{KEK: e.kek}), 5, 3)
+	checkMany(t, newStore(t, e.pool, pgstore.Config{DirectKEK: true, KEK: e.kek}), 5, 3)
 	// The kek row cannot be deleted while referenced, nor a data key.
 	if _, err := e.pool.Exec(ctx, `DELETE FROM keybroker.kek WHERE key_version = '2'`); err == nil {
 		t.Fatal("deleted a referenced kek row")
@@ -122,21 +122,21 @@ func TestRotateRewrapRetire(t *testing.T) {
 // to the keyring's new primary, after which the old one is not needed.
 func TestRewrapAcrossProviders(t *testing.T) {
 	ctx := context.Background()
-	e := newEnv(t, pgstore.Config{})
+	e := newEnv(t, pgstore.Config{DirectKEK: true})
 	putMany(t, e.store, 4, 2)
 	newKEK := newKEK(t, "new-backend")
-	s := newStore(t, e.pool, pgstore.Config{KEK: keyring(t, newKEK, e.kek)})
+	s := newStore(t, e.pool, pgstore.Config{DirectKEK: true, KEK: keyring(t, newKEK, e.kek)})
 	res, err := s.Rewrap(ctx, pgstore.RewrapOptions{})
 	if err != nil || res.Rewrapped != 4 || res.Primary.KeyID != "new-backend" {
 		t.Fatalf("rewrap: %+v, %v", res, err)
 	}
-	checkMany(t, newStore(t, e.pool, pgstore.Config{KEK: newKEK}), 4, 2)
+	checkMany(t, newStore(t, e.pool, pgstore.Config{DirectKEK: true, KEK: newKEK}), 4, 2)
 }
 
 // Several processes share a rewrap; each data key is rewrapped once.
 func TestRewrapConcurrent(t *testing.T) {
 	ctx := context.Background()
-	e := newEnv(t, pgstore.Config{})
+	e := newEnv(t, pgstore.Config{DirectKEK: true})
 	putMany(t, e.store, 40, 1)
 	if _, err := e.store.RotateKEK(ctx); err != nil {
 		t.Fatal(err)
@@ -145,7 +145,7 @@ func TestRewrapConcurrent(t *testing.T) {
 	done := make([]int64, 3)
 	errs := make([]error, 3)
 	for i := range done {
-		s := newStore(t, e.pool, pgstore.Config{KEK: e.kek})
+		s := newStore(t, e.pool, pgstore.Config{DirectKEK: true, KEK: e.kek})
 		wg.Go(func() {
 			res, err := s.Rewrap(ctx, pgstore.RewrapOptions{BatchSize: 3})
 			done[i], errs[i] = res.Rewrapped, err
@@ -162,7 +162,7 @@ func TestRewrapConcurrent(t *testing.T) {
 	if total != 40 {
 		t.Fatalf("rewrapped %d in all, want 40", total)
 	}
-	checkMany(t, newStore(t, e.pool, pgstore.Config{KEK: e.kek}), 40, 1)
+	checkMany(t, newStore(t, e.pool, pgstore.Config{DirectKEK: true, KEK: e.kek}), 40, 1)
 }
 
 // A rewrap that fails part-way (a data key whose provider the keyring
@@ -170,11 +170,11 @@ func TestRewrapConcurrent(t *testing.T) {
 // later run finishes once the problem is fixed.
 func TestRewrapFailsCleanlyAndResumes(t *testing.T) {
 	ctx := context.Background()
-	e := newEnv(t, pgstore.Config{})
+	e := newEnv(t, pgstore.Config{DirectKEK: true})
 	putMany(t, e.store, 3, 1)
 	// A fourth project's key under another provider.
 	other := newKEK(t, "other")
-	so := newStore(t, e.pool, pgstore.Config{KEK: other})
+	so := newStore(t, e.pool, pgstore.Config{DirectKEK: true, KEK: other})
 	if err := so.Put(ctx, "zz", "n", []byte("v")); err != nil {
 		t.Fatal(err)
 	}
@@ -195,13 +195,13 @@ func TestRewrapFailsCleanlyAndResumes(t *testing.T) {
 	if n >= 4 {
 		t.Fatalf("%d keys under v2 after a failed run", n)
 	}
-	s := newStore(t, e.pool, pgstore.Config{KEK: keyring(t, e.kek, other)})
+	s := newStore(t, e.pool, pgstore.Config{DirectKEK: true, KEK: keyring(t, e.kek, other)})
 	res, err := s.Rewrap(ctx, pgstore.RewrapOptions{BatchSize: 1})
 	if err != nil || res.Rewrapped != 4-n {
 		t.Fatalf("resumed rewrap: %+v, %v (had %d)", res, err, n)
 	}
-	checkMany(t, newStore(t, e.pool, pgstore.Config{KEK: e.kek}), 3, 1)
-	if got, err := newStore(t, e.pool, pgstore.Config{KEK: e.kek}).Get(ctx, "zz", "n"); err != nil || string(got) != "v" {
+	checkMany(t, newStore(t, e.pool, pgstore.Config{DirectKEK: true, KEK: e.kek}), 3, 1)
+	if got, err := newStore(t, e.pool, pgstore.Config{DirectKEK: true, KEK: e.kek}).Get(ctx, "zz", "n"); err != nil || string(got) != "v" {
 		t.Fatalf("zz: %q, %v", got, err)
 	}
 }

@@ -50,6 +50,9 @@ type VersionStatus struct {
 	RetiredAt *time.Time // nil unless retired
 	DataKeys  int64
 	Secrets   int64
+	// IntermediateKeys counts the intermediate keys wrapped under the
+	// version (a version of the deployment's KEK, with the hierarchy).
+	IntermediateKeys int64
 }
 
 // CheckProviders compares st (from Status) with what the keyring's
@@ -59,7 +62,7 @@ type VersionStatus struct {
 func (s *Store) CheckProviders(ctx context.Context, st *Status) error {
 	st.RetiredLive, st.UnrecordedPrimary = nil, nil
 	var first error
-	for _, p := range s.keyring.Providers() {
+	for _, p := range s.dek.Providers() {
 		d, ok := p.(provider.Describer)
 		if !ok {
 			continue
@@ -107,7 +110,8 @@ func (s *Store) Status(ctx context.Context) (*Status, error) {
 	}
 	st := &Status{DataKeys: map[string]int64{}, Budget: s.budget}
 	rows, err := s.pool.Query(ctx, `SELECT k.provider, k.key_id, k.key_version, k.created_at, k.retired_at,
-  count(d.id), coalesce(sum(sc.n), 0)::bigint
+  count(d.id), coalesce(sum(sc.n), 0)::bigint,
+  (SELECT count(*) FROM `+s.q+`.intermediate_keys i WHERE i.kek_id = k.id)
 FROM `+s.q+`.kek k
 LEFT JOIN `+s.q+`.data_keys d ON d.kek_id = k.id
 LEFT JOIN (SELECT data_key_id, count(*) AS n FROM `+s.q+`.encrypted_secrets GROUP BY 1) sc ON sc.data_key_id = d.id
@@ -116,7 +120,7 @@ GROUP BY k.id ORDER BY k.created_at, k.id`)
 		return nil, fmt.Errorf("pgstore: status: %w", err)
 	}
 	var v VersionStatus
-	if _, err := pgx.ForEachRow(rows, []any{&v.Provider, &v.KeyID, &v.Version, &v.CreatedAt, &v.RetiredAt, &v.DataKeys, &v.Secrets}, func() error {
+	if _, err := pgx.ForEachRow(rows, []any{&v.Provider, &v.KeyID, &v.Version, &v.CreatedAt, &v.RetiredAt, &v.DataKeys, &v.Secrets, &v.IntermediateKeys}, func() error {
 		st.Versions = append(st.Versions, v)
 		v.RetiredAt = nil
 		return nil
@@ -124,7 +128,7 @@ GROUP BY k.id ORDER BY k.created_at, k.id`)
 		return nil, fmt.Errorf("pgstore: status: %w", err)
 	}
 	for i := range st.Versions {
-		if st.Versions[i].DataKeys > 0 {
+		if st.Versions[i].DataKeys > 0 || st.Versions[i].IntermediateKeys > 0 {
 			st.OldestInUse = &st.Versions[i]
 			break
 		}

@@ -9,7 +9,7 @@ import (
 
 func TestStatus(t *testing.T) {
 	ctx := context.Background()
-	e := newEnv(t, pgstore.Config{Budget: 100, ReserveChunk: 10})
+	e := newEnv(t, pgstore.Config{Budget: 100, ReserveChunk: 10, DirectKEK: true})
 	s := e.store
 	st, err := s.Status(ctx)
 	if err != nil || len(st.Versions) != 0 || st.OldestInUse != nil || st.Secrets != 0 {

@@ -18,6 +18,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/profullstack/keybroker/envelope"
+	"github.com/profullstack/keybroker/pgstore/hierarchy"
 	"github.com/profullstack/keybroker/provider"
 )
 
@@ -30,8 +31,13 @@ const (
 	// DefaultReserveChunk is how many encryptions a process reserves from a
 	// data key's budget per database round trip.
 	DefaultReserveChunk = 1024
-	// DefaultCacheEntries bounds the unwrapped data keys kept in memory.
-	DefaultCacheEntries = 1024
+	// DefaultCacheEntries bounds the unwrapped data keys kept in memory:
+	// 2^17 (131,072), so a process serving 100,000 active projects keeps
+	// each one's key and does not thrash. Each costs about 1.3 kB of heap
+	// (the AES-GCM key schedule, the cache entry and its TTL timer;
+	// measured by BenchmarkScale, docs/BENCHMARKS.md): some 170 MB when
+	// full. Memory is used only by keys actually loaded.
+	DefaultCacheEntries = 1 << 17
 	// DefaultCacheTTL is how long an unwrapped data key stays cached.
 	DefaultCacheTTL = 10 * time.Minute
 )
@@ -48,11 +54,27 @@ type Config struct {
 	// Schema holding the tables; DefaultSchema ("keybroker") when empty.
 	// Lower-case letters, digits and underscores only.
 	Schema string
-	// KEK wraps new data keys and unwraps stored ones. Pass a
-	// *provider.Keyring to read data keys wrapped by other backends while
-	// moving between them; any other provider is used as a keyring of one.
-	// Required.
+	// KEK is the deployment's key-encryption key. With the key hierarchy
+	// (the default) it wraps the intermediate keys (package
+	// pgstore/hierarchy), which wrap the data keys; with DirectKEK it wraps
+	// the data keys itself. Either way it unwraps data keys wrapped
+	// directly under it (databases from before the hierarchy, until
+	// Rewrap). Pass a *provider.Keyring to read keys wrapped by other
+	// backends while moving between them; any other provider is used as a
+	// keyring of one. Required.
 	KEK provider.KEKProvider
+	// DirectKEK turns the key hierarchy off for this Store: every data key
+	// is wrapped by KEK itself, so each process calls the key service once
+	// per data key per CacheTTL, and the key service's audit log shows
+	// each project's unwraps (docs/SECURITY.md, Key hierarchy). Data keys
+	// already under intermediate keys stay readable; Rewrap moves them
+	// back under KEK.
+	DirectKEK bool
+	// IntermediateRotateAfter is the age after which a new intermediate
+	// key version is made (by the next data key created);
+	// hierarchy.DefaultRotateAfter (30 days) when zero, only on demand
+	// (RotateIntermediate) when negative. Ignored with DirectKEK.
+	IntermediateRotateAfter time.Duration
 	// Budget is the number of encryptions (Puts, re-encryptions, migrated
 	// rows) one data key may perform before the project gets a new one;
 	// DefaultBudget when zero, at most envelope.MaxMessagesLimit (2^32). It
@@ -87,15 +109,21 @@ type Config struct {
 // use, and several processes may share one database.
 type Store struct {
 	pool    *pgxpool.Pool
-	schema  string // unquoted
-	q       string // quoted schema, for SQL
-	keyring *provider.Keyring
-	budget  int64
-	chunk   int64
-	cache   *envelope.KeyCache
-	actor   string
-	log     *slog.Logger
-	obs     Observer
+	schema  string            // unquoted
+	q       string            // quoted schema, for SQL
+	keyring *provider.Keyring // the deployment's KEK (Config.KEK)
+	// dek wraps and unwraps data keys: the hierarchy as primary and the
+	// deployment's providers decrypt-only, or (DirectKEK) the
+	// deployment's providers, the hierarchy decrypt-only.
+	dek    *provider.Keyring
+	ik     *hierarchy.Provider // decrypt-only with DirectKEK
+	direct bool                // Config.DirectKEK
+	budget int64
+	chunk  int64
+	cache  *envelope.KeyCache
+	actor  string
+	log    *slog.Logger
+	obs    Observer
 	// rls: row-level security applies to the pool's role, so statements
 	// must name their project (see scoped).
 	rls bool
@@ -192,7 +220,25 @@ func New(ctx context.Context, pool *pgxpool.Pool, cfg Config) (*Store, error) {
 	if err := pool.QueryRow(ctx, `SELECT row_security_active($1::regclass)`, pgx.Identifier{cfg.Schema, "encrypted_secrets"}.Sanitize()).Scan(&rls); err != nil {
 		return nil, fmt.Errorf("pgstore: check row-level security: %w", err)
 	}
+	// The hierarchy makes no call until used: with DirectKEK it only
+	// unwraps data keys an earlier configuration wrapped under it.
+	ik, err := hierarchy.New(hierarchy.Config{Pool: pool, Schema: cfg.Schema, KEK: kr, RotateAfter: cfg.IntermediateRotateAfter,
+		CacheTTL: cfg.CacheTTL, Actor: cfg.Actor, Logger: cfg.Logger})
+	if err != nil {
+		return nil, fmt.Errorf("pgstore: %w", err)
+	}
+	ps := append([]provider.KEKProvider{ik}, kr.Providers()...)
+	if cfg.DirectKEK {
+		ps = append(kr.Providers(), ik)
+	}
+	dek, err := provider.NewKeyring(ps[0], ps[1:]...)
+	if err != nil {
+		return nil, fmt.Errorf("pgstore: %w", err)
+	}
 	return &Store{
+		dek:     dek,
+		ik:      ik,
+		direct:  cfg.DirectKEK,
 		rls:     rls,
 		pool:    pool,
 		db:      pool,
@@ -213,14 +259,25 @@ func New(ctx context.Context, pool *pgxpool.Pool, cfg Config) (*Store, error) {
 // package-level Migrate.
 func (s *Store) Migrate(ctx context.Context) error { return Migrate(ctx, s.pool, s.schema) }
 
-// Close destroys the cached data keys. It does not close the pool.
+// Close destroys the cached data keys and intermediate keys. It does not
+// close the pool.
 func (s *Store) Close() error {
 	s.cache.Close()
+	s.ik.Close()
 	return nil
 }
 
-// Keyring returns the keyring the Store wraps and unwraps with.
+// Keyring returns the deployment's KEK keyring (Config.KEK).
 func (s *Store) Keyring() *provider.Keyring { return s.keyring }
+
+// DirectKEK reports Config.DirectKEK: whether data keys are wrapped
+// under the KEK itself rather than under intermediate keys.
+func (s *Store) DirectKEK() bool { return s.direct }
+
+// Hierarchy returns the intermediate-key provider data keys are wrapped
+// under (with Config.DirectKEK, the one that unwraps those an earlier
+// configuration wrapped under it).
+func (s *Store) Hierarchy() *hierarchy.Provider { return s.ik }
 
 // Schema returns the (unquoted) schema name.
 func (s *Store) Schema() string { return s.schema }
@@ -352,15 +409,24 @@ func (s *Store) get(ctx context.Context, project, name string) ([]byte, error) {
 		return nil, err
 	}
 	var (
-		blob, nonce []byte
-		id          pgtype.UUID
-		found       bool
+		blob, nonce, wrapped []byte
+		id                   pgtype.UUID
+		prov, keyID, version pgtype.Text
+		found                bool
 	)
-	// The data key's wrapped form is read only on a cache miss (open).
+	// The data key's wrapped form comes in the same round trip, so a cache
+	// miss costs a local unwrap under the key hierarchy, not a second
+	// query; it is used only on a miss (open). The joins are primary-key
+	// lookups; a data key row that is missing leaves wrapped NULL, and open
+	// then reads it, finds nothing and reports ErrDecrypt.
 	err := s.scopedOn(ctx, s.db, project, func(b *pgx.Batch) {
-		b.Queue(`SELECT encrypted_data, nonce, data_key_id FROM `+s.q+`.encrypted_secrets WHERE project_id = $1 AND name = $2`,
+		b.Queue(`SELECT s.encrypted_data, s.nonce, s.data_key_id, d.wrapped_dek, k.provider, k.key_id, k.key_version
+FROM `+s.q+`.encrypted_secrets s
+LEFT JOIN `+s.q+`.data_keys d ON d.id = s.data_key_id AND d.project_id = s.project_id
+LEFT JOIN `+s.q+`.kek k ON k.id = d.kek_id
+WHERE s.project_id = $1 AND s.name = $2`,
 			project, name).QueryRow(func(r pgx.Row) error {
-			err := r.Scan(&blob, &nonce, &id)
+			err := r.Scan(&blob, &nonce, &id, &wrapped, &prov, &keyID, &version)
 			if errors.Is(err, pgx.ErrNoRows) {
 				return nil
 			}
@@ -374,7 +440,11 @@ func (s *Store) get(ctx context.Context, project, name string) ([]byte, error) {
 	if !found {
 		return nil, fmt.Errorf("%w: %q in project %q", ErrNotFound, name, project)
 	}
-	pt, err := s.open(ctx, project, id.Bytes, nil, blob, nonce, secretAAD(project, name))
+	var wk *provider.WrappedKey
+	if wrapped != nil && prov.Valid && keyID.Valid && version.Valid {
+		wk = &provider.WrappedKey{Provider: prov.String, KeyID: keyID.String, Version: version.String, Ciphertext: wrapped}
+	}
+	pt, err := s.open(ctx, project, id.Bytes, wk, blob, nonce, secretAAD(project, name))
 	if err != nil {
 		return nil, fmt.Errorf("pgstore: get %q: %w", name, err)
 	}
@@ -416,7 +486,7 @@ func (s *Store) dataKey(ctx context.Context, project string, id [16]byte, wk *pr
 				return nil, err
 			}
 		}
-		dk, err := envelope.UnwrapDataKey(ctx, s.keyring, wk, wrapAAD(project, id), dataKeyOpts...)
+		dk, err := envelope.UnwrapDataKey(ctx, s.dek, wk, wrapAAD(project, id), dataKeyOpts...)
 		if err != nil {
 			return nil, envelope.UnwrapFailure(err)
 		}
@@ -676,7 +746,7 @@ func (s *Store) createKey(ctx context.Context, project, scope string, id *[16]by
 		return created, err
 	}
 	s.log.Warn("pgstore: primary KEK version is retired; refreshing the keyring", "project", project)
-	if rerr := s.keyring.Refresh(ctx); rerr != nil {
+	if rerr := s.dek.Refresh(ctx); rerr != nil {
 		return false, fmt.Errorf("%w (refreshing the keyring failed: %v)", err, rerr)
 	}
 	created, err = s.tryCreateKey(ctx, project, scope, id)
@@ -690,7 +760,7 @@ func (s *Store) tryCreateKey(ctx context.Context, project, scope string, id *[16
 	if _, err := rand.Read(id[:]); err != nil {
 		return false, fmt.Errorf("pgstore: new data key id: %w", err)
 	}
-	dk, wk, err := envelope.NewDataKey(ctx, s.keyring, wrapAAD(project, *id), dataKeyOpts...)
+	dk, wk, err := envelope.NewDataKey(ctx, s.dek, wrapAAD(project, *id), dataKeyOpts...)
 	if err != nil {
 		return false, fmt.Errorf("pgstore: new data key: %w", err)
 	}

@@ -25,6 +25,7 @@ const (
 	envLogLevel    = "KEYBROKER_LOG_LEVEL"
 	envLogFormat   = "KEYBROKER_LOG_FORMAT"
 	envBudget      = "KEYBROKER_BUDGET"
+	envDirectKEK   = "KEYBROKER_DIRECT_KEK"
 )
 
 // maxConfigSize bounds the config file read into memory.
@@ -43,6 +44,9 @@ type config struct {
 	// process creates or reserves (0: pgstore.DefaultBudget). Set it to
 	// what the fleet's services use.
 	Budget int64 `json:"budget"`
+	// DirectKEK is pgstore.Config.DirectKEK: wrap data keys under the KEK
+	// itself, without the key hierarchy. Set it as the fleet does.
+	DirectKEK bool `json:"direct_kek"`
 }
 
 // loadConfigFile reads a JSON config file. Unknown keys are an error, so a
@@ -126,6 +130,17 @@ func resolveConfig(fs *pflag.FlagSet) (config, error) {
 			return config{}, usageErrorf("budget must be a whole number from 1 to %d", int64(envelope.MaxMessagesLimit))
 		}
 		c.Budget = n
+	}
+	fileDirect := ""
+	if file.DirectKEK {
+		fileDirect = "true"
+	}
+	if d := resolve(fs, "direct-kek", envDirectKEK, fileDirect, ""); d != "" {
+		v, err := strconv.ParseBool(d)
+		if err != nil {
+			return config{}, usageErrorf("direct-kek must be true or false (1 or 0)")
+		}
+		c.DirectKEK = v
 	}
 	// --kek-decrypt-only is a comma-separated list like the variable; the
 	// flag may also be repeated.

@@ -20,19 +20,22 @@ import (
 
 // demoSummary is what demo prints (and, with --json, its JSON output).
 type demoSummary struct {
-	Database    string       `json:"database"` // "throwaway" or "external"
-	Schema      string       `json:"schema"`
-	Rows        int          `json:"rows"`
-	Projects    int          `json:"projects"`
-	Imported    int64        `json:"imported"`
-	Cleared     int64        `json:"plaintext_cleared"`
-	Stored      int64        `json:"stored"`
-	Rewrapped   int64        `json:"rewrapped"`
-	Verified    int64        `json:"verified"`
-	Failed      int64        `json:"failed"`
-	KEKVersions [2]string    `json:"kek_versions"` // before and after rotation
-	Timings     []demoTiming `json:"timings"`
-	Total       jsonDuration `json:"total"`
+	Database  string `json:"database"` // "throwaway" or "external"
+	Schema    string `json:"schema"`
+	Rows      int    `json:"rows"`
+	Projects  int    `json:"projects"`
+	Imported  int64  `json:"imported"`
+	Cleared   int64  `json:"plaintext_cleared"`
+	Stored    int64  `json:"stored"`
+	Rewrapped int64  `json:"rewrapped"`
+	// RewrappedIKs counts the intermediate keys the rotation rewrapped
+	// (the key hierarchy): data keys stay as they are.
+	RewrappedIKs int          `json:"rewrapped_intermediate_keys"`
+	Verified     int64        `json:"verified"`
+	Failed       int64        `json:"failed"`
+	KEKVersions  [2]string    `json:"kek_versions"` // before and after rotation
+	Timings      []demoTiming `json:"timings"`
+	Total        jsonDuration `json:"total"`
 }
 
 type demoTiming struct {
@@ -193,7 +196,7 @@ func (s *demoSummary) print(w io.Writer) {
 	fmt.Fprintf(w, "  imported        %d (plaintext cleared: %d)\n", s.Imported, s.Cleared)
 	fmt.Fprintf(w, "  stored (put)    %d\n", s.Stored)
 	fmt.Fprintf(w, "  KEK rotated     version %s -> %s (version %s retired)\n", s.KEKVersions[0], s.KEKVersions[1], s.KEKVersions[0])
-	fmt.Fprintf(w, "  rewrapped       %d data keys\n", s.Rewrapped)
+	fmt.Fprintf(w, "  rewrapped       %d data keys, %d intermediate keys\n", s.Rewrapped, s.RewrappedIKs)
 	fmt.Fprintf(w, "  verified        %d ok, %d failed\n", s.Verified, s.Failed)
 	fmt.Fprintln(w, "  timings:")
 	for _, t := range s.Timings {
@@ -257,7 +260,7 @@ func (a *app) demoStore(ctx context.Context, pool *pgxpool.Pool, kek *local.Prov
 
 	var prev, next pgstore.KEKVersion
 	if err := sum.step("rotate kek", func() (err error) {
-		if prev, err = st.PrimaryVersion(ctx); err != nil {
+		if prev, err = st.KEKPrimaryVersion(ctx); err != nil {
 			return err
 		}
 		next, err = st.RotateKEK(ctx)
@@ -271,7 +274,7 @@ func (a *app) demoStore(ctx context.Context, pool *pgxpool.Pool, kek *local.Prov
 		if err != nil {
 			return err
 		}
-		sum.Rewrapped = res.Rewrapped
+		sum.Rewrapped, sum.RewrappedIKs = res.Rewrapped, res.IntermediateKeys
 		return nil
 	}); err != nil {
 		return err

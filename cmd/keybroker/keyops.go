@@ -16,13 +16,16 @@ import (
 
 // rewrapResult is rewrap's output, and part of rotate's.
 type rewrapResult struct {
-	Primary   string         `json:"primary"`
-	Pending   map[string]int `json:"pending"` // data keys not under primary, by version, before the run
-	Rewrapped int64          `json:"rewrapped"`
-	Skipped   int64          `json:"skipped"`   // held by another transaction for longer than --lock-wait
-	Corrupt   []corruptKey   `json:"corrupt"`   // did not unwrap; left as they are
-	Remaining int64          `json:"remaining"` // not under primary when the run ended, recounted
-	DryRun    bool           `json:"dry_run"`
+	Primary string `json:"primary"`
+	// IntermediateKeys counts the intermediate keys rewrapped to the
+	// primary KEK version (the key hierarchy).
+	IntermediateKeys int            `json:"intermediate_keys"`
+	Pending          map[string]int `json:"pending"` // data keys not under primary, by version, before the run
+	Rewrapped        int64          `json:"rewrapped"`
+	Skipped          int64          `json:"skipped"`   // held by another transaction for longer than --lock-wait
+	Corrupt          []corruptKey   `json:"corrupt"`   // did not unwrap; left as they are
+	Remaining        int64          `json:"remaining"` // not under primary when the run ended, recounted
+	DryRun           bool           `json:"dry_run"`
 }
 
 type corruptKey struct {
@@ -46,7 +49,7 @@ func (a *app) rewrap(ctx context.Context, s *session, batch int, lockWait time.D
 	if err != nil {
 		return nil, err
 	}
-	out := &rewrapResult{Primary: res.Primary.String(), Pending: map[string]int{}, Rewrapped: res.Rewrapped,
+	out := &rewrapResult{Primary: res.Primary.String(), IntermediateKeys: res.IntermediateKeys, Pending: map[string]int{}, Rewrapped: res.Rewrapped,
 		Skipped: res.Skipped, Corrupt: []corruptKey{}, Remaining: res.Remaining, DryRun: dryRun}
 	for _, vc := range res.Pending {
 		out.Pending[vc.KEKVersion.String()] = int(vc.DataKeys)
@@ -64,6 +67,9 @@ func (r *rewrapResult) print(w io.Writer) {
 	if r.DryRun {
 		fmt.Fprintf(w, "dry run: would rewrap %d data keys to %s\n", r.Remaining, r.Primary)
 		return
+	}
+	if r.IntermediateKeys > 0 {
+		fmt.Fprintf(w, "rewrapped %d intermediate keys to the primary KEK version\n", r.IntermediateKeys)
 	}
 	fmt.Fprintf(w, "rewrapped %d data keys to %s\n", r.Rewrapped, r.Primary)
 	for _, c := range r.Corrupt {
@@ -96,9 +102,13 @@ func newRewrapCmd(a *app) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "rewrap",
 		Short: "Rewrap every data key not under the primary KEK version",
-		Long: `rewrap re-encrypts each data key wrapped under an older KEK version, or
-under a decrypt-only provider, to the primary KEK's current version. Secrets
-are not touched. Each batch commits on its own: an interrupted run leaves
+		Long: `rewrap first rewraps the intermediate keys (the key hierarchy) not under the
+primary KEK's current version to it: one key-service call each. It then
+re-encrypts each data key not under the current intermediate key (or, with
+--direct-kek, the primary KEK's current version) to it: locally from an older
+intermediate key, else through the key service (data keys wrapped directly
+under a KEK, by a database from before the hierarchy). Secrets are not
+touched. Each batch commits on its own: an interrupted run leaves
 every data key usable, and a rerun continues where it stopped. Several
 rewraps may run at once; each waits up to --lock-wait for data keys another
 one holds, then counts them as skipped. A data key that does not unwrap is
@@ -131,13 +141,15 @@ corrupt, or wrapped meanwhile by a process with an old configuration).`,
 
 func newRotateCmd(a *app) *cobra.Command {
 	var batch int
-	var dryRun, retire bool
+	var dryRun, retire, intermediate bool
 	var lockWait time.Duration
 	cmd := &cobra.Command{
 		Use:   "rotate",
 		Short: "Rotate the primary KEK to a new version, then rewrap every data key",
 		Long: `rotate asks the primary KEK's key service for a new key version, then
-rewraps every data key to it (see rewrap). With --retire it then retires
+rewraps to it (see rewrap) the intermediate keys — or, with --direct-kek,
+every data key. With --intermediate it makes a new intermediate key version
+instead (one key-service call) and rewraps every data key to it locally. With --retire it then retires
 the previous version, which the key service will no longer use; keybroker
 refuses if any data key still needs it. A provider that cannot rotate from
 here (rotate it in the key service instead, then run rewrap) is an error.
@@ -153,7 +165,14 @@ rerun rotate, which would make yet another version.`,
 				return err
 			}
 			defer s.close()
-			prev, err := s.store.PrimaryVersion(ctx)
+			// Without --intermediate the deployment's KEK rotates (with the
+			// key hierarchy the rewrap then moves the intermediate keys, not
+			// the data keys); with it, the intermediate key does.
+			primaryVersion := s.store.KEKPrimaryVersion
+			if intermediate {
+				primaryVersion = s.store.PrimaryVersion
+			}
+			prev, err := primaryVersion(ctx)
 			if err != nil {
 				return err
 			}
@@ -178,7 +197,11 @@ rerun rotate, which would make yet another version.`,
 					fmt.Fprintln(w)
 				})
 			}
-			next, err := s.store.RotateKEK(ctx)
+			rotate := s.store.RotateKEK
+			if intermediate {
+				rotate = s.store.RotateIntermediate
+			}
+			next, err := rotate(ctx)
 			if err != nil {
 				return err
 			}
@@ -215,6 +238,7 @@ rerun rotate, which would make yet another version.`,
 	}
 	cmd.Flags().IntVar(&batch, "batch", 0, batchHelp)
 	cmd.Flags().BoolVar(&retire, "retire", false, "retire the previous version after the rewrap")
+	cmd.Flags().BoolVar(&intermediate, "intermediate", false, "rotate the intermediate key (the key hierarchy) instead of the KEK; the rewrap is then local")
 	cmd.Flags().BoolVar(&dryRun, "dry-run", false, "report what would happen, change nothing")
 	cmd.Flags().DurationVar(&lockWait, "lock-wait", pgstore.DefaultLockWait, "how long to wait for a data key another process holds locked")
 	return cmd

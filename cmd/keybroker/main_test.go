@@ -44,7 +44,7 @@ func TestScripts(t *testing.T) {
 			e.Setenv("POOLED_DATABASE_URL", pgtest.PoolerURL(e.T().(testing.TB), db))
 			// The scripts set what they need; nothing leaks in from the
 			// developer's environment.
-			for _, v := range []string{envKEK, envDecryptOnly, envSchema, envConfig, envLogLevel, envLogFormat} {
+			for _, v := range []string{envKEK, envDecryptOnly, envSchema, envConfig, envLogLevel, envLogFormat, envBudget, envDirectKEK} {
 				e.Setenv(v, "")
 			}
 			return nil

@@ -21,17 +21,19 @@ DEKs are wrapped by a key-encryption key (KEK) held by a key service.
 
 Configuration (highest precedence first):
   1. flags               --kek, --kek-decrypt-only, --database-url, --schema,
-                         --budget, --log-level, --log-format
+                         --budget, --direct-kek, --log-level, --log-format
   2. environment         KEYBROKER_KEK                primary KEK provider URL
                          KEYBROKER_KEK_DECRYPT_ONLY   comma-separated decrypt-only URLs
                          KEYBROKER_DATABASE_URL       PostgreSQL URL
                          KEYBROKER_SCHEMA             schema holding keybroker's tables
                          KEYBROKER_BUDGET             encryptions per data key (as the services')
+                         KEYBROKER_DIRECT_KEK         1: no key hierarchy (as the services')
                          KEYBROKER_LOG_LEVEL, KEYBROKER_LOG_FORMAT
                          KEYBROKER_CONFIG             config file (like --config)
   3. config file         --config FILE, a JSON object with the keys
                          kek, kek_decrypt_only (array), database_url, schema,
-                         budget (number), log_level, log_format; unknown keys
+                         budget (number), direct_kek (boolean), log_level,
+                         log_format; unknown keys
                          are an error
   4. defaults            log level warn when stderr is a terminal (so per-key
                          and per-batch info lines do not bury the progress
@@ -140,6 +142,7 @@ func newRootCmd(a *app) *cobra.Command {
 	pf.String("database-url", "", "PostgreSQL URL (env KEYBROKER_DATABASE_URL)")
 	pf.String("schema", "", "schema holding keybroker's tables (env KEYBROKER_SCHEMA)")
 	pf.String("budget", "", "encryptions per data key, as the fleet's pgstore.Config.Budget (env KEYBROKER_BUDGET; default 16777216)")
+	pf.String("direct-kek", "", "true: wrap data keys under the KEK itself, no intermediate keys, as the fleet's pgstore.Config.DirectKEK (env KEYBROKER_DIRECT_KEK; default false)")
 	pf.String("log-level", "", "debug, info, warn or error (default warn on a terminal, info otherwise)")
 	pf.String("log-format", "", "text or json (default text)")
 	pf.BoolVar(&a.json, "json", false, "machine-readable JSON output on stdout")

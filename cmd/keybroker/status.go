@@ -14,7 +14,7 @@ import (
 type providerStatus struct {
 	Provider       string `json:"provider"`
 	KeyID          string `json:"key_id"`
-	Role           string `json:"role"` // "primary" or "decrypt-only"
+	Role           string `json:"role"` // "primary", "decrypt-only", "intermediate" or "intermediate-decrypt-only"
 	PrimaryVersion string `json:"primary_version,omitempty"`
 	Reachable      bool   `json:"reachable"`
 	Error          string `json:"error,omitempty"`
@@ -32,6 +32,9 @@ type versionStatus struct {
 	State    string `json:"state"`
 	DataKeys int64  `json:"data_keys"`
 	Secrets  int64  `json:"secrets"`
+	// IntermediateKeys counts the key hierarchy's intermediate keys
+	// wrapped under the version (a KEK version).
+	IntermediateKeys int64 `json:"intermediate_keys"`
 }
 
 type statusResult struct {
@@ -64,10 +67,20 @@ func (a *app) status(ctx context.Context, s *session) (*statusResult, error) {
 	}
 	described := map[provider.KeyRef]desc{}
 	var unreachable error
-	for i, p := range s.store.Keyring().Providers() {
+	// The KEK's providers, then the key hierarchy's intermediate keys
+	// (stored in the database; Describe reads it): "intermediate" when
+	// they wrap new data keys, "intermediate-decrypt-only" with
+	// --direct-kek.
+	ik := s.store.Hierarchy()
+	for i, p := range append(s.store.Keyring().Providers(), provider.KEKProvider(ik)) {
 		ref := p.Ref()
 		ps := providerStatus{Provider: ref.Provider, KeyID: ref.KeyID, Role: "decrypt-only", Reachable: true}
-		if i == 0 {
+		switch {
+		case p == provider.KEKProvider(ik) && s.store.DirectKEK():
+			ps.Role = "intermediate-decrypt-only"
+		case p == provider.KEKProvider(ik):
+			ps.Role = "intermediate"
+		case i == 0:
 			ps.Role = "primary"
 		}
 		if d, ok := p.(provider.Describer); ok {
@@ -103,7 +116,8 @@ func (a *app) status(ctx context.Context, s *session) (*statusResult, error) {
 	primary := provider.KeyRef{Provider: res.Providers[0].Provider, KeyID: res.Providers[0].KeyID}
 	listed := map[versionKey]bool{}
 	for _, sv := range st.Versions {
-		v := versionStatus{Provider: sv.Provider, KeyID: sv.KeyID, Version: sv.Version, DataKeys: sv.DataKeys, Secrets: sv.Secrets}
+		v := versionStatus{Provider: sv.Provider, KeyID: sv.KeyID, Version: sv.Version, DataKeys: sv.DataKeys, Secrets: sv.Secrets,
+			IntermediateKeys: sv.IntermediateKeys}
 		ref := provider.KeyRef{Provider: v.Provider, KeyID: v.KeyID}
 		d := described[ref]
 		configured := slices.ContainsFunc(res.Providers, func(p providerStatus) bool { return p.Provider == ref.Provider && p.KeyID == ref.KeyID })
@@ -120,7 +134,7 @@ func (a *app) status(ctx context.Context, s *session) (*statusResult, error) {
 			// with the same id) cannot be told apart here.
 			v.State = "missing"
 			res.Missing += v.DataKeys
-		case ref == primary && d.ok && v.Version == d.st.PrimaryVersion:
+		case (ref == primary || ref == ik.Ref() && !s.store.DirectKEK()) && d.ok && v.Version == d.st.PrimaryVersion:
 			v.State = "primary"
 		default:
 			v.State = "active"
@@ -145,7 +159,8 @@ func newStatusCmd(a *app) *cobra.Command {
 		Use:   "status",
 		Short: "Report data keys and secrets per KEK provider and version",
 		Long: `status lists each configured KEK provider (primary first, then the
-decrypt-only ones) and every KEK version the database records, with how
+decrypt-only ones, then the intermediate keys of the key hierarchy) and
+every KEK and intermediate key version the database records, with how
 many data keys and secrets depend on it and its state: primary (the
 primary provider's current version), active (still unwraps), retired
 (retired in keybroker), missing (the configured provider serves the key

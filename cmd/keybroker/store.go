@@ -32,11 +32,12 @@ func (a *app) openStore(ctx context.Context) (*session, error) {
 		return nil, err
 	}
 	st, err := pgstore.New(ctx, pool, pgstore.Config{
-		Schema: a.cfg.Schema,
-		KEK:    kr,
-		Budget: a.cfg.Budget,
-		Actor:  actor(),
-		Logger: a.log,
+		Schema:    a.cfg.Schema,
+		KEK:       kr,
+		Budget:    a.cfg.Budget,
+		DirectKEK: a.cfg.DirectKEK,
+		Actor:     actor(),
+		Logger:    a.log,
 	})
 	if err != nil {
 		pool.Close()
