@@ -207,6 +207,22 @@ func runAs(ctx context.Context, cred *syscall.Credential, dir, path string, args
 	return b, err
 }
 
+// Tool returns the path of one of PostgreSQL's client programs (pg_dump,
+// pg_restore, pg_basebackup, psql) from the directory the servers Start runs
+// come from, so that the tool's version is the server's (pg_dump refuses a
+// newer server).
+func Tool(name string) (string, error) {
+	dir, ok := findBinDir("")
+	if !ok {
+		return "", ErrNoBinaries
+	}
+	p := filepath.Join(dir, name)
+	if !isExec(p) {
+		return "", fmt.Errorf("pgserver: %s is not in %s: install PostgreSQL's client programs (apt-get install postgresql-client)", name, dir)
+	}
+	return p, nil
+}
+
 // findBinDir returns the directory holding initdb and pg_ctl: the newest
 // glob match, else the directory of postgres on $PATH.
 func findBinDir(glob string) (string, bool) {
