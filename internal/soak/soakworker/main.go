@@ -36,6 +36,8 @@ func main() {
 	flag.IntVar(&o.minCycles, "min-cycles", 2, "writer: operator rounds to wait for before stopping")
 	flag.Int64Var(&o.budget, "budget", 100, "writer: pgstore Config.Budget")
 	flag.Int64Var(&o.chunk, "chunk", 10, "writer: pgstore Config.ReserveChunk")
+	flag.StringVar(&o.ackLog, "ack-log", "", "writer: append \"project name seq\" to this file after each acknowledged Put, one write(2) per line, so that another process can read what was acknowledged while this one runs")
+	flag.DurationVar(&o.opTimeout, "op-timeout", 0, "writer: deadline of each Put and read-back (0: none), so that a write to an unreachable server fails instead of waiting for TCP to give up")
 	flag.Uint64Var(&o.seed, "seed", 1, "random seed")
 	flag.StringVar(&o.keybroker, "keybroker", "", "operator: the keybroker binary")
 	flag.Parse()
@@ -65,13 +67,13 @@ func main() {
 }
 
 type options struct {
-	role                      string
-	worker, goroutines, names int
-	projects, minCycles       int
-	ops, budget, chunk        int64
-	duration, limit           time.Duration
-	seed                      uint64
-	keybroker                 string
+	role                       string
+	worker, goroutines, names  int
+	projects, minCycles        int
+	ops, budget, chunk         int64
+	duration, limit, opTimeout time.Duration
+	seed                       uint64
+	keybroker, ackLog          string
 }
 
 func openPool(ctx context.Context) (*pgxpool.Pool, error) {
