@@ -61,9 +61,11 @@ func buildFleet(t *testing.T) fleetBins {
 		t.Fatalf("e2e: go command: %v", err)
 	}
 	dir := t.TempDir()
-	out, err := exec.Command(goBin, "build", "-o", dir+string(os.PathSeparator),
-		"github.com/profullstack/keybroker/cmd/keybroker",
-		"github.com/profullstack/keybroker/internal/soak/soakworker").CombinedOutput()
+	// Built in the library's module (the parent directory, as go.mod's replace says), whose
+	// go.mod has the CLI's dependencies; this module has only the tests'.
+	cmd := exec.Command(goBin, "build", "-o", dir+string(os.PathSeparator), "./cmd/keybroker", "./internal/soak/soakworker")
+	cmd.Dir = ".."
+	out, err := cmd.CombinedOutput()
 	if err != nil {
 		t.Fatalf("e2e: go build: %v\n%s", err, out)
 	}
