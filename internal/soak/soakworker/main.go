@@ -6,6 +6,11 @@
 // environment and prints one JSON summary (soak.WriterSummary or
 // soak.OperatorSummary) on stdout when it ends. Errors that stop it go to
 // stderr with exit status 1.
+//
+// The e2e failover scenarios (e2e/failover_test.go) run writers too, with
+// -ack-log (each acknowledged Put appended to a file another process reads
+// while the writer runs) and -op-timeout (a Put to a server that stopped
+// answering fails instead of waiting for TCP to give up).
 package main
 
 import (
