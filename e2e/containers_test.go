@@ -169,7 +169,7 @@ func pgURL(hosts string, query ...string) string {
 func waitForPostgres() testcontainers.ContainerCustomizer {
 	return testcontainers.WithWaitStrategy(wait.ForSQL("5432/tcp", "pgx", func(host string, port network.Port) string {
 		return pgURL(net.JoinHostPort(host, port.Port()))
-	}).WithStartupTimeout(startTimeout).WithPollInterval(100*time.Millisecond))
+	}).WithStartupTimeout(startTimeout).WithPollInterval(100 * time.Millisecond))
 }
 
 // hostPort is host:port where c publishes PostgreSQL's port.
