@@ -117,7 +117,8 @@ func startReplicated(t *testing.T) *replicated {
 				hc.PortBindings = network.PortMap{network.MustParsePort("5432/tcp"): {{HostPort: strconv.Itoa(hostPort)}}}
 			}),
 			testcontainers.WithTmpfs(map[string]string{"/var/lib/postgresql/data": "rw"}),
-			// The bridge first: it carries the published port, and stays when repl is cut.
+			// The default bridge as well as the private network: once repl is cut, clients still
+			// reach the primary's published port through the bridge.
 			tcnetwork.WithBridgeNetwork(),
 			tcnetwork.WithNetwork([]string{alias}, repl),
 			waitForPostgres(),
