@@ -51,9 +51,7 @@ func scanReplicaRows(r pgx.Rows, out *[]replicaSealed) error {
 	var row replicaSealed
 	_, err := pgx.ForEachRow(r, []any{&row.name, &row.blob, &row.nonce, &row.id, &row.wk.Ciphertext, &row.wk.Provider, &row.wk.KeyID, &row.wk.Version},
 		func() error {
-			c := row
-			c.wk.Ciphertext = append([]byte(nil), row.wk.Ciphertext...)
-			*out = append(*out, c)
+			*out = append(*out, row) // each scan allocates the row's byte slices afresh
 			return nil
 		})
 	return err

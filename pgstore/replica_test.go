@@ -97,12 +97,24 @@ func (r *replicaPair) pauseReplay(t *testing.T) {
 	})
 }
 
+// resumeReplay resumes the standby's replay and waits until its encrypted_secrets rows are the
+// primary's (the same nonces: the same envelopes).
 func (r *replicaPair) resumeReplay(t *testing.T) {
 	t.Helper()
 	if _, err := r.standby.Exec(context.Background(), `SELECT pg_wal_replay_resume()`); err != nil {
 		t.Fatal(err)
 	}
 	r.caughtUp(t)
+	const rows = `SELECT coalesce(string_agg(project_id || '/' || name || '/' || encode(nonce, 'hex'), ',' ORDER BY project_id, name), '') FROM keybroker.encrypted_secrets`
+	var want string
+	if err := r.primary.QueryRow(context.Background(), rows).Scan(&want); err != nil {
+		t.Fatal(err)
+	}
+	poll(t, "the standby's secrets to be the primary's", func(ctx context.Context) (bool, error) {
+		var got string
+		err := r.standby.QueryRow(ctx, rows).Scan(&got)
+		return got == want, err
+	})
 }
 
 func (r *replicaPair) standbyCount(t *testing.T, sql string, args ...any) int64 {
