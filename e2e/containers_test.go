@@ -138,35 +138,44 @@ type pgServer struct {
 // tests: data in memory, no fsync (a crash of the container is not a scenario here).
 func startPostgres(t *testing.T) *pgServer {
 	t.Helper()
-	const user, password, db = "keybroker", "e2e-password", "keybroker"
-	pgURL := func(host string, port network.Port) string {
-		u := url.URL{Scheme: "postgres", User: url.UserPassword(user, password), Host: net.JoinHostPort(host, port.Port()), Path: db, RawQuery: "sslmode=disable"}
-		return u.String()
-	}
 	c := startContainer(t, postgresImage,
 		testcontainers.WithExposedPorts("5432/tcp"),
 		testcontainers.WithEnv(map[string]string{
-			"POSTGRES_USER": user, "POSTGRES_PASSWORD": password, "POSTGRES_DB": db,
+			"POSTGRES_USER": pgUser, "POSTGRES_PASSWORD": pgPassword, "POSTGRES_DB": pgDatabase,
 			"POSTGRES_INITDB_ARGS": "--no-sync",
 		}),
 		// The data on tmpfs: the engine's fuse-overlayfs makes every fsync slow.
 		testcontainers.WithTmpfs(map[string]string{"/var/lib/postgresql/data": "rw"}),
 		testcontainers.WithCmd("postgres", "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off", "-c", "max_connections=200"),
-		// A TCP connection is accepted only by the final server: the official image's entrypoint
-		// runs its initialisation server on the Unix socket alone.
-		testcontainers.WithWaitStrategy(wait.ForSQL("5432/tcp", "pgx", pgURL).WithStartupTimeout(startTimeout).WithPollInterval(100*time.Millisecond)),
+		waitForPostgres(),
 	)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	host, err := c.Host(ctx)
-	if err != nil {
-		t.Fatalf("e2e: postgres host: %v", err)
-	}
-	port, err := c.MappedPort(ctx, "5432/tcp")
-	if err != nil {
-		t.Fatalf("e2e: postgres port: %v", err)
-	}
-	return &pgServer{c: c, URL: pgURL(host, port)}
+	return &pgServer{c: c, URL: pgURL(hostPort(t, c))}
+}
+
+// The PostgreSQL servers' throwaway superuser and database.
+const pgUser, pgPassword, pgDatabase = "keybroker", "e2e-password", "keybroker"
+
+// pgURL is the superuser's URL of the database at host:port (several, comma-separated, for a
+// multi-host URL), with extra query parameters.
+func pgURL(hosts string, query ...string) string {
+	u := url.URL{Scheme: "postgres", User: url.UserPassword(pgUser, pgPassword), Host: hosts, Path: pgDatabase,
+		RawQuery: strings.Join(append([]string{"sslmode=disable"}, query...), "&")}
+	return u.String()
+}
+
+// waitForPostgres waits until a TCP connection to c's port 5432 runs a query. A TCP
+// connection is accepted only by the final server: the entrypoint runs its initialisation
+// server on the Unix socket alone.
+func waitForPostgres() testcontainers.ContainerCustomizer {
+	return testcontainers.WithWaitStrategy(wait.ForSQL("5432/tcp", "pgx", func(host string, port network.Port) string {
+		return pgURL(net.JoinHostPort(host, port.Port()))
+	}).WithStartupTimeout(startTimeout).WithPollInterval(100 * time.Millisecond))
+}
+
+// hostPort is host:port where c publishes PostgreSQL's port.
+func hostPort(t *testing.T, c testcontainers.Container) string {
+	t.Helper()
+	return endpoint(t, c, "5432/tcp")
 }
 
 // pool opens a pool on the server, closed when t ends.

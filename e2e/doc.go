@@ -29,6 +29,12 @@
 // rewrap workers sharing the work; 100,000 legacy plaintext rows migrated under concurrent
 // writers. Faults: Vault stopped in the middle of a rewrap batch and restarted; the
 // migrating process's database connection cut at 20 random statements; PostgreSQL paused.
+// Failover (TestFailover): a primary and a synchronous standby on a private network, three
+// writer processes (internal/soak's soakworker, logging every acknowledged write) and a
+// `keybroker import-plaintext` reaching them through a multi-host URL with
+// target_session_attrs=read-write; the primary SIGKILLed, or cut from its standby and then
+// from its clients; the standby promoted; the import rerun to completion; every acknowledged
+// write read back at the promotion and at the end, `keybroker verify` and `status` exit 0.
 // Every scenario checks counts and the bytes of every secret, never just the absence of an
 // error.
 //

@@ -164,6 +164,30 @@
 // pooler is refused too, as pgstore cannot tell it from a transaction-mode
 // one.
 //
+// # Read replicas and failover
+//
+// Config.ReadPool points Get and GetMany at a hot standby (PostgreSQL's
+// streaming replication; a replica pool of Supabase's). Each read takes
+// the secret and its data key's wrapped form in one statement, so one
+// snapshot of the standby, which replays the primary's commits in order:
+// a secret is never read there without the data key it names. What the
+// standby does not have yet (a Put it has not replayed, a new project's
+// data key), what does not open there (a data key it still has wrapped
+// under a KEK version the primary has since rewrapped away from and
+// retired) and any of its errors are read again from the primary, whose
+// answer is returned. So a process reads back every secret it created;
+// to read its own updates back at once, not the value before, its writes
+// must wait for the standby's replay: synchronous_commit = remote_apply
+// with the standby in synchronous_standby_names (for example the pool's
+// RuntimeParams, or options=-c%20synchronous_commit%3Dremote_apply in its
+// URL). Everything else runs on the primary pool.
+//
+// For failover, give the primary pool a multi-host URL with
+// target_session_attrs=read-write: operations in flight when the primary
+// dies fail with an error, and the next connections reach the promoted
+// standby. Only a synchronous standby keeps every acknowledged write
+// (docs/OPERATIONS.md, "High availability").
+//
 // # Security
 //
 // What the database holds: ciphertexts, nonces, wrapped data keys and KEK

@@ -3,6 +3,7 @@ package pgstore
 import (
 	"context"
 	"fmt"
+	"maps"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgtype"
@@ -60,10 +61,31 @@ func (s *Store) getMany(ctx context.Context, project string, names []string) (ma
 			return nil, err
 		}
 	}
-	out := make(map[string][]byte, len(names))
 	if len(names) == 0 {
-		return out, nil
+		return map[string][]byte{}, nil
 	}
+	if s.read != nil {
+		if out, missing, ok := s.getManyReplica(ctx, project, names); ok {
+			if len(missing) == 0 {
+				return out, nil
+			}
+			rest, err := s.getManyPrimary(ctx, project, missing)
+			if err != nil {
+				for _, v := range out {
+					clear(v)
+				}
+				return nil, err
+			}
+			maps.Copy(out, rest)
+			return out, nil
+		}
+	}
+	return s.getManyPrimary(ctx, project, names)
+}
+
+// getManyPrimary is getMany on the Store's db, after the checks.
+func (s *Store) getManyPrimary(ctx context.Context, project string, names []string) (map[string][]byte, error) {
+	out := make(map[string][]byte, len(names))
 	// The primary key makes each (project, name) one row, so duplicates in
 	// names cannot return a row twice.
 	var rows []sealed

@@ -99,6 +99,23 @@ type Config struct {
 	// Logger receives one line per key-management step (never secrets).
 	// Discarded when nil.
 	Logger *slog.Logger
+	// ReadPool, when set, serves Get and GetMany from a hot standby of the
+	// database pool reaches (a read replica), to take reads off the
+	// primary; everything else stays on pool. Each read takes the secret
+	// and its data key's wrapped form in one statement on the standby; a
+	// secret the standby does not have (a Put not yet replayed there, or a
+	// name that does not exist), one that does not open there (its data key
+	// not yet replayed, or wrapped there under a KEK version since retired)
+	// and any error of the standby's are read again from pool, whose answer
+	// is returned. A read so returns what the primary holds, or held at the
+	// standby's replay position: a process always reads back the secrets it
+	// created, but an update it made may read as the previous value until
+	// the standby replays it, unless its writes wait for the standby's
+	// replay (synchronous_commit = remote_apply, with the standby in
+	// synchronous_standby_names; docs/OPERATIONS.md). Stores returned by In
+	// read from their transaction, never from ReadPool. New does not take
+	// ownership of ReadPool. Optional.
+	ReadPool *pgxpool.Pool
 	// Observer, when set, is told of every Put, Get and GetMany (for
 	// metrics and traces; telemetry.Telemetry.StoreObserver is one).
 	// Optional.
@@ -133,6 +150,8 @@ type Store struct {
 	// reservations and creation always run on pool, in transactions of
 	// their own (see In).
 	db DB
+	// read serves Get and GetMany first (Config.ReadPool), or is nil.
+	read DB
 
 	res *reservations
 }
@@ -213,6 +232,11 @@ func New(ctx context.Context, pool *pgxpool.Pool, cfg Config) (*Store, error) {
 	if err := checkExecMode(ctx, pool); err != nil {
 		return nil, err
 	}
+	if cfg.ReadPool != nil {
+		if err := checkExecMode(ctx, cfg.ReadPool); err != nil {
+			return nil, err
+		}
+	}
 	if err := checkVersion(ctx, pool, cfg.Schema); err != nil {
 		return nil, err
 	}
@@ -235,7 +259,7 @@ func New(ctx context.Context, pool *pgxpool.Pool, cfg Config) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("pgstore: %w", err)
 	}
-	return &Store{
+	st := &Store{
 		dek:     dek,
 		ik:      ik,
 		direct:  cfg.DirectKEK,
@@ -252,7 +276,11 @@ func New(ctx context.Context, pool *pgxpool.Pool, cfg Config) (*Store, error) {
 		log:     cfg.Logger,
 		obs:     cfg.Observer,
 		res:     &reservations{keys: map[scopeKey]*projectKey{}},
-	}, nil
+	}
+	if cfg.ReadPool != nil {
+		st.read = cfg.ReadPool
+	}
+	return st, nil
 }
 
 // Migrate brings the Store's schema to the latest version; see the
@@ -407,6 +435,11 @@ func (s *Store) get(ctx context.Context, project, name string) ([]byte, error) {
 	}
 	if err := checkName(name); err != nil {
 		return nil, err
+	}
+	if s.read != nil {
+		if pt, ok := s.getReplica(ctx, project, name); ok {
+			return pt, nil
+		}
 	}
 	var (
 		blob, nonce, wrapped []byte

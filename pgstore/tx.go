@@ -45,5 +45,6 @@ type DB interface {
 func (s *Store) In(db DB) *Store {
 	c := *s
 	c.db = db
+	c.read = nil // a transaction reads its own writes
 	return &c
 }

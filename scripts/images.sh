@@ -6,7 +6,8 @@
 #     laid out as the official ones (binary, directories, environment, port);
 #   - PostgreSQL: Debian's postgresql-15 in a `debootstrap --variant=minbase` root file system,
 #     `docker import`ed, with an entrypoint (e2e/images/postgres/docker-entrypoint.sh) that
-#     honours the official image's POSTGRES_* variables and listens on 0.0.0.0:5432.
+#     honours the official image's POSTGRES_* variables and listens on 0.0.0.0:5432, and with
+#     POSTGRES_REPLICATE_FROM clones a primary with pg_basebackup and runs as its hot standby.
 # An image that exists is reused: one this script built is rebuilt only when its input changed
 # (the label below records the input's hash); one from anywhere else (pulled) is left alone.
 # With no Docker engine it prints one line and does nothing, except under CI=true, where the

@@ -3,6 +3,9 @@
 // tests (internal/pgtest, scripts/test.sh through cmd/pgserver), the
 // benchmarks (bench/) and `keybroker demo`.
 //
+// StartStandby starts a hot standby of such a server (pg_basebackup, then
+// streaming replication), for read-replica tests.
+//
 // A server lives in one directory holding its data (data/), its log
 // (server.log) and its Unix socket. Durability is off (fsync, synchronous
 // commit, full-page writes): the data is thrown away. initdb and pgbouncer
@@ -64,6 +67,35 @@ func (s *Server) DataDir() string { return filepath.Join(s.Dir, "data") }
 // Start initialises a cluster and starts a server on it, waiting until it
 // accepts connections.
 func Start(ctx context.Context, opts Options) (*Server, error) {
+	return start(ctx, opts, nil)
+}
+
+// StartStandby starts a hot standby of primary (a server Start started, with
+// the same Options.BinGlob): pg_basebackup copies the primary's cluster over
+// a replication connection, and the standby then streams the primary's WAL
+// asynchronously and serves read-only queries, as a read replica does. Its
+// application_name at the primary is name (for synchronous_standby_names).
+// It waits until the standby accepts connections.
+func StartStandby(ctx context.Context, primary *Server, name string, opts Options) (*Server, error) {
+	if primary == nil || primary.Dir == "" {
+		return nil, errors.New("pgserver: StartStandby needs a running primary")
+	}
+	ci := primary.conninfo("application_name=" + name)
+	return start(ctx, opts, &ci)
+}
+
+// conninfo is a libpq connection string for the server's superuser, over its
+// Unix socket.
+func (s *Server) conninfo(extra ...string) string {
+	port := s.Port
+	if port == 0 {
+		port = 5432
+	}
+	return strings.Join(append([]string{"host='" + s.Dir + "'", fmt.Sprintf("port=%d", port), "user=postgres"}, extra...), " ")
+}
+
+// start is Start, or with primary set (its conninfo) StartStandby.
+func start(ctx context.Context, opts Options, primary *string) (*Server, error) {
 	bin, ok := findBinDir(opts.BinGlob)
 	if !ok {
 		return nil, ErrNoBinaries
@@ -85,7 +117,14 @@ func Start(ctx context.Context, opts Options) (*Server, error) {
 		os.RemoveAll(dir)
 		return nil, err
 	}
-	if out, err := s.run(ctx, "initdb", "-D", s.DataDir(), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"); err != nil {
+	if primary != nil {
+		// -R writes standby.signal and primary_conninfo (the connection
+		// string given, application_name included).
+		if out, err := s.run(ctx, "pg_basebackup", "-D", s.DataDir(), "-d", *primary, "-X", "stream", "-R", "-c", "fast", "--no-sync"); err != nil {
+			os.RemoveAll(dir)
+			return nil, fmt.Errorf("pgserver: pg_basebackup: %v: %s", err, lastLine(out))
+		}
+	} else if out, err := s.run(ctx, "initdb", "-D", s.DataDir(), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"); err != nil {
 		os.RemoveAll(dir)
 		return nil, fmt.Errorf("pgserver: initdb: %v: %s", err, lastLine(out))
 	}
@@ -205,6 +244,22 @@ func runAs(ctx context.Context, cred *syscall.Credential, dir, path string, args
 	err = c.Run()
 	b, _ := os.ReadFile(out.Name())
 	return b, err
+}
+
+// Tool returns the path of one of PostgreSQL's client programs (pg_dump,
+// pg_restore, pg_basebackup, psql) from the directory the servers Start runs
+// come from, so that the tool's version is the server's (pg_dump refuses a
+// newer server).
+func Tool(name string) (string, error) {
+	dir, ok := findBinDir("")
+	if !ok {
+		return "", ErrNoBinaries
+	}
+	p := filepath.Join(dir, name)
+	if !isExec(p) {
+		return "", fmt.Errorf("pgserver: %s is not in %s: install PostgreSQL's client programs (apt-get install postgresql-client)", name, dir)
+	}
+	return p, nil
 }
 
 // findBinDir returns the directory holding initdb and pg_ctl: the newest

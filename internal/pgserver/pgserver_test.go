@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 
@@ -68,5 +69,58 @@ func TestServerBouncerStopDir(t *testing.T) {
 	if conn, err := pgx.Connect(ctx, s.URL); err == nil {
 		conn.Close(ctx)
 		t.Fatal("server still accepts connections after StopDir")
+	}
+}
+
+// A standby of a primary is in recovery, refuses writes, and replays what
+// the primary commits (polled: replay is asynchronous).
+func TestStandby(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	p, err := pgserver.Start(ctx, pgserver.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Stop()
+	s, err := pgserver.StartStandby(ctx, p, "replica1", pgserver.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Stop()
+	pc, err := pgx.Connect(ctx, p.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close(ctx)
+	sc, err := pgx.Connect(ctx, s.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sc.Close(ctx)
+	var recovering bool
+	if err := sc.QueryRow(ctx, "SELECT pg_is_in_recovery()").Scan(&recovering); err != nil || !recovering {
+		t.Fatalf("standby in recovery: %v, %v", recovering, err)
+	}
+	if _, err := sc.Exec(ctx, "CREATE TABLE t (x int)"); err == nil {
+		t.Fatal("standby accepted a write")
+	}
+	if _, err := pc.Exec(ctx, "CREATE TABLE t (x int); INSERT INTO t VALUES (42)"); err != nil {
+		t.Fatal(err)
+	}
+	var name string
+	if err := pc.QueryRow(ctx, "SELECT application_name FROM pg_stat_replication").Scan(&name); err != nil || name != "replica1" {
+		t.Fatalf("pg_stat_replication: %q, %v", name, err)
+	}
+	for {
+		var x int
+		err := sc.QueryRow(ctx, "SELECT x FROM t").Scan(&x)
+		if err == nil && x == 42 {
+			return
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("the standby never replayed the primary's row: %v", err)
+		case <-time.After(20 * time.Millisecond):
+		}
 	}
 }

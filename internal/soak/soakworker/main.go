@@ -6,6 +6,11 @@
 // environment and prints one JSON summary (soak.WriterSummary or
 // soak.OperatorSummary) on stdout when it ends. Errors that stop it go to
 // stderr with exit status 1.
+//
+// The e2e failover scenarios (e2e/failover_test.go) run writers too, with
+// -ack-log (each acknowledged Put appended to a file another process reads
+// while the writer runs) and -op-timeout (a Put to a server that stopped
+// answering fails instead of waiting for TCP to give up).
 package main
 
 import (
@@ -36,6 +41,8 @@ func main() {
 	flag.IntVar(&o.minCycles, "min-cycles", 2, "writer: operator rounds to wait for before stopping")
 	flag.Int64Var(&o.budget, "budget", 100, "writer: pgstore Config.Budget")
 	flag.Int64Var(&o.chunk, "chunk", 10, "writer: pgstore Config.ReserveChunk")
+	flag.StringVar(&o.ackLog, "ack-log", "", "writer: append \"project name seq\" to this file after each acknowledged Put, one write(2) per line, so that another process can read what was acknowledged while this one runs")
+	flag.DurationVar(&o.opTimeout, "op-timeout", 0, "writer: deadline of each Put and read-back (0: none), so that a write to an unreachable server fails instead of waiting for TCP to give up")
 	flag.Uint64Var(&o.seed, "seed", 1, "random seed")
 	flag.StringVar(&o.keybroker, "keybroker", "", "operator: the keybroker binary")
 	flag.Parse()
@@ -65,13 +72,13 @@ func main() {
 }
 
 type options struct {
-	role                      string
-	worker, goroutines, names int
-	projects, minCycles       int
-	ops, budget, chunk        int64
-	duration, limit           time.Duration
-	seed                      uint64
-	keybroker                 string
+	role                       string
+	worker, goroutines, names  int
+	projects, minCycles        int
+	ops, budget, chunk         int64
+	duration, limit, opTimeout time.Duration
+	seed                       uint64
+	keybroker, ackLog          string
 }
 
 func openPool(ctx context.Context) (*pgxpool.Pool, error) {

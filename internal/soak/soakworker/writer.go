@@ -26,8 +26,9 @@ type writer struct {
 	store *pgstore.Store
 	stop  atomic.Bool
 
-	mu  sync.Mutex
-	sum soak.WriterSummary
+	mu     sync.Mutex
+	sum    soak.WriterSummary
+	ackLog *os.File // -ack-log, or nil; written under mu
 }
 
 // errBadValue: a read-back returned a value that is not the name's last
@@ -55,6 +56,12 @@ func runWriter(ctx context.Context, o options) (*soak.WriterSummary, error) {
 	}
 	defer store.Close()
 	w := &writer{o: o, store: store, sum: soak.WriterSummary{Worker: o.worker, Errors: map[string]int{}}}
+	if o.ackLog != "" {
+		if w.ackLog, err = os.OpenFile(o.ackLog, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600); err != nil {
+			return nil, err
+		}
+		defer w.ackLog.Close()
+	}
 
 	start := time.Now()
 	var wg sync.WaitGroup
@@ -84,7 +91,9 @@ func runWriter(ctx context.Context, o options) (*soak.WriterSummary, error) {
 		if elapsed < o.duration && (o.ops == 0 || done.Load() < int64(o.goroutines)) {
 			continue
 		}
-		n, err := operatorCycles(ctx, pool)
+		pctx, cancel := w.opContext(ctx)
+		n, err := operatorCycles(pctx, pool)
+		cancel()
 		if err != nil {
 			w.fail("operator progress", err)
 			continue
@@ -120,12 +129,12 @@ func (w *writer) loop(ctx context.Context, g int, ns []soak.Name, done *atomic.I
 	for !w.stop.Load() && ctx.Err() == nil {
 		n := &ns[rng.IntN(len(ns))]
 		n.Attempted++
-		if err := w.store.Put(ctx, n.Project, n.Name, soak.Value(w.o.worker, n.Name, n.Attempted)); err != nil {
+		if err := w.put(ctx, n); err != nil {
 			w.count(&w.sum.PutErrors)
 			w.fail("put", err)
 		} else {
 			n.Acked = n.Attempted
-			w.count(&w.sum.Puts)
+			w.acked(n)
 		}
 		if ops++; ops == w.o.ops {
 			done.Add(1)
@@ -134,12 +143,29 @@ func (w *writer) loop(ctx context.Context, g int, ns []soak.Name, done *atomic.I
 	}
 }
 
+// put writes n's next value (seq n.Attempted), within -op-timeout.
+func (w *writer) put(ctx context.Context, n *soak.Name) error {
+	ctx, cancel := w.opContext(ctx)
+	defer cancel()
+	return w.store.Put(ctx, n.Project, n.Name, soak.Value(w.o.worker, n.Name, n.Attempted))
+}
+
+// opContext bounds one operation by -op-timeout, when set.
+func (w *writer) opContext(ctx context.Context) (context.Context, context.CancelFunc) {
+	if w.o.opTimeout <= 0 {
+		return context.WithCancel(ctx)
+	}
+	return context.WithTimeout(ctx, w.o.opTimeout)
+}
+
 // readBack reads one of the goroutine's own names and checks it holds the
 // last acknowledged value (or, after a failed Put, a later attempted one).
 func (w *writer) readBack(ctx context.Context, n *soak.Name) {
 	if n.Acked == 0 {
 		return
 	}
+	ctx, cancel := w.opContext(ctx)
+	defer cancel()
 	got, err := w.store.Get(ctx, n.Project, n.Name)
 	w.count(&w.sum.Gets)
 	if err != nil {
@@ -154,6 +180,21 @@ func (w *writer) readBack(ctx context.Context, n *soak.Name) {
 	}
 	w.count(&w.sum.BadValues)
 	w.fail("read-back", errBadValue)
+}
+
+// acked counts an acknowledged Put and appends it to the ack log. A
+// failed log write ends the run's usefulness, so it is counted as an error
+// the test sees.
+func (w *writer) acked(n *soak.Name) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.sum.Puts++
+	if w.ackLog == nil {
+		return
+	}
+	if _, err := fmt.Fprintf(w.ackLog, "%s %s %d\n", n.Project, n.Name, n.Acked); err != nil {
+		w.sum.Errors["ack log: "+err.Error()]++
+	}
 }
 
 func (w *writer) count(c *int64) {
