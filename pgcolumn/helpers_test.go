@@ -10,7 +10,6 @@ import (
 	"github.com/profullstack/keybroker/internal/pgtest"
 	"github.com/profullstack/keybroker/pgcolumn"
 	"github.com/profullstack/keybroker/pgstore"
-	"github.com/profullstack/keybroker/provider"
 	"github.com/profullstack/keybroker/provider/local"
 )
 
@@ -32,11 +31,11 @@ func newEnv(t testing.TB) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return newEnvKEK(t, kek)
+	return newEnvConfig(t, pgstore.Config{KEK: kek})
 }
 
-// newEnvKEK is newEnv with the Store's KEK given.
-func newEnvKEK(t testing.TB, kek provider.KEKProvider) *env {
+// newEnvConfig is newEnv with the Store's Config given.
+func newEnvConfig(t testing.TB, cfg pgstore.Config) *env {
 	t.Helper()
 	ctx := context.Background()
 	u := pgtest.NewDatabase(t)
@@ -47,7 +46,7 @@ func newEnvKEK(t testing.TB, kek provider.KEKProvider) *env {
 	if _, err := pool.Exec(ctx, meshhook.SchemaSQL); err != nil {
 		t.Fatal(err)
 	}
-	store, err := pgstore.New(ctx, pool, pgstore.Config{KEK: kek})
+	store, err := pgstore.New(ctx, pool, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -26,6 +26,8 @@ func TestRowSecurityRole(t *testing.T) {
 		GRANT SELECT, INSERT ON keybroker.key_events TO `+r+`;
 		GRANT SELECT, INSERT, UPDATE, DELETE ON keybroker.data_keys, keybroker.encrypted_secrets TO `+r+`;
 		GRANT EXECUTE ON FUNCTION keybroker.record_kek(text, text, text, text) TO `+r+`;
+		GRANT SELECT ON keybroker.intermediate_keys TO `+r+`;
+		GRANT EXECUTE ON FUNCTION keybroker.add_intermediate_key(text, integer, bigint, bytea, text) TO `+r+`;
 		GRANT SELECT, INSERT, UPDATE, DELETE ON public.secrets, public.projects TO `+r); err != nil {
 		t.Fatal(err)
 	}

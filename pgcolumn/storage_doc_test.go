@@ -13,6 +13,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/profullstack/keybroker/pgstore"
 	"github.com/profullstack/keybroker/provider/local"
 )
 
@@ -72,7 +73,8 @@ func TestStorageDocument(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e := newEnvKEK(t, kek)
+	// The document's example wraps the data key directly under the KEK.
+	e := newEnvConfig(t, pgstore.Config{KEK: kek, DirectKEK: true})
 	unhex := func(s string) []byte {
 		b, err := hex.DecodeString(s)
 		if err != nil {

@@ -52,7 +52,7 @@ WHERE project_id = $1 AND key = 'R1'`, p); err != nil {
 		t.Fatal(err)
 	}
 	if st.Rows != 29 || st.Unsealed != 1 || st.NoKey != 3 || st.Malformed != 0 || !st.AcceptLegacy || len(st.Keys) != 1 ||
-		st.Keys[0].State != "active" || st.Keys[0].Rows != 25 || st.Keys[0].DataKeys != 1 || st.Keys[0].Provider != "local" {
+		st.Keys[0].State != "active" || st.Keys[0].Rows != 25 || st.Keys[0].DataKeys != 1 || st.Keys[0].Provider != "intermediate" {
 		t.Fatalf("Status = %+v", st)
 	}
 }

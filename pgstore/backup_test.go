@@ -69,7 +69,7 @@ func restoredStore(t *testing.T, dbURL string, cfg pgstore.Config) *pgstore.Stor
 // (one acknowledged before the dump began, or later), and the restored store takes writes.
 func TestBackupOfLiveStore(t *testing.T) {
 	ctx := context.Background()
-	e := newEnv(t, pgstore.Config{Budget: 20, ReserveChunk: 5}) // data keys turn over during the dump
+	e := newEnv(t, pgstore.Config{Budget: 20, ReserveChunk: 5, DirectKEK: true}) // data keys turn over during the dump
 	const writers, names = 4, 25
 	// acked[w][n] is the last seq of name n of writer w whose Put returned nil; attempted the
 	// last tried. The value of seq s is "w<w>-n<n>-<s>".
@@ -131,7 +131,7 @@ func TestBackupOfLiveStore(t *testing.T) {
 	}
 
 	r := restore(t, file)
-	st := restoredStore(t, r, pgstore.Config{KEK: e.kek})
+	st := restoredStore(t, r, pgstore.Config{KEK: e.kek, DirectKEK: true})
 	var wrote int64
 	for w := range writers {
 		for n := range names {
@@ -170,7 +170,7 @@ func TestRestoreOldBackup(t *testing.T) {
 	ctx := context.Background()
 	path := keyringFile(t)
 	kek := openFile(t, path)
-	e := newEnv(t, pgstore.Config{KEK: kek})
+	e := newEnv(t, pgstore.Config{KEK: kek, DirectKEK: true})
 	s := e.store
 	put := func(project, name, value string) {
 		t.Helper()
@@ -217,7 +217,7 @@ func TestRestoreOldBackup(t *testing.T) {
 	// the others fail with exactly envelope.ErrDecrypt.
 	checkRestored := func(when string, opens ...string) {
 		t.Helper()
-		st := restoredStore(t, restore(t, backup), pgstore.Config{KEK: openFile(t, path)})
+		st := restoredStore(t, restore(t, backup), pgstore.Config{KEK: openFile(t, path), DirectKEK: true})
 		for k, want := range inBackup {
 			project, name, _ := strings.Cut(k, "/")
 			got, err := st.Get(ctx, project, name)
@@ -256,7 +256,7 @@ func TestRestoreOldBackup(t *testing.T) {
 		t.Fatalf("retire %s: %v", v2, err)
 	}
 	checkRestored("after retiring version 2")
-	live := newStore(t, e.pool, pgstore.Config{KEK: openFile(t, path)})
+	live := newStore(t, e.pool, pgstore.Config{KEK: openFile(t, path), DirectKEK: true})
 	for k, want := range inBackup {
 		if k == "b/s0" {
 			want = "b-new-0"
@@ -268,7 +268,7 @@ func TestRestoreOldBackup(t *testing.T) {
 	}
 
 	// Nor does it take writes for those projects: their active data keys do not unwrap.
-	st := restoredStore(t, restore(t, backup), pgstore.Config{KEK: openFile(t, path)})
+	st := restoredStore(t, restore(t, backup), pgstore.Config{KEK: openFile(t, path), DirectKEK: true})
 	if err := st.Put(ctx, "a", "new", []byte("x")); !errors.Is(err, envelope.ErrDecrypt) {
 		t.Fatalf("put into project a of the restored backup: %v, want envelope.ErrDecrypt", err)
 	}

@@ -131,8 +131,8 @@ func TestReadPool(t *testing.T) {
 	ctx := context.Background()
 	r := startReplicaPair(t)
 	kek := openFile(t, keyringFile(t))
-	writer := newStore(t, r.primary, pgstore.Config{KEK: kek})
-	reader := newStore(t, r.primary, pgstore.Config{KEK: kek, ReadPool: r.standby})
+	writer := newStore(t, r.primary, pgstore.Config{KEK: kek, DirectKEK: true})
+	reader := newStore(t, r.primary, pgstore.Config{KEK: kek, ReadPool: r.standby, DirectKEK: true})
 	mustPut := func(project, name, value string) {
 		t.Helper()
 		if err := writer.Put(ctx, project, name, []byte(value)); err != nil {
@@ -191,7 +191,7 @@ func TestReadPool(t *testing.T) {
 	if err := writer.RetireKEK(ctx, v1); err != nil {
 		t.Fatal(err)
 	}
-	fresh := newStore(t, r.primary, pgstore.Config{KEK: kek, ReadPool: r.standby})
+	fresh := newStore(t, r.primary, pgstore.Config{KEK: kek, ReadPool: r.standby, DirectKEK: true})
 	// (a first: once the primary has given the data key to fresh's cache, the standby's rows
 	// under it open too, as values the primary held at the standby's replay position.)
 	expect(fresh, "p1", "a", "a2")
@@ -232,7 +232,7 @@ WHERE d.project_id = 'p1' AND k.key_version = $1`, v1.Version); n == 0 {
 		t.Fatal(err)
 	}
 	defer applyPool.Close()
-	applied := newStore(t, applyPool, pgstore.Config{KEK: kek, ReadPool: r.standby})
+	applied := newStore(t, applyPool, pgstore.Config{KEK: kek, ReadPool: r.standby, DirectKEK: true})
 	for i, v := range []string{"a3", "a4", "a5"} {
 		if err := applied.Put(ctx, "p1", "a", []byte(v)); err != nil {
 			t.Fatal(err)
