@@ -167,6 +167,7 @@ func TestMigrationRevokesTenantKEKWrites(t *testing.T) {
 	if _, err := e.pool.Exec(ctx, `DROP TRIGGER data_keys_kek_fence ON keybroker.data_keys;
 		DROP FUNCTION keybroker.data_keys_kek_fence(); DROP FUNCTION keybroker.record_kek(text, text, text, text);
 		ALTER TABLE keybroker.data_keys DROP COLUMN budget;
+		DROP TABLE keybroker.access_log, keybroker.service_tokens;
 		UPDATE keybroker.schema_version SET version = 2;
 		GRANT SELECT, INSERT, UPDATE ON keybroker.kek TO `+r); err != nil {
 		t.Fatal(err)
