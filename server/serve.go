@@ -45,6 +45,9 @@ type Options struct {
 	// to finish.
 	ReadHeaderTimeout, ReadTimeout, WriteTimeout, IdleTimeout, ShutdownTimeout time.Duration
 	MaxHeaderBytes                                                             int
+	// OnShutdown, when set, is called once when ctx is done, before the
+	// server stops accepting (to log it).
+	OnShutdown func()
 }
 
 // Listen opens opts.Addr, refusing plain HTTP outside loopback (ErrPlaintext)
@@ -109,6 +112,9 @@ func Serve(ctx context.Context, ln net.Listener, h http.Handler, opts Options) e
 	case err := <-errc:
 		return fmt.Errorf("server: serve: %w", err)
 	case <-ctx.Done():
+	}
+	if opts.OnShutdown != nil {
+		opts.OnShutdown()
 	}
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), orDefault(opts.ShutdownTimeout, DefaultShutdownTimeout))
 	defer cancel()

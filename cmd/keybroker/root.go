@@ -152,6 +152,7 @@ func newRootCmd(a *app) *cobra.Command {
 		newImportCmd(a),
 		newStatusCmd(a), newVerifyCmd(a),
 		newKeygenCmd(a),
+		newServeCmd(a), newTokenCmd(a),
 		newVersionCmd(a),
 		newManCmd(a),
 	)

@@ -23,20 +23,27 @@ func (s *session) close() {
 
 // openStore opens the keyring, the database and the store on it.
 func (a *app) openStore(ctx context.Context) (*session, error) {
+	return a.openStoreWith(ctx, 8, actor(), nil)
+}
+
+// openStoreWith is openStore with a pool of maxConns connections, the
+// given actor and observer.
+func (a *app) openStoreWith(ctx context.Context, maxConns int32, who string, obs pgstore.Observer) (*session, error) {
 	kr, err := a.openKeyring(ctx)
 	if err != nil {
 		return nil, err
 	}
-	pool, err := a.openDB(ctx)
+	pool, err := a.openDBConns(ctx, maxConns)
 	if err != nil {
 		return nil, err
 	}
 	st, err := pgstore.New(ctx, pool, pgstore.Config{
-		Schema: a.cfg.Schema,
-		KEK:    kr,
-		Budget: a.cfg.Budget,
-		Actor:  actor(),
-		Logger: a.log,
+		Schema:   a.cfg.Schema,
+		KEK:      kr,
+		Budget:   a.cfg.Budget,
+		Actor:    who,
+		Logger:   a.log,
+		Observer: obs,
 	})
 	if err != nil {
 		pool.Close()
