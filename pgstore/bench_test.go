@@ -420,3 +420,54 @@ func BenchmarkGetMany10(b *testing.B) {
 		b.ReportMetric(float64(c.t[1])/float64(c.t[3]), c.name+"-getmany10-vs-plain")
 	}
 }
+
+// BenchmarkPutInTx prices Store.In on a direct connection. Each iteration
+// runs, one after the other: a transaction upserting an application row
+// and the plaintext value (plain-tx-ns/op, the baseline), the same
+// transaction with In(tx).Put instead (kb-tx-ns/op), and Put alone on the
+// pool (kb-put-ns/op); tx-overhead is kb-tx over plain-tx.
+func BenchmarkPutInTx(b *testing.B) {
+	ctx := context.Background()
+	e := newEnv(b, pgstore.Config{})
+	plainTable(b, e)
+	if _, err := e.pool.Exec(ctx, `CREATE TABLE app_rows (project_id text, name text, touched timestamptz, PRIMARY KEY (project_id, name))`); err != nil {
+		b.Fatal(err)
+	}
+	const appUpsert = `INSERT INTO app_rows VALUES ($1, $2, now()) ON CONFLICT (project_id, name) DO UPDATE SET touched = now()`
+	v := benchValue(b)
+	pool := benchConns[0].pool(b, e.url)
+	s := newStore(b, pool, pgstore.Config{KEK: e.kek})
+	inTx := func(name string, put func(tx pgx.Tx) error) error {
+		return pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
+			if _, err := tx.Exec(ctx, appUpsert, "p", name); err != nil {
+				return err
+			}
+			return put(tx)
+		})
+	}
+	var plainTx, kbTx, kbPut time.Duration
+	i := 0
+	for b.Loop() {
+		name := fmt.Sprint("s", i%1000)
+		t0 := time.Now()
+		if err := inTx(name, func(tx pgx.Tx) error { _, err := tx.Exec(ctx, plainUpsert, "p", name, v); return err }); err != nil {
+			b.Fatal(err)
+		}
+		t1 := time.Now()
+		if err := inTx(name, func(tx pgx.Tx) error { return s.In(tx).Put(ctx, "p", name, v) }); err != nil {
+			b.Fatal(err)
+		}
+		t2 := time.Now()
+		if err := s.Put(ctx, "p", name, v); err != nil {
+			b.Fatal(err)
+		}
+		kbPut += time.Since(t2)
+		kbTx += t2.Sub(t1)
+		plainTx += t1.Sub(t0)
+		i++
+	}
+	b.ReportMetric(float64(plainTx.Nanoseconds())/float64(i), "plain-tx-ns/op")
+	b.ReportMetric(float64(kbTx.Nanoseconds())/float64(i), "kb-tx-ns/op")
+	b.ReportMetric(float64(kbPut.Nanoseconds())/float64(i), "kb-put-ns/op")
+	b.ReportMetric(float64(kbTx)/float64(plainTx), "tx-overhead")
+}

@@ -67,7 +67,7 @@ func (s *Store) getMany(ctx context.Context, project string, names []string) (ma
 	// The primary key makes each (project, name) one row, so duplicates in
 	// names cannot return a row twice.
 	var rows []sealed
-	err := s.scoped(ctx, project, func(b *pgx.Batch) {
+	err := s.scopedOn(ctx, s.db, project, func(b *pgx.Batch) {
 		b.Queue(`SELECT name, encrypted_data, nonce, data_key_id FROM `+s.q+`.encrypted_secrets WHERE project_id = $1 AND name = ANY($2) ORDER BY data_key_id`,
 			project, names).Query(func(r pgx.Rows) error {
 			var row sealed

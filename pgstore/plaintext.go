@@ -380,7 +380,7 @@ func (s *Store) migrateOnce(ctx context.Context, m *plaintextQueries, table stri
 	nonces := make([][]byte, len(keys))
 	ids := make([]pgtype.UUID, len(keys))
 	for i := range keys {
-		id, blob, nonce, err := s.seal(ctx, projects[i], values[i], secretAAD(projects[i], names[i]))
+		id, blob, nonce, err := s.seal(ctx, projects[i], secretsScope, values[i], secretAAD(projects[i], names[i]))
 		if err != nil {
 			return br, fmt.Errorf("pgstore: migrate plaintext: row %q: %w", keys[i], err)
 		}
@@ -436,7 +436,7 @@ JOIN `+s.q+`.encrypted_secrets s ON s.project_id = u.p AND s.name = u.n`, ps, ns
 	stale := false
 	for i := range keys {
 		if now[secretID{projects[i], names[i]}] == nil { // neither inserted nor there: the fence refused it
-			s.dropReservation(projects[i])
+			s.dropReservation(projects[i], secretsScope)
 			stale = true
 		}
 	}

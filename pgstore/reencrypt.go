@@ -100,10 +100,10 @@ WHERE s.project_id = $1 AND d.state = ANY($2)`, project, states).QueryRow(func(r
 		err := WithProject(ctx, s.pool, project, func(tx pgx.Tx) error {
 			// FOR UPDATE first: the writers' fence reads the key FOR KEY
 			// SHARE, which a non-key UPDATE alone would not make wait.
-			if _, err := tx.Exec(ctx, `SELECT id FROM `+s.q+`.data_keys WHERE project_id = $1 AND state IN ('active', 'spent') FOR UPDATE`, project); err != nil {
+			if _, err := tx.Exec(ctx, `SELECT id FROM `+s.q+`.data_keys WHERE project_id = $1 AND scope = '' AND state IN ('active', 'spent') FOR UPDATE`, project); err != nil {
 				return err
 			}
-			ct, err := tx.Exec(ctx, `UPDATE `+s.q+`.data_keys SET state = 'retired' WHERE project_id = $1 AND state IN ('active', 'spent')`, project)
+			ct, err := tx.Exec(ctx, `UPDATE `+s.q+`.data_keys SET state = 'retired' WHERE project_id = $1 AND scope = '' AND state IN ('active', 'spent')`, project)
 			if err != nil {
 				return err
 			}
@@ -113,7 +113,7 @@ WHERE s.project_id = $1 AND d.state = ANY($2)`, project, states).QueryRow(func(r
 		if err != nil {
 			return res, fmt.Errorf("pgstore: reencrypt: retire data keys: %w", err)
 		}
-		s.dropReservation(project)
+		s.dropReservation(project, secretsScope)
 	}
 	deadline := time.Now().Add(opts.Wait)
 	for pause := 10 * time.Millisecond; ; pause = min(2*pause, time.Second) {
@@ -142,9 +142,10 @@ WHERE s.project_id = $1 AND d.state = ANY($2)`, project, states).QueryRow(func(r
 	return res, nil
 }
 
-// dropReservation forgets this process's reservation on project's key.
-func (s *Store) dropReservation(project string) {
-	pk := s.project(project)
+// dropReservation forgets this process's reservation on project's key of
+// scope.
+func (s *Store) dropReservation(project, scope string) {
+	pk := s.project(project, scope)
 	pk.mu.Lock()
 	pk.valid = false
 	pk.mu.Unlock()
@@ -193,7 +194,7 @@ func (s *Store) reencryptBatch(ctx context.Context, project string, batch int) (
 		if !errors.Is(err, errStaleKey) {
 			return read, n, err
 		}
-		s.dropReservation(project)
+		s.dropReservation(project, secretsScope)
 		if attempt == maxWriteAttempts {
 			return read, 0, fmt.Errorf("%w: reencrypt project %q: new data key retired or removed on each of %d attempts", ErrNoActiveKey, project, attempt)
 		}
@@ -283,7 +284,7 @@ SELECT (SELECT count(*) FROM k), (SELECT count(*) FROM upd)`, project, names, bl
 // sealVerified encrypts pt under the project's active data key and checks
 // that the result decrypts to pt, through the same path Get takes.
 func (s *Store) sealVerified(ctx context.Context, project string, pt, aad []byte) ([16]byte, []byte, []byte, error) {
-	id, blob, nonce, err := s.seal(ctx, project, pt, aad)
+	id, blob, nonce, err := s.seal(ctx, project, secretsScope, pt, aad)
 	if err != nil {
 		return id, nil, nil, err
 	}
@@ -307,7 +308,7 @@ func (s *Store) destroyRetired(ctx context.Context, project string) (destroyed, 
 	for attempt := 0; ; attempt++ {
 		var gone []pgtype.UUID
 		err = WithProject(ctx, s.pool, project, func(tx pgx.Tx) error {
-			rows, err := tx.Query(ctx, `DELETE FROM `+s.q+`.data_keys d WHERE project_id = $1 AND state = 'retired'
+			rows, err := tx.Query(ctx, `DELETE FROM `+s.q+`.data_keys d WHERE project_id = $1 AND scope = '' AND state = 'retired'
 AND NOT EXISTS (SELECT 1 FROM `+s.q+`.encrypted_secrets s WHERE s.project_id = d.project_id AND s.data_key_id = d.id) RETURNING id`, project)
 			if err != nil {
 				return err
@@ -315,7 +316,7 @@ AND NOT EXISTS (SELECT 1 FROM `+s.q+`.encrypted_secrets s WHERE s.project_id = d
 			if gone, err = pgx.CollectRows(rows, pgx.RowTo[pgtype.UUID]); err != nil {
 				return err
 			}
-			if err := tx.QueryRow(ctx, `SELECT count(*) FROM `+s.q+`.data_keys WHERE project_id = $1 AND state = 'retired'`, project).Scan(&remaining); err != nil {
+			if err := tx.QueryRow(ctx, `SELECT count(*) FROM `+s.q+`.data_keys WHERE project_id = $1 AND scope = '' AND state = 'retired'`, project).Scan(&remaining); err != nil {
 				return err
 			}
 			for _, id := range gone {

@@ -100,9 +100,28 @@ type Store struct {
 	// must name their project (see scoped).
 	rls bool
 
-	mu       sync.Mutex
-	projects map[string]*projectKey
+	// db runs the statements on secrets (Put, Get, GetMany, Delete, List):
+	// pool, or the caller's transaction in a Store returned by In. Data key
+	// reservations and creation always run on pool, in transactions of
+	// their own (see In).
+	db DB
+
+	res *reservations
 }
+
+// reservations holds this process's reservation per project and scope,
+// shared by a Store and the Stores its In returns.
+type reservations struct {
+	mu   sync.Mutex
+	keys map[scopeKey]*projectKey
+}
+
+// scopeKey names a project's data keys of one scope (see migration 005):
+// secretsScope for encrypted_secrets, one per declared column (pgcolumn).
+type scopeKey struct{ project, scope string }
+
+// secretsScope is the data_keys.scope of the keys encrypted_secrets uses.
+const secretsScope = ""
 
 // projectKey is this process's reservation on a project's active data key:
 // it may encrypt under id while next < end without asking the database.
@@ -174,18 +193,19 @@ func New(ctx context.Context, pool *pgxpool.Pool, cfg Config) (*Store, error) {
 		return nil, fmt.Errorf("pgstore: check row-level security: %w", err)
 	}
 	return &Store{
-		rls:      rls,
-		pool:     pool,
-		schema:   cfg.Schema,
-		q:        pgx.Identifier{cfg.Schema}.Sanitize(),
-		keyring:  kr,
-		budget:   cfg.Budget,
-		chunk:    cfg.ReserveChunk,
-		cache:    envelope.NewKeyCache(cfg.CacheEntries, cfg.CacheTTL),
-		actor:    cfg.Actor,
-		log:      cfg.Logger,
-		obs:      cfg.Observer,
-		projects: map[string]*projectKey{},
+		rls:     rls,
+		pool:    pool,
+		db:      pool,
+		schema:  cfg.Schema,
+		q:       pgx.Identifier{cfg.Schema}.Sanitize(),
+		keyring: kr,
+		budget:  cfg.Budget,
+		chunk:   cfg.ReserveChunk,
+		cache:   envelope.NewKeyCache(cfg.CacheEntries, cfg.CacheTTL),
+		actor:   cfg.Actor,
+		log:     cfg.Logger,
+		obs:     cfg.Observer,
+		res:     &reservations{keys: map[scopeKey]*projectKey{}},
 	}, nil
 }
 
@@ -242,12 +262,17 @@ const setProject = "SELECT set_config('keybroker.project_id', $1, true)"
 // implicit transaction. When row-level security applies to the Store's
 // role, setProject comes first; otherwise it is left out, saving its cost.
 func (s *Store) scoped(ctx context.Context, project string, queue func(b *pgx.Batch)) error {
+	return s.scopedOn(ctx, s.pool, project, queue)
+}
+
+// scopedOn is scoped on db: the pool, or the caller's transaction (s.db).
+func (s *Store) scopedOn(ctx context.Context, db DB, project string, queue func(b *pgx.Batch)) error {
 	b := &pgx.Batch{}
 	if s.rls {
 		b.Queue(setProject, project)
 	}
 	queue(b)
-	return s.pool.SendBatch(ctx, b).Close()
+	return db.SendBatch(ctx, b).Close()
 }
 
 // put is Put without the Observer.
@@ -273,12 +298,12 @@ func (s *Store) put(ctx context.Context, project, name string, value []byte) err
 	// budget, and refusing them would make the holder of a key's last
 	// reservation always retry.
 	for attempt := 1; ; attempt++ {
-		id, blob, nonce, err := s.seal(ctx, project, value, aad)
+		id, blob, nonce, err := s.seal(ctx, project, secretsScope, value, aad)
 		if err != nil {
 			return err
 		}
 		var stored bool
-		err = s.scoped(ctx, project, func(b *pgx.Batch) {
+		err = s.scopedOn(ctx, s.db, project, func(b *pgx.Batch) {
 			b.Queue(`INSERT INTO `+s.q+`.encrypted_secrets AS s (project_id, name, encrypted_data, nonce, data_key_id)
 SELECT $1, $2, $3, $4, d.id FROM `+s.q+`.data_keys d WHERE d.id = $5 AND d.project_id = $1 AND d.state <> 'retired' FOR KEY SHARE
 ON CONFLICT (project_id, name) DO UPDATE
@@ -292,7 +317,7 @@ SET encrypted_data = EXCLUDED.encrypted_data, nonce = EXCLUDED.nonce,
 		if stored {
 			return nil
 		}
-		s.forget(project, id)
+		s.forget(project, secretsScope, id)
 		if attempt == maxWriteAttempts {
 			return fmt.Errorf("%w: put %q in project %q: data key retired or removed on each of %d attempts", ErrNoActiveKey, name, project, attempt)
 		}
@@ -301,8 +326,8 @@ SET encrypted_data = EXCLUDED.encrypted_data, nonce = EXCLUDED.nonce,
 
 // seal encrypts plaintext under the project's active data key, taking one
 // encryption from this process's reservation.
-func (s *Store) seal(ctx context.Context, project string, plaintext, aad []byte) (id [16]byte, blob, nonce []byte, err error) {
-	id, dk, release, err := s.reserve(ctx, project)
+func (s *Store) seal(ctx context.Context, project, scope string, plaintext, aad []byte) (id [16]byte, blob, nonce []byte, err error) {
+	id, dk, release, err := s.reserve(ctx, project, scope)
 	if err != nil {
 		return id, nil, nil, err
 	}
@@ -332,7 +357,7 @@ func (s *Store) get(ctx context.Context, project, name string) ([]byte, error) {
 		found       bool
 	)
 	// The data key's wrapped form is read only on a cache miss (open).
-	err := s.scoped(ctx, project, func(b *pgx.Batch) {
+	err := s.scopedOn(ctx, s.db, project, func(b *pgx.Batch) {
 		b.Queue(`SELECT encrypted_data, nonce, data_key_id FROM `+s.q+`.encrypted_secrets WHERE project_id = $1 AND name = $2`,
 			project, name).QueryRow(func(r pgx.Row) error {
 			err := r.Scan(&blob, &nonce, &id)
@@ -437,7 +462,7 @@ func (s *Store) Delete(ctx context.Context, project, name string) error {
 		return err
 	}
 	var n int64
-	err := s.scoped(ctx, project, func(b *pgx.Batch) {
+	err := s.scopedOn(ctx, s.db, project, func(b *pgx.Batch) {
 		b.Queue(`DELETE FROM `+s.q+`.encrypted_secrets WHERE project_id = $1 AND name = $2`, project, name).
 			Exec(func(ct pgconn.CommandTag) error { n = ct.RowsAffected(); return nil })
 	})
@@ -464,7 +489,7 @@ func (s *Store) List(ctx context.Context, project string) ([]SecretInfo, error) 
 		return nil, err
 	}
 	var out []SecretInfo
-	err := s.scoped(ctx, project, func(b *pgx.Batch) {
+	err := s.scopedOn(ctx, s.db, project, func(b *pgx.Batch) {
 		b.Queue(`SELECT name, data_key_id, created_at, updated_at FROM `+s.q+`.encrypted_secrets
 WHERE project_id = $1 ORDER BY name`, project).Query(func(rows pgx.Rows) error {
 			var (
@@ -527,21 +552,24 @@ func releaseUnscoped(ctx context.Context, conn *pgxpool.Conn) {
 	conn.Release()
 }
 
-// project returns this process's reservation state for project.
-func (s *Store) project(project string) *projectKey {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	pk := s.projects[project]
+// project returns this process's reservation state for project's data
+// keys of scope.
+func (s *Store) project(project, scope string) *projectKey {
+	s.res.mu.Lock()
+	defer s.res.mu.Unlock()
+	k := scopeKey{project, scope}
+	pk := s.res.keys[k]
 	if pk == nil {
 		pk = &projectKey{}
-		s.projects[project] = pk
+		s.res.keys[k] = pk
 	}
 	return pk
 }
 
-// forget drops this process's reservation on data key id of project.
-func (s *Store) forget(project string, id [16]byte) {
-	pk := s.project(project)
+// forget drops this process's reservation on data key id of project's
+// scope.
+func (s *Store) forget(project, scope string, id [16]byte) {
+	pk := s.project(project, scope)
 	pk.mu.Lock()
 	if pk.valid && pk.id == id {
 		pk.valid = false
@@ -553,8 +581,8 @@ func (s *Store) forget(project string, id [16]byte) {
 // reserve takes one encryption from the budget of project's active data
 // key, creating the key when the project has none or its key is spent.
 // The caller must call the returned release function.
-func (s *Store) reserve(ctx context.Context, project string) ([16]byte, *envelope.DataKey, func(), error) {
-	pk := s.project(project)
+func (s *Store) reserve(ctx context.Context, project, scope string) ([16]byte, *envelope.DataKey, func(), error) {
+	pk := s.project(project, scope)
 	pk.mu.Lock()
 	defer pk.mu.Unlock()
 	reloaded := false
@@ -584,7 +612,7 @@ func (s *Store) reserve(ctx context.Context, project string) ([16]byte, *envelop
 			}
 			pk.valid = false
 		}
-		id, err := s.activeKey(ctx, project)
+		id, err := s.activeKey(ctx, project, scope)
 		if err != nil {
 			return id, nil, nil, err
 		}
@@ -622,14 +650,14 @@ RETURNING d.messages - o.messages`, uuidParam(id), s.chunk, s.budget).QueryRow(f
 // is none. Concurrent creators race on the one-active-key index; losers
 // destroy their key and look again (the winner's key may already be spent
 // when the budget is small, hence the loop).
-func (s *Store) activeKey(ctx context.Context, project string) ([16]byte, error) {
+func (s *Store) activeKey(ctx context.Context, project, scope string) ([16]byte, error) {
 	var id [16]byte
 	for range 16 {
-		found, err := s.findActive(ctx, project, &id)
+		found, err := s.findActive(ctx, project, scope, &id)
 		if err != nil || found {
 			return id, err
 		}
-		created, err := s.createKey(ctx, project, &id)
+		created, err := s.createKey(ctx, project, scope, &id)
 		if err != nil || created {
 			return id, err
 		}
@@ -642,8 +670,8 @@ func (s *Store) activeKey(ctx context.Context, project string) ([16]byte, error)
 // database refuses the key because its KEK version is retired (another
 // process retired it), the keyring is refreshed and a fresh key wrapped
 // once more; a second refusal is ErrRetiredVersion.
-func (s *Store) createKey(ctx context.Context, project string, id *[16]byte) (created bool, err error) {
-	created, err = s.tryCreateKey(ctx, project, id)
+func (s *Store) createKey(ctx context.Context, project, scope string, id *[16]byte) (created bool, err error) {
+	created, err = s.tryCreateKey(ctx, project, scope, id)
 	if !errors.Is(err, ErrRetiredVersion) {
 		return created, err
 	}
@@ -651,14 +679,14 @@ func (s *Store) createKey(ctx context.Context, project string, id *[16]byte) (cr
 	if rerr := s.keyring.Refresh(ctx); rerr != nil {
 		return false, fmt.Errorf("%w (refreshing the keyring failed: %v)", err, rerr)
 	}
-	created, err = s.tryCreateKey(ctx, project, id)
+	created, err = s.tryCreateKey(ctx, project, scope, id)
 	if errors.Is(err, ErrRetiredVersion) {
 		return false, fmt.Errorf("%w, still after refreshing the keyring", err)
 	}
 	return created, err
 }
 
-func (s *Store) tryCreateKey(ctx context.Context, project string, id *[16]byte) (created bool, err error) {
+func (s *Store) tryCreateKey(ctx context.Context, project, scope string, id *[16]byte) (created bool, err error) {
 	if _, err := rand.Read(id[:]); err != nil {
 		return false, fmt.Errorf("pgstore: new data key id: %w", err)
 	}
@@ -672,8 +700,8 @@ func (s *Store) tryCreateKey(ctx context.Context, project string, id *[16]byte) 
 		return false, err
 	}
 	err = s.scoped(ctx, project, func(b *pgx.Batch) {
-		b.Queue(`INSERT INTO `+s.q+`.data_keys (id, project_id, kek_id, wrapped_dek, budget) VALUES ($1, $2, $3, $4, $5)
-ON CONFLICT (project_id) WHERE state = 'active' DO NOTHING`, uuidParam(*id), project, kekID, wk.Ciphertext, s.budget).
+		b.Queue(`INSERT INTO `+s.q+`.data_keys (id, project_id, kek_id, wrapped_dek, budget, scope) VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT (project_id, scope) WHERE state = 'active' DO NOTHING`, uuidParam(*id), project, kekID, wk.Ciphertext, s.budget, scope).
 			Exec(func(ct pgconn.CommandTag) error { created = ct.RowsAffected() == 1; return nil })
 		b.Queue(`INSERT INTO `+s.q+`.key_events (event, project_id, kek_id, data_key_id, count, actor)
 SELECT 'dek.create', $1, $2, $3, 1, $4 WHERE EXISTS (SELECT 1 FROM `+s.q+`.data_keys WHERE id = $3)`,
@@ -700,10 +728,10 @@ SELECT 'dek.create', $1, $2, $3, 1, $4 WHERE EXISTS (SELECT 1 FROM `+s.q+`.data_
 	return true, nil
 }
 
-func (s *Store) findActive(ctx context.Context, project string, id *[16]byte) (bool, error) {
+func (s *Store) findActive(ctx context.Context, project, scope string, id *[16]byte) (bool, error) {
 	var found bool
 	err := s.scoped(ctx, project, func(b *pgx.Batch) {
-		b.Queue(`SELECT id FROM `+s.q+`.data_keys WHERE project_id = $1 AND state = 'active'`, project).
+		b.Queue(`SELECT id FROM `+s.q+`.data_keys WHERE project_id = $1 AND scope = $2 AND state = 'active'`, project, scope).
 			QueryRow(func(r pgx.Row) error {
 				var u pgtype.UUID
 				err := r.Scan(&u)
