@@ -158,7 +158,7 @@ func TestTenantCannotForgeKEK(t *testing.T) {
 
 // Migration 3 takes back the INSERT on kek that earlier documentation told
 // operators to grant tenants. (The schema is taken back to version 2 by
-// dropping what migration 3 creates.)
+// dropping what migrations 3 and later create.)
 func TestMigrationRevokesTenantKEKWrites(t *testing.T) {
 	ctx := context.Background()
 	e := newEnv(t, pgstore.Config{})
@@ -167,7 +167,9 @@ func TestMigrationRevokesTenantKEKWrites(t *testing.T) {
 	if _, err := e.pool.Exec(ctx, `DROP TRIGGER data_keys_kek_fence ON keybroker.data_keys;
 		DROP FUNCTION keybroker.data_keys_kek_fence(); DROP FUNCTION keybroker.record_kek(text, text, text, text);
 		ALTER TABLE keybroker.data_keys DROP COLUMN budget;
-		DROP TABLE keybroker.access_log, keybroker.service_tokens;
+		DROP INDEX keybroker.data_keys_one_active; ALTER TABLE keybroker.data_keys DROP COLUMN scope;
+		CREATE UNIQUE INDEX data_keys_one_active ON keybroker.data_keys (project_id) WHERE state = 'active';
+		DROP TABLE keybroker.columns, keybroker.access_log, keybroker.service_tokens;
 		UPDATE keybroker.schema_version SET version = 2;
 		GRANT SELECT, INSERT, UPDATE ON keybroker.kek TO `+r); err != nil {
 		t.Fatal(err)

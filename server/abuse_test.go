@@ -14,6 +14,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -75,7 +76,10 @@ func TestAbuse(t *testing.T) {
 	if err := e.tokens.Revoke(ctx, info.ID); err != nil {
 		t.Fatal(err)
 	}
-	tr := &http.Transport{MaxIdleConnsPerHost: 16}
+	// A connection per request: abusive requests get their connections
+	// closed, and a pooled connection the server closed meanwhile would fail
+	// the next request for the client's reasons, not the server's.
+	tr := &http.Transport{DisableKeepAlives: true}
 	client := &http.Client{Transport: tr, Timeout: 30 * time.Second}
 	send := func(method, path, token, body string) (int, error) {
 		req, err := http.NewRequest(method, base+path, strings.NewReader(body))
@@ -87,6 +91,12 @@ func TestAbuse(t *testing.T) {
 		}
 		resp, err := client.Do(req)
 		if err != nil {
+			// The server answers an oversized body before reading it all
+			// and closes the connection, which the client, still sending,
+			// sees as an error of its own.
+			if len(body) > 4<<10 && (errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, net.ErrClosed)) {
+				return refused, nil // answered and closed while the client was still sending
+			}
 			return 0, err
 		}
 		io.Copy(io.Discard, resp.Body)
@@ -128,7 +138,7 @@ func TestAbuse(t *testing.T) {
 				}
 				c := cases[i%int64(len(cases))]
 				code, err := send(c.method, c.path, c.token, c.body)
-				if err != nil || code != c.want {
+				if err != nil || (code != c.want && !(code == refused && len(c.body) > 4<<10)) {
 					if failures.Add(1) <= 5 {
 						t.Errorf("%s %s %.20q: %d %v, want %d", c.method, c.path, c.body, code, err, c.want)
 					}
@@ -185,13 +195,17 @@ func TestAbuse(t *testing.T) {
 	}
 }
 
+// refused stands for a connection the server closed while the client was
+// still sending an oversized body (after answering it, or before).
+const refused = -1
+
 func isTimeout(err error) bool {
 	var ne net.Error
 	return errors.As(err, &ne) && ne.Timeout()
 }
 
 // 64 concurrent clients, a fixed number of requests each, every response
-// checked; then every request is in the access log and none is pending.
+// checked; then every request is in the access log, each with outcome ok.
 func TestConcurrentClients(t *testing.T) {
 	e := newEnv(t, func(c *Config) { c.Rate = 1e6; c.Burst = 1e6; c.Logger = nil })
 	base := e.serving(Options{})
@@ -253,12 +267,12 @@ func TestConcurrentClients(t *testing.T) {
 	for err := range errs {
 		t.Error(err)
 	}
-	var n, pending int
-	if err := e.tokens.pool.QueryRow(context.Background(), `SELECT count(*), count(*) FILTER (WHERE outcome <> 'ok') FROM keybroker.access_log`).Scan(&n, &pending); err != nil {
+	var n, notOK int
+	if err := e.tokens.pool.QueryRow(context.Background(), `SELECT count(*), count(*) FILTER (WHERE outcome <> 'ok') FROM keybroker.access_log`).Scan(&n, &notOK); err != nil {
 		t.Fatal(err)
 	}
-	if n != clients*rounds*3 || pending != 0 {
-		t.Fatalf("access log: %d rows (%d not ok), want %d ok", n, pending, clients*rounds*3)
+	if n != clients*rounds*3 || notOK != 0 {
+		t.Fatalf("access log: %d rows (%d not ok), want %d ok", n, notOK, clients*rounds*3)
 	}
 }
 

@@ -2,14 +2,16 @@ package server
 
 import (
 	"context"
+	"errors"
 	"fmt"
 
 	"github.com/jackc/pgx/v5/pgtype"
+
+	"github.com/profullstack/keybroker/pgstore"
 )
 
 // Outcomes recorded in access_log.outcome.
 const (
-	outcomePending   = "pending" // a write that has not finished (or whose server died)
 	outcomeOK        = "ok"
 	outcomeNotFound  = "not_found"
 	outcomeForbidden = "forbidden"
@@ -17,11 +19,16 @@ const (
 	outcomeError     = "error"
 )
 
-// auditor writes access_log rows. Each call is one statement that commits
-// before it returns, so a row the server relied on survives a crash.
+// auditor writes access_log rows. Each row commits before the response
+// it records is written, so a row the server relied on survives a crash.
 type auditor struct {
 	tokens *Tokens
 	off    bool // benchmarks only: measures what the log costs
+	// writers bounds the write transactions held at once below the pool's
+	// size: each holds a connection while pgstore may need another for a
+	// budget reservation (see pgstore.Store.In), so without the bound a
+	// burst of writes could hold every connection and wait for one forever.
+	writers chan struct{}
 }
 
 // record inserts a finished access (reads, refusals).
@@ -29,40 +36,54 @@ func (a *auditor) record(ctx context.Context, tok *tokenRow, project string, nam
 	if a.off {
 		return nil
 	}
-	_, err := a.tokens.pool.Exec(ctx, `INSERT INTO `+a.tokens.q+`.access_log (token_id, project_id, names, operation, outcome, done_at)
-VALUES ($1, $2, $3, $4, $5, now())`, pgtype.UUID{Bytes: tok.id, Valid: true}, project, nonNil(names), op, outcome)
+	_, err := a.tokens.pool.Exec(ctx, `INSERT INTO `+a.tokens.q+`.access_log (token_id, project_id, names, operation, outcome)
+VALUES ($1, $2, $3, $4, $5)`, pgtype.UUID{Bytes: tok.id, Valid: true}, project, nonNil(names), op, outcome)
 	if err != nil {
 		return fmt.Errorf("server: access log: %w", err)
 	}
 	return nil
 }
 
-// begin inserts a pending row for a write about to be made and returns its
-// id for finish.
-func (a *auditor) begin(ctx context.Context, tok *tokenRow, project string, names []string, op string) (int64, error) {
+// write runs do on a Store bound to a transaction that also inserts the
+// write's access_log row: the write and its row commit together or not at
+// all. When do fails the transaction is rolled back and the failure is
+// recorded in a row of its own; the error returned is do's (or the log's,
+// errAuditFailed, when nothing was written for want of the log).
+func (a *auditor) write(ctx context.Context, st *pgstore.Store, tok *tokenRow, project string, names []string, op string, do func(*pgstore.Store) error) error {
 	if a.off {
-		return 0, nil
+		return do(st)
 	}
-	var id int64
-	err := a.tokens.pool.QueryRow(ctx, `INSERT INTO `+a.tokens.q+`.access_log (token_id, project_id, names, operation, outcome)
-VALUES ($1, $2, $3, $4, 'pending') RETURNING id`, pgtype.UUID{Bytes: tok.id, Valid: true}, project, nonNil(names), op).Scan(&id)
+	select {
+	case a.writers <- struct{}{}:
+		defer func() { <-a.writers }()
+	case <-ctx.Done():
+		return fmt.Errorf("%w: %w", errAuditFailed, ctx.Err())
+	}
+	tx, err := a.tokens.pool.Begin(ctx)
 	if err != nil {
-		return 0, fmt.Errorf("server: access log: %w", err)
+		return fmt.Errorf("%w: %w", errAuditFailed, err)
 	}
-	return id, nil
-}
-
-// finish records the outcome of the write begin announced.
-func (a *auditor) finish(ctx context.Context, id int64, outcome string) error {
-	if a.off {
-		return nil
+	defer tx.Rollback(context.WithoutCancel(ctx)) // a no-op after Commit
+	if _, err := tx.Exec(ctx, `INSERT INTO `+a.tokens.q+`.access_log (token_id, project_id, names, operation, outcome)
+VALUES ($1, $2, $3, $4, 'ok')`, pgtype.UUID{Bytes: tok.id, Valid: true}, project, nonNil(names), op); err != nil {
+		return fmt.Errorf("%w: %w", errAuditFailed, err)
 	}
-	_, err := a.tokens.pool.Exec(ctx, `UPDATE `+a.tokens.q+`.access_log SET outcome = $2, done_at = now() WHERE id = $1`, id, outcome)
-	if err != nil {
-		return fmt.Errorf("server: access log: %w", err)
+	if err := do(st.In(tx)); err != nil {
+		tx.Rollback(context.WithoutCancel(ctx))
+		if aerr := a.record(ctx, tok, project, names, op, classify(err)); aerr != nil {
+			return fmt.Errorf("%w: %w", errAuditFailed, aerr)
+		}
+		return err
+	}
+	if err := tx.Commit(ctx); err != nil {
+		return fmt.Errorf("server: commit: %w", err)
 	}
 	return nil
 }
+
+// errAuditFailed: the access log could not be written, so the request was
+// not served.
+var errAuditFailed = errors.New("server: access log unavailable")
 
 func nonNil(s []string) []string {
 	if s == nil {

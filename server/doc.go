@@ -66,11 +66,12 @@
 //
 //   - Reads (get, get-many, list) insert their row after the read and before
 //     the response; if the insert fails the client gets 503 and no value.
-//   - Writes (put, delete) insert a row with outcome pending before the
-//     write, and set its outcome after it. A write is never made without
-//     its row; a server killed in between leaves pending, which means "may
-//     have happened" (pgstore's write is one transaction, so it either
-//     committed or not).
+//   - Writes (put, delete) run in one transaction with their row
+//     (pgstore's Store.In on a transaction that first inserts the row): the
+//     write and its row commit together or not at all, so a server killed
+//     at any point leaves neither a write without its row nor a row for a
+//     write that did not happen. A failed write is rolled back and its
+//     outcome recorded in a row of its own.
 //   - Refusals of a valid token (403) are recorded; bad tokens (401) and
 //     rate-limited requests (429) are not (that would let anyone fill the
 //     table) and are counted in the metrics instead.

