@@ -22,7 +22,7 @@
 //
 // Migrate creates a schema (default "keybroker"; lower-case letters,
 // digits and underscores, always quoted in SQL; not pg_* or
-// information_schema, which pg_dump leaves out) holding four tables,
+// information_schema, which pg_dump leaves out) holding five tables,
 // versioned by jackc/tern migrations embedded in the binary and recorded in
 // <schema>.schema_version. Concurrent Migrate calls serialise on advisory
 // locks; each migration is one transaction. New refuses a schema at another
@@ -38,9 +38,12 @@
 //   - encrypted_secrets: one envelope per (project id, name) in
 //     encrypted_data, the nonce its header carries, and the data key id it
 //     names.
+//   - shredded_projects: a tombstone per shredded project (see Project
+//     shredding).
 //   - key_events: the audit trail of key management (kek.record, dek.create,
 //     kek.rotate, kek.rewrap, dek.corrupt, kek.retire, kek.retire.provider,
-//     dek.retire, dek.reencrypt, dek.destroy, migrate.plaintext) with counts
+//     dek.retire, dek.reencrypt, dek.destroy, migrate.plaintext,
+//     project.shred, project.reopen) with counts
 //     and Config.Actor. Each batch's event commits in the batch's own
 //     transaction, so a killed run leaves exactly the events of what it
 //     committed.
@@ -67,6 +70,34 @@
 // Foreign keys are ON DELETE RESTRICT: a data key any secret needs, or a kek
 // row any data key needs, cannot be deleted; a secret can only reference a
 // data key of its own project (composite key).
+//
+// # Project shredding
+//
+// ShredProject (or the SQL function shred_project, or an application's
+// projects table with shred_project_trigger attached) crypto-shreds a
+// project in one transaction: every data key row of the project, in every
+// state, and every secret in encrypted_secrets go, and one project.shred
+// event records the counts. Values an application sealed in its own tables
+// under those data keys can then never be opened from this database. The
+// project id keeps a tombstone: a trigger on data_keys refuses a new data
+// key for it (SQLSTATE KB002, ErrProjectShredded) until ReopenProject. The
+// fence is in the database, not in any process: the trigger takes a shared
+// transaction advisory lock on the project id that the shred holds
+// exclusively, and the shred locks the project's data keys FOR UPDATE
+// against writes naming them FOR KEY SHARE; a write racing a shred either
+// commits first and is shredded with the rest, or fails with
+// ErrProjectShredded. Tied to the application's ON DELETE CASCADE:
+//
+//	CREATE TRIGGER keybroker_shred AFTER DELETE ON projects FOR EACH ROW
+//	    EXECUTE FUNCTION keybroker.shred_project_trigger('id');
+//	GRANT EXECUTE ON FUNCTION keybroker.shred_project(text, text) TO app;
+//
+// The trigger function runs as the role deleting the row, which needs
+// EXECUTE on shred_project (SECURITY DEFINER, owned by the migrating role;
+// EXECUTE is revoked from PUBLIC): EXECUTE is the power to shred any
+// project, so grant it only to the role that deletes projects. Old
+// database backups still hold the wrapped data keys; docs/SECURITY.md says
+// what they can decrypt and until when.
 //
 // # Connection poolers
 //
@@ -178,6 +209,8 @@
 //	GRANT SELECT, INSERT ON keybroker.key_events TO tenant;
 //	GRANT SELECT, INSERT, UPDATE, DELETE ON keybroker.data_keys, keybroker.encrypted_secrets TO tenant;
 //	GRANT EXECUTE ON FUNCTION keybroker.record_kek(text, text, text, text) TO tenant;
+//	-- only for the role that deletes projects (see Project shredding):
+//	GRANT EXECUTE ON FUNCTION keybroker.shred_project(text, text) TO tenant;
 //
 // The owner is
 // exempt unless you also run ALTER TABLE ... FORCE ROW LEVEL SECURITY

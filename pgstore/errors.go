@@ -49,7 +49,7 @@ var (
 	// (unreachable, refused, read-only keyring). New data keys can no
 	// longer use the version; call RetireKEK again to finish.
 	ErrRetireIncomplete = errors.New("pgstore: retired in the database, not yet in the key service (retire again to finish)")
-	// ErrRowSecurity: Status was asked of a Store whose role row-level
+	// ErrRowSecurity: Status (or PreviewShred) was asked of a Store whose role row-level
 	// security binds; it would count only the rows of the project its
 	// statements name (none), so it refuses rather than report zeros.
 	ErrRowSecurity = errors.New("pgstore: counts need a role row-level security does not restrict")

@@ -167,6 +167,9 @@ func TestMigrationRevokesTenantKEKWrites(t *testing.T) {
 	if _, err := e.pool.Exec(ctx, `DROP TRIGGER data_keys_kek_fence ON keybroker.data_keys;
 		DROP FUNCTION keybroker.data_keys_kek_fence(); DROP FUNCTION keybroker.record_kek(text, text, text, text);
 		ALTER TABLE keybroker.data_keys DROP COLUMN budget;
+		DROP TRIGGER data_keys_shred_fence ON keybroker.data_keys; DROP FUNCTION keybroker.data_keys_shred_fence();
+		DROP FUNCTION keybroker.shred_project(text, text); DROP FUNCTION keybroker.shred_project_trigger();
+		DROP FUNCTION keybroker.reopen_project(text, text); DROP TABLE keybroker.shredded_projects;
 		DROP INDEX keybroker.data_keys_one_active; ALTER TABLE keybroker.data_keys DROP COLUMN scope;
 		CREATE UNIQUE INDEX data_keys_one_active ON keybroker.data_keys (project_id) WHERE state = 'active';
 		DROP TABLE keybroker.columns, keybroker.access_log, keybroker.service_tokens;

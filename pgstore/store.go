@@ -712,6 +712,9 @@ SELECT 'dek.create', $1, $2, $3, 1, $4 WHERE EXISTS (SELECT 1 FROM `+s.q+`.data_
 		if pgCode(err) == sqlstateRetired {
 			return false, fmt.Errorf("%w: %s@%s", ErrRetiredVersion, wk.Ref(), wk.Version)
 		}
+		if serr := shreddedError(err, project); serr != nil {
+			return false, serr
+		}
 		if err != nil {
 			return false, fmt.Errorf("pgstore: store new data key: %w", err)
 		}

@@ -11,6 +11,7 @@
 //	migrate           create or upgrade the schema
 //	put/get/delete    one secret (put reads the value from stdin or a file)
 //	list              a project's secret names
+//	project delete    crypto-shred a project (all its data keys and secrets); project reopen
 //	rotate            new KEK version, then rewrap (--retire: retire the old one)
 //	rewrap            rewrap data keys not under the primary KEK version
 //	reencrypt         fresh data key for a project

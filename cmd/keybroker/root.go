@@ -148,6 +148,7 @@ func newRootCmd(a *app) *cobra.Command {
 		newDemoCmd(a),
 		newMigrateCmd(a),
 		newPutCmd(a), newGetCmd(a), newDeleteCmd(a), newListCmd(a),
+		newProjectCmd(a),
 		newRotateCmd(a), newRewrapCmd(a), newReencryptCmd(a), newRetireCmd(a),
 		newImportCmd(a),
 		newStatusCmd(a), newVerifyCmd(a),
