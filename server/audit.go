@@ -12,6 +12,7 @@ import (
 
 // Outcomes recorded in access_log.outcome.
 const (
+	outcomeStarted   = "started" // a project deletion about to run (its outcome follows in another row)
 	outcomeOK        = "ok"
 	outcomeNotFound  = "not_found"
 	outcomeForbidden = "forbidden"

@@ -17,6 +17,7 @@
 //	DELETE /v1/projects/{project}/secrets/{name}                      → 204, 404   write
 //	GET    /v1/projects/{project}/secrets                             → 200 {"secrets": [{name, created_at, updated_at}]}   read
 //	POST   /v1/projects/{project}/get-many        {"names": [...]}    → 200 {"values": {name: b64}}   read
+//	DELETE /v1/projects/{project}                                     → 200 {"data_keys": n, "secrets": n}   admin
 //	GET    /livez, /readyz (package health), /metrics, /v1/openapi.json   no token
 //
 // The OpenAPI 3 document (openapi.json, embedded; OpenAPI returns it) lists
@@ -34,8 +35,10 @@
 // once; the table service_tokens (pgstore migration 5) keeps the id, the
 // SHA-256 of the secret (a hash of a 256-bit random value needs no salt or
 // stretching), its name, its projects (a list, or NULL for all), its
-// operations (read: get, get-many, list; write: put, delete; seal, open,
-// admin: reserved for the encrypted-column and project-deletion routes), its
+// operations (read: get, get-many, list; write: put, delete; admin:
+// deleting a project; seal and open: reserved for the encrypted-column
+// routes, which are not served yet: package pgcolumn has no Seal or Open
+// to serve), its
 // expiry and its revocation time. `keybroker token create|list|revoke`
 // manages them with only the database (no KEK).
 //
@@ -50,6 +53,9 @@
 // Retry-After beyond).
 //
 // # Scope and existence
+//
+// After a project is deleted its writes get 409 (project_deleted) until
+// `keybroker project reopen`.
 //
 // The scope check (operation and project) runs before anything is read: a
 // request outside the token's scope gets 403 with one fixed body, whatever
@@ -72,6 +78,9 @@
 //     at any point leaves neither a write without its row nor a row for a
 //     write that did not happen. A failed write is rolled back and its
 //     outcome recorded in a row of its own.
+//   - Deleting a project (pgstore's ShredProject, a transaction of its
+//     own with its project.shred event in key_events) gets a row with
+//     outcome started committed before it and the outcome's row after it.
 //   - Refusals of a valid token (403) are recorded; bad tokens (401) and
 //     rate-limited requests (429) are not (that would let anyone fill the
 //     table) and are counted in the metrics instead.

@@ -211,6 +211,7 @@ func (s *Server) routes(cfg Config) []route {
 		{"GET /v1/projects/{project}/secrets/{name}", s.authed(OpRead, "get", s.get)},
 		{"PUT /v1/projects/{project}/secrets/{name}", s.authed(OpWrite, "put", s.put)},
 		{"DELETE /v1/projects/{project}/secrets/{name}", s.authed(OpWrite, "delete", s.delete)},
+		{"DELETE /v1/projects/{project}", s.authed(OpAdmin, "shred", s.shred)},
 	}
 	if cfg.Metrics != nil {
 		rs = append(rs, route{"GET /metrics", cfg.Metrics})
@@ -391,6 +392,9 @@ func (s *Server) storeError(w http.ResponseWriter, req *request, err error) stri
 	case errors.Is(err, pgstore.ErrInvalidArgument):
 		writeError(w, http.StatusBadRequest, "invalid_request", argMessage(err))
 		return outcomeInvalid
+	case errors.Is(err, pgstore.ErrProjectShredded):
+		writeError(w, http.StatusConflict, "project_deleted", "the project was deleted (shredded); it takes no new secrets until reopened")
+		return outcomeError
 	case errors.Is(err, envelope.ErrDecrypt):
 		s.log.Error("decrypt failed", "operation", req.op, "token", req.tok.idHex)
 		writeError(w, http.StatusInternalServerError, "decrypt_failed", "stored value does not decrypt")
@@ -553,6 +557,36 @@ func (s *Server) write(w http.ResponseWriter, req *request, names []string, do f
 	default:
 		w.WriteHeader(http.StatusNoContent)
 	}
+}
+
+type shredResponse struct {
+	DataKeys int64 `json:"data_keys"`
+	Secrets  int64 `json:"secrets"`
+}
+
+// shred deletes (crypto-shreds) the project: pgstore's ShredProject, one
+// transaction of its own with its project.shred event in key_events. It
+// cannot join a transaction, so the access log gets a "started" row
+// committed before it and the outcome's row after it.
+func (s *Server) shred(w http.ResponseWriter, _ *http.Request, req *request) {
+	if err := s.audit.record(req.ctx, req.tok, req.project, nil, req.op, outcomeStarted); err != nil {
+		s.auditFailed(w, err)
+		return
+	}
+	res, err := s.store.ShredProject(req.ctx, req.project)
+	outcome := outcomeOK
+	if err != nil {
+		outcome = classify(err)
+	}
+	if aerr := s.audit.record(req.ctx, req.tok, req.project, nil, req.op, outcome); aerr != nil {
+		// The shred's fate is settled (and in key_events); say so in the log.
+		s.log.Error("access log", "err", aerr)
+	}
+	if err != nil {
+		s.storeError(w, req, err)
+		return
+	}
+	writeJSON(w, shredResponse{DataKeys: res.DataKeys, Secrets: res.Secrets})
 }
 
 func classify(err error) string {

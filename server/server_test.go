@@ -327,3 +327,43 @@ func TestOpenAPIMatchesRoutes(t *testing.T) {
 		t.Errorf("unknown route: %d", code)
 	}
 }
+
+// Deleting a project needs admin; it shreds every secret, is logged, and
+// later writes get 409.
+func TestDeleteProject(t *testing.T) {
+	e := newEnv(t, nil)
+	writer := e.token([]string{"p"}, OpRead, OpWrite)
+	admin := e.token([]string{"p"}, OpAdmin)
+	for _, n := range []string{"a", "b"} {
+		if code, body := e.do("PUT", "/v1/projects/p/secrets/"+n, writer, map[string]string{"value": b64("v")}); code != 204 {
+			t.Fatalf("put: %d %s", code, body)
+		}
+	}
+	if code, _ := e.do("DELETE", "/v1/projects/p", writer, nil); code != http.StatusForbidden {
+		t.Fatalf("delete project without admin: %d", code)
+	}
+	code, body := e.do("DELETE", "/v1/projects/p", admin, nil)
+	var res shredResponse
+	if code != 200 || json.Unmarshal(body, &res) != nil || res.Secrets != 2 || res.DataKeys != 1 {
+		t.Fatalf("delete project: %d %s", code, body)
+	}
+	if code, _ := e.do("GET", "/v1/projects/p/secrets/a", writer, nil); code != 404 {
+		t.Fatalf("get after shred: %d", code)
+	}
+	if code, body := e.do("PUT", "/v1/projects/p/secrets/a", writer, map[string]string{"value": b64("v")}); code != http.StatusConflict || !strings.Contains(string(body), "project_deleted") {
+		t.Fatalf("put after shred: %d %s", code, body)
+	}
+	var outcomes []string
+	rows, err := e.tokens.pool.Query(context.Background(), `SELECT outcome FROM keybroker.access_log WHERE operation = 'shred' ORDER BY id`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for rows.Next() {
+		var o string
+		rows.Scan(&o)
+		outcomes = append(outcomes, o)
+	}
+	if !slices.Equal(outcomes, []string{"forbidden", "started", "ok"}) {
+		t.Fatalf("shred log rows: %v", outcomes)
+	}
+}

@@ -143,6 +143,16 @@ export class KeybrokerClient {
     return r === null;
   }
 
+  /**
+   * Deletes (crypto-shreds) a whole project: every secret and data key of it.
+   * Needs a token with the admin operation. Resolves to { dataKeys, secrets }
+   * destroyed. Later puts fail with status 409 (project_deleted).
+   */
+  async deleteProject(project) {
+    const r = await this.#request('DELETE', `/v1/projects/${seg(project, 'project')}`);
+    return { dataKeys: r.json.data_keys, secrets: r.json.secrets };
+  }
+
   /** Lists a project's secrets: [{ name, createdAt, updatedAt }] sorted by name, no values. */
   async list(project) {
     const r = await this.#request('GET', `/v1/projects/${seg(project, 'project')}/secrets`);

@@ -166,14 +166,15 @@ func TestNodeClient(t *testing.T) {
 		t.Fatalf("node not found: run `make deps` (scripts/deps.sh installs nodejs): %v", err)
 	}
 	s := start(t)
-	rw, _ := token(t, s.env, "--name", "meshhook-api", "--ops", "read,write", "--project", "p1", "--project", "p2")
+	rw, _ := token(t, s.env, "--name", "meshhook-api", "--ops", "read,write", "--project", "p1", "--project", "p2", "--project", "p3")
+	admin, _ := token(t, s.env, "--name", "meshhook-admin", "--ops", "admin", "--project", "p3")
 	ro, _ := token(t, s.env, "--name", "meshhook-reader", "--ops", "read", "--project", "p1")
 	revoked, revokedID := token(t, s.env, "--name", "old", "--ops", "read")
 	cli(t, s.env, "token", "revoke", revokedID)
 	const marker = "nodetest-VALUE-7f3a"
 	cmd := exec.Command(node, "--test", "test/")
 	cmd.Env = append(os.Environ(), "KEYBROKER_URL="+s.url, "KEYBROKER_TOKEN_RW="+rw, "KEYBROKER_TOKEN_RO="+ro,
-		"KEYBROKER_TOKEN_REVOKED="+revoked, "KEYBROKER_VALUE_MARKER="+marker)
+		"KEYBROKER_TOKEN_REVOKED="+revoked, "KEYBROKER_TOKEN_ADMIN="+admin, "KEYBROKER_VALUE_MARKER="+marker)
 	out, err := cmd.CombinedOutput()
 	t.Logf("node --test:\n%s", out)
 	if err != nil {
@@ -198,7 +199,7 @@ func TestNodeClient(t *testing.T) {
 		t.Fatalf("no request log lines:\n%s", logs)
 	}
 	for what, text := range map[string]string{"log": logs, "metrics": string(metrics)} {
-		for _, secret := range []string{marker, rw[4:], ro[4:], revoked[4:], "p1", "wf/secret", "stripe"} {
+		for _, secret := range []string{marker, rw[4:], ro[4:], revoked[4:], admin[4:], "p1", "wf/secret", "stripe"} {
 			if what == "log" && (secret == "p1" || secret == "wf/secret" || secret == "stripe") {
 				continue // the log may name projects and secrets (not values); metrics may not
 			}
@@ -220,8 +221,15 @@ func TestGracefulShutdown(t *testing.T) {
 	}
 	defer conn.Close()
 	body := `{"value":"aW4tZmxpZ2h0"}` // "in-flight"
-	fmt.Fprintf(conn, "PUT /v1/projects/p/secrets/s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s",
-		tok, len(body), body[:5])
+	// Expect: 100-continue makes the server say when the handler starts
+	// reading the body: from then on the request is in flight.
+	fmt.Fprintf(conn, "PUT /v1/projects/p/secrets/s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n",
+		tok, len(body))
+	br := bufio.NewReader(conn)
+	cont, err := http.ReadResponse(br, nil)
+	if err != nil || cont.StatusCode != http.StatusContinue {
+		t.Fatalf("want 100 Continue: %v %v", cont, err)
+	}
 	if err := s.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
@@ -231,10 +239,10 @@ func TestGracefulShutdown(t *testing.T) {
 		}
 	}
 	// The server is shutting down; the request's body arrives only now.
-	if _, err := io.WriteString(conn, body[5:]); err != nil {
+	if _, err := io.WriteString(conn, body); err != nil {
 		t.Fatal(err)
 	}
-	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	resp, err := http.ReadResponse(br, nil)
 	if err != nil {
 		t.Fatalf("in-flight request: %v\n%s", err, s.logs())
 	}

@@ -8,8 +8,9 @@ const url = process.env.KEYBROKER_URL;
 const rw = process.env.KEYBROKER_TOKEN_RW; // read, write on projects p1 and p2
 const ro = process.env.KEYBROKER_TOKEN_RO; // read on p1
 const revoked = process.env.KEYBROKER_TOKEN_REVOKED;
+const admin = process.env.KEYBROKER_TOKEN_ADMIN; // admin on p3
 const marker = process.env.KEYBROKER_VALUE_MARKER; // every value starts with it; the Go test greps the logs for it
-if (!url || !rw || !ro || !revoked || !marker) throw new Error('run through go test ./clients/node/ (KEYBROKER_URL and tokens unset)');
+if (!url || !rw || !ro || !revoked || !admin || !marker) throw new Error('run through go test ./clients/node/ (KEYBROKER_URL and tokens unset)');
 
 const kb = new KeybrokerClient({ url, token: rw });
 
@@ -69,4 +70,15 @@ test('bad input is refused before any request', async () => {
   await assert.rejects(kb.put('', 'n', 'v'), TypeError);
   await assert.rejects(kb.put('p1', 'n', 42), TypeError);
   assert.throws(() => new KeybrokerClient({ url, token: 'not-a-token' }), TypeError);
+});
+
+test('deleting a project shreds its secrets; later writes get 409', async () => {
+  const p3 = new KeybrokerClient({ url, token: rw });
+  await p3.put('p3', 'a', `${marker}-p3a`);
+  await p3.put('p3', 'b', `${marker}-p3b`);
+  await assert.rejects(p3.deleteProject('p3'), (e) => e.status === 403);
+  const res = await new KeybrokerClient({ url, token: admin }).deleteProject('p3');
+  assert.deepEqual(res, { dataKeys: 1, secrets: 2 });
+  assert.equal(await p3.get('p3', 'a'), null);
+  await assert.rejects(p3.put('p3', 'a', 'again'), (e) => e.status === 409 && e.code === 'project_deleted');
 });
