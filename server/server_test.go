@@ -251,8 +251,7 @@ func TestBadBodies(t *testing.T) {
 	}
 }
 
-// Neither a token nor a value appears in the log output, an error body or
-// the access log.
+// Neither a token nor a value appears in the log output or an error body.
 func TestNoSecretsLeak(t *testing.T) {
 	e := newEnv(t, nil)
 	tok := e.token([]string{"p"}, OpRead, OpWrite)
