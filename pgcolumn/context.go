@@ -19,7 +19,7 @@ type Context struct {
 
 // Bounds on a Context.
 const (
-	MaxNameLen   = 200  // bytes of Table plus Column (and of a scope)
+	MaxNameLen   = 200  // bytes of a scope: "column:", Table, ".", Column
 	MaxRowFields = 16   // fields of Row
 	MaxRowLen    = 4096 // bytes of all Row fields together
 )
@@ -30,9 +30,10 @@ const purpose = "keybroker/column/v1"
 
 // Check validates c.
 func (c Context) Check() error {
-	if c.Table == "" || c.Column == "" || len(c.Table)+len(c.Column)+1 > MaxNameLen ||
+	// The scope bounds the names: data_keys.scope is at most MaxNameLen.
+	if c.Table == "" || c.Column == "" || len(c.Scope()) > MaxNameLen ||
 		!utf8.ValidString(c.Table) || !utf8.ValidString(c.Column) {
-		return fmt.Errorf("%w: table and column must be non-empty UTF-8, %d bytes together at most", ErrInvalidArgument, MaxNameLen-1)
+		return fmt.Errorf("%w: table and column must be non-empty UTF-8, %d bytes together at most", ErrInvalidArgument, MaxNameLen-len(scopePrefix)-1)
 	}
 	if len(c.Row) == 0 || len(c.Row) > MaxRowFields {
 		return fmt.Errorf("%w: row key must have 1..%d fields", ErrInvalidArgument, MaxRowFields)
@@ -52,7 +53,9 @@ func (c Context) Check() error {
 
 // Scope is the data_keys.scope of the column's data keys: "column:" then
 // Table, ".", Column.
-func (c Context) Scope() string { return "column:" + c.Table + "." + c.Column }
+func (c Context) Scope() string { return scopePrefix + c.Table + "." + c.Column }
+
+const scopePrefix = "column:"
 
 // AAD is the associated data of a value sealed for project in c: the
 // fields purpose, Table, Column, project, then the number of Row fields as

@@ -44,6 +44,10 @@ func (l layered) Open(ctx context.Context, project string, id [16]byte, blob, aa
 	return l.s.open(ctx, project, id, nil, blob, h.Nonce, aad)
 }
 
+func (l layered) DataKey(ctx context.Context, project string, id [16]byte) (*envelope.DataKey, func(), error) {
+	return l.s.dataKey(ctx, project, id, nil)
+}
+
 func (l layered) Forget(project, scope string, id [16]byte) { l.s.forget(project, scope, id) }
 func (l layered) DropReservation(project, scope string)     { l.s.dropReservation(project, scope) }
 func (l layered) Uncache(project string, id [16]byte)       { l.s.cache.Remove(cacheID(project, id)) }

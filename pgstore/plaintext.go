@@ -14,6 +14,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/profullstack/keybroker/envelope"
+	"github.com/profullstack/keybroker/legacy"
 	"github.com/profullstack/keybroker/provider"
 )
 
@@ -54,6 +55,15 @@ type MigrateOptions struct {
 	Workers int
 	// Progress, when set, is called after each committed batch.
 	Progress func(MigrateProgress)
+	// Legacy, when set, decodes each stored value into the plaintext to
+	// store (legacy.Open("meshhook-v1://env/SECRETS_ENCRYPTION_KEY")
+	// chained before legacy.Plaintext(), say); nil stores the value's
+	// bytes as they are. A value the decoder claims but cannot decode (a
+	// broken or foreign-key v1 ciphertext), that no decoder claims, or
+	// that decodes to more than MaxValueLen bytes is left alone, plaintext
+	// or ciphertext kept, and reported in Undecodable. The verification
+	// compares the stored secret with the decoded plaintext.
+	Legacy legacy.Decoder
 }
 
 // MigrateProgress reports MigratePlaintext's progress.
@@ -72,8 +82,13 @@ type MigrateResult struct {
 	// ConflictRows names the first MaxConflictRows conflicting rows found
 	// (in key order with one worker); Conflicts counts them all.
 	ConflictRows []MigrateConflict
-	Cleared      int64  // source values set to NULL
-	LastKey      string // key (as text) of the last row handled; empty with Workers > 1
+	// Undecodable counts source rows left alone because opts.Legacy
+	// could not decode their value; UndecodableRows names the first
+	// MaxConflictRows of them (never a value).
+	Undecodable     int64
+	UndecodableRows []MigrateConflict
+	Cleared         int64  // source values set to NULL
+	LastKey         string // key (as text) of the last row handled; empty with Workers > 1
 }
 
 // MaxConflictRows bounds MigrateResult.ConflictRows.
@@ -113,7 +128,13 @@ func (s *Store) MigratePlaintext(ctx context.Context, src PlaintextSource, opts 
 	if batch < 1 || opts.Workers < 0 {
 		return res, fmt.Errorf("%w: batch size %d, workers %d", ErrInvalidArgument, batch, opts.Workers)
 	}
-	m, err := s.plaintextSQL(ctx, src, opts.ClearPlaintext)
+	// A legacy ciphertext is longer than its plaintext: the decoded length
+	// is checked after decoding.
+	bound := MaxValueLen
+	if opts.Legacy != nil {
+		bound = maxLegacyStoredLen
+	}
+	m, err := s.plaintextSQL(ctx, src, opts.ClearPlaintext, bound)
 	if err != nil {
 		return res, err
 	}
@@ -132,7 +153,7 @@ func (s *Store) MigratePlaintext(ctx context.Context, src PlaintextSource, opts 
 	}
 	if badKey.Valid {
 		return res, fmt.Errorf("%w: row with %s %q: project or name is NULL, empty or too long (%d, %d bytes at most), or value exceeds %d bytes",
-			ErrSource, src.KeyColumn, badKey.String, MaxProjectLen, MaxNameLen, MaxValueLen)
+			ErrSource, src.KeyColumn, badKey.String, MaxProjectLen, MaxNameLen, bound)
 	}
 	if opts.DryRun {
 		return res, nil
@@ -148,7 +169,7 @@ func (s *Store) MigratePlaintext(ctx context.Context, src PlaintextSource, opts 
 	for _, r := range ranges {
 		g.Go(func() error {
 			for {
-				br, err := s.migrateBatch(gctx, m, src.Table, r, batch, opts.ClearPlaintext)
+				br, err := s.migrateBatch(gctx, m, src.Table, r, batch, opts.ClearPlaintext, opts.Legacy)
 				if err != nil || br.n == 0 {
 					return err
 				}
@@ -158,11 +179,13 @@ func (s *Store) MigratePlaintext(ctx context.Context, src PlaintextSource, opts 
 				res.AlreadyPresent += br.present
 				res.Conflicts += br.conflicts
 				res.ConflictRows = append(res.ConflictRows, br.conflictRows[:min(len(br.conflictRows), MaxConflictRows-len(res.ConflictRows))]...)
+				res.Undecodable += br.undecodable
+				res.UndecodableRows = append(res.UndecodableRows, br.undecodableRows[:min(len(br.undecodableRows), MaxConflictRows-len(res.UndecodableRows))]...)
 				res.Cleared += br.cleared
 				if len(ranges) == 1 {
 					res.LastKey = br.last
 				}
-				p := MigrateProgress{Done: res.Migrated + res.AlreadyPresent + res.Conflicts, Total: res.Pending, LastKey: res.LastKey}
+				p := MigrateProgress{Done: res.Migrated + res.AlreadyPresent + res.Conflicts + res.Undecodable, Total: res.Pending, LastKey: res.LastKey}
 				s.log.Info("pgstore: migrated plaintext batch", "rows", br.n, "done", p.Done, "last_key", p.LastKey)
 				if opts.Progress != nil {
 					opts.Progress(p)
@@ -234,8 +257,13 @@ func (s *Store) splitKeys(ctx context.Context, m *plaintextQueries, r keyRange, 
 	return append(out, r), nil
 }
 
-// plaintextSQL validates src against the catalog and builds the statements.
-func (s *Store) plaintextSQL(ctx context.Context, src PlaintextSource, clear bool) (*plaintextQueries, error) {
+// maxLegacyStoredLen bounds a stored value that a legacy decoder reads:
+// room for a base64 encoding of MaxValueLen bytes and a header.
+const maxLegacyStoredLen = MaxValueLen/3*4 + 4 + 1024
+
+// plaintextSQL validates src against the catalog and builds the
+// statements; rows whose value is over bound bytes are bad.
+func (s *Store) plaintextSQL(ctx context.Context, src PlaintextSource, clear bool, bound int) (*plaintextQueries, error) {
 	parts := strings.Split(src.Table, ".")
 	if len(parts) > 2 {
 		return nil, fmt.Errorf("%w: table %q: want table or schema.table", ErrSource, src.Table)
@@ -308,7 +336,7 @@ FROM pg_attribute a WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdroppe
 		count: `SELECT count(*) FROM ` + table + ` WHERE ` + v + ` IS NOT NULL`,
 		bad: fmt.Sprintf(`SELECT %[1]s::text FROM %[2]s AS src WHERE %[3]s IS NOT NULL AND (%[4]s IS NULL OR %[5]s IS NULL
   OR octet_length(%[4]s::text) NOT BETWEEN 1 AND %[6]d OR octet_length(%[5]s::text) NOT BETWEEN 1 AND %[7]d
-  OR octet_length(%[3]s) > %[8]d) ORDER BY src.%[1]s LIMIT 1`, k, table, v, p, n, MaxProjectLen, MaxNameLen, MaxValueLen),
+  OR octet_length(%[3]s) > %[8]d) ORDER BY src.%[1]s LIMIT 1`, k, table, v, p, n, MaxProjectLen, MaxNameLen, bound),
 		sel:     sel,
 		key:     k,
 		keyType: key.typ,
@@ -326,15 +354,17 @@ type batchResult struct {
 	n                                     int
 	migrated, present, conflicts, cleared int64
 	conflictRows                          []MigrateConflict // at most MaxConflictRows
+	undecodable                           int64
+	undecodableRows                       []MigrateConflict // at most MaxConflictRows
 	last                                  string
 }
 
 // migrateBatch migrates the first rows of r in one transaction, redoing it
 // under fresh data key reservations when a project's data key was retired
 // or removed under it.
-func (s *Store) migrateBatch(ctx context.Context, m *plaintextQueries, table string, r keyRange, batch int, clear bool) (batchResult, error) {
+func (s *Store) migrateBatch(ctx context.Context, m *plaintextQueries, table string, r keyRange, batch int, clear bool, dec legacy.Decoder) (batchResult, error) {
 	for attempt := 1; ; attempt++ {
-		br, err := s.migrateOnce(ctx, m, table, r, batch, clear)
+		br, err := s.migrateOnce(ctx, m, table, r, batch, clear, dec)
 		if !errors.Is(err, errStaleKey) {
 			return br, err
 		}
@@ -344,7 +374,7 @@ func (s *Store) migrateBatch(ctx context.Context, m *plaintextQueries, table str
 	}
 }
 
-func (s *Store) migrateOnce(ctx context.Context, m *plaintextQueries, table string, r keyRange, batch int, clear bool) (batchResult, error) {
+func (s *Store) migrateOnce(ctx context.Context, m *plaintextQueries, table string, r keyRange, batch int, clear bool, dec legacy.Decoder) (batchResult, error) {
 	var br batchResult
 	tx, err := s.pool.Begin(ctx)
 	if err != nil {
@@ -375,6 +405,26 @@ func (s *Store) migrateOnce(ctx context.Context, m *plaintextQueries, table stri
 	}()
 	if len(keys) == 0 {
 		return br, nil
+	}
+	last := keys[len(keys)-1]
+	var undecodable int64
+	var undecodableRows []MigrateConflict
+	if dec != nil {
+		if keys, projects, names, values, undecodable, undecodableRows, err = decodeRows(dec, keys, projects, names, values); err != nil {
+			return br, err
+		}
+		for _, u := range undecodableRows {
+			s.log.Warn("pgstore: migrate plaintext: value does not decode; source row left alone", "key", u.Key, "project", u.Project, "name", u.Name)
+		}
+		if len(keys) == 0 {
+			if err := s.event(ctx, tx, "migrate.plaintext", "", 0, nil, 0, map[string]any{"table": table, "rows": undecodable, "undecodable": undecodable}); err != nil {
+				return br, err
+			}
+			if err := tx.Commit(ctx); err != nil {
+				return br, fmt.Errorf("pgstore: migrate plaintext: commit: %w", err)
+			}
+			return batchResult{n: int(undecodable), undecodable: undecodable, undecodableRows: undecodableRows, last: last}, nil
+		}
 	}
 	blobs := make([][]byte, len(keys))
 	nonces := make([][]byte, len(keys))
@@ -489,13 +539,50 @@ JOIN `+s.q+`.encrypted_secrets s ON s.project_id = u.p AND s.name = u.n`, ps, ns
 	}
 	// The audit event commits with the batch, so a killed run leaves one
 	// per committed batch, its count the secrets it wrote.
-	if err := s.event(ctx, tx, "migrate.plaintext", "", 0, nil, migrated, map[string]any{
-		"table": table, "rows": len(keys), "already_present": present, "conflicts": conflicts, "cleared": cleared,
-	}); err != nil {
+	detail := map[string]any{"table": table, "rows": int64(len(keys)) + undecodable, "already_present": present, "conflicts": conflicts, "cleared": cleared}
+	if dec != nil {
+		detail["undecodable"] = undecodable
+	}
+	if err := s.event(ctx, tx, "migrate.plaintext", "", 0, nil, migrated, detail); err != nil {
 		return br, err
 	}
 	if err := tx.Commit(ctx); err != nil {
 		return br, fmt.Errorf("pgstore: migrate plaintext: commit: %w", err)
 	}
-	return batchResult{n: len(keys), migrated: migrated, present: present, conflicts: conflicts, conflictRows: conflictRows, cleared: cleared, last: keys[len(keys)-1]}, nil
+	return batchResult{n: len(keys) + int(undecodable), migrated: migrated, present: present, conflicts: conflicts, conflictRows: conflictRows,
+		undecodable: undecodable, undecodableRows: undecodableRows, cleared: cleared, last: last}, nil
+}
+
+// decodeRows replaces each stored value with what dec decodes it to, in
+// place, and drops the rows it cannot decode (counted, the first
+// MaxConflictRows named). An error that is not about the value (a closed
+// decoder: anything not matching envelope.ErrDecrypt) fails the batch.
+func decodeRows(dec legacy.Decoder, keys, projects, names []string, values [][]byte) ([]string, []string, []string, [][]byte, int64, []MigrateConflict, error) {
+	var n int64
+	var bad []MigrateConflict
+	out := 0
+	for i := range keys {
+		pt, ok, err := dec.Decode(values[i])
+		if err != nil && !errors.Is(err, envelope.ErrDecrypt) {
+			provider.Clear(pt)
+			for _, v := range values { // decoded plaintexts and stored values alike
+				provider.Clear(v)
+			}
+			return keys, projects, names, values, 0, nil, fmt.Errorf("pgstore: migrate plaintext: legacy decoder: %w", err)
+		}
+		provider.Clear(values[i])
+		if err != nil || !ok || len(pt) > MaxValueLen {
+			provider.Clear(pt)
+			values[i] = nil
+			n++
+			if len(bad) < MaxConflictRows {
+				bad = append(bad, MigrateConflict{Key: keys[i], Project: projects[i], Name: names[i]})
+			}
+			continue
+		}
+		keys[out], projects[out], names[out], values[out] = keys[i], projects[i], names[i], pt
+		out++
+	}
+	clear(values[out:])
+	return keys[:out], projects[:out], names[:out], values[:out], n, bad, nil
 }

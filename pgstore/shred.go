@@ -47,7 +47,11 @@ type ShredResult struct {
 //
 // ShredProject runs the SQL function <schema>.shred_project (SECURITY
 // DEFINER), so the Store's role needs EXECUTE on it and nothing else
-// (docs/OPERATIONS.md). What old database backups still hold is in
+// (docs/OPERATIONS.md). Like the other key-management calls it runs on the
+// Store's pool in a transaction of its own, also for a Store returned by
+// In; to shred in the caller's transaction, with the application's own
+// delete, run SELECT <schema>.shred_project($1, $2) there, or attach
+// shred_project_trigger to the projects table. What old database backups still hold is in
 // docs/SECURITY.md.
 func (s *Store) ShredProject(ctx context.Context, project string) (ShredResult, error) {
 	if err := checkProject(project); err != nil {
@@ -62,11 +66,12 @@ func (s *Store) ShredProject(ctx context.Context, project string) (ShredResult, 
 	if err != nil {
 		return ShredResult{}, fmt.Errorf("pgstore: shred project %q: %w", project, err)
 	}
-	// This process's reservation and cached keys of the project go too;
-	// other processes drop theirs when a write finds its key gone.
+	// This process's reservations (every scope) and cached keys of the
+	// project go too; other processes drop theirs when a write finds its
+	// key gone.
 	s.res.mu.Lock()
 	for k := range s.res.keys {
-		if k.project == project { // every scope: keybroker's secrets and each column
+		if k.project == project {
 			delete(s.res.keys, k)
 		}
 	}

@@ -42,7 +42,7 @@ func exitCode(err error) int {
 		return ce.code
 	case errors.As(err, new(*interruptedError)):
 		return exitInterrupted
-	case errors.Is(err, pgstore.ErrInvalidArgument), errors.Is(err, pgstore.ErrPooler):
+	case errors.Is(err, pgstore.ErrInvalidArgument), errors.Is(err, pgstore.ErrPooler), columnUsage(err):
 		return exitUsage
 	case errors.Is(err, pgstore.ErrRetireIncomplete):
 		return exitIncomplete

@@ -151,6 +151,7 @@ func newRootCmd(a *app) *cobra.Command {
 		newProjectCmd(a),
 		newRotateCmd(a), newRewrapCmd(a), newReencryptCmd(a), newRetireCmd(a),
 		newImportCmd(a),
+		newColumnCmd(a),
 		newStatusCmd(a), newVerifyCmd(a),
 		newKeygenCmd(a),
 		newServeCmd(a), newTokenCmd(a),

@@ -7,7 +7,7 @@
 // The test builds ./cmd/keybroker with `go build` once per test binary and
 // runs it against a fresh database on the server internal/pgtest provides,
 // with a local keyring file (local:///…/keyring.json) made by `keybroker
-// keygen`. Four tests, one per command:
+// keygen`. Six tests, one per command:
 //
 //   - TestCrashImport: `import-plaintext --clear-plaintext --batch 40` of
 //     a 20,000-row text table (values of 1-120 characters of 1- to 4-byte
@@ -21,6 +21,21 @@
 //     keys, eight rounds, finished with `rewrap` and `retire VERSION` when
 //     the kill landed after the rotation (a rerun of `rotate --retire`
 //     would rotate again), and in half of those the `retire` is killed too.
+//   - TestCrashColumnReencrypt: `column reencrypt PROJECT --batch 20` of
+//     1,000 values in MeshHook's own secrets table (pgcolumn) beside a
+//     project it must not touch, three kills in each of four rounds; the
+//     values are read back through pgcolumn, the audit checked against the
+//     column's retirements;
+//   - TestCrashColumnMigrate: `column migrate --legacy
+//     meshhook-v1://env/SECRETS_ENCRYPTION_KEY --batch 200` of issue 13's
+//     20,000 Node-made MeshHook rows in place, killed four times while two
+//     application writers (internal/meshhook's appwriter, separate
+//     processes: v1 and sealed) write; after the v1 writer stops, a rerun
+//     exits 0 and every value opens without a legacy decoder to the
+//     fixture's or the writers' acknowledged value; then `column finish`,
+//     a project deleted through MeshHook's cascade and the shred trigger,
+//     and the application flow (Write in a transaction, a rollback, a
+//     run's 10 secrets in one OpenMany).
 //
 // # Where the kill lands
 //
@@ -88,11 +103,11 @@
 //
 //	go test -race -count=1 ./internal/crashtest/
 //
-// The tests are Linux only (inotify, /proc/locks, flock). The four run at
-// once (TestMain sets -test.parallel=4 unless given).
+// The tests are Linux only (inotify, /proc/locks, flock). The tests run
+// four at once (TestMain sets -test.parallel=4 unless given).
 // The seed is printed by every test; KEYBROKER_CRASHTEST_SEED=N replays its
 // sequence of kill points and values (where exactly inside a batch a line
 // kill lands still depends on the machine). -crashtest.scale=K (or
 // KEYBROKER_CRASHTEST_SCALE=K) runs K times as many rounds; the default
-// kills about 45 times.
+// kills about 57 times.
 package crashtest

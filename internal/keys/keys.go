@@ -10,6 +10,8 @@ import (
 
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/profullstack/keybroker/envelope"
 )
 
 // Store is the part of a *pgstore.Store that layered packages use. Every
@@ -37,6 +39,12 @@ type Store interface {
 	// miss. Every failure about the bytes or the key's row is the bare
 	// envelope.ErrDecrypt.
 	Open(ctx context.Context, project string, id [16]byte, envelope, aad []byte) ([]byte, error)
+	// DataKey returns data key id of project, unwrapped (from the cache,
+	// or loaded and unwrapped on a miss), and the function releasing the
+	// cache's lease on it, for a caller opening many envelopes under one
+	// key. A key that does not exist for project or does not unwrap is the
+	// bare envelope.ErrDecrypt.
+	DataKey(ctx context.Context, project string, id [16]byte) (*envelope.DataKey, func(), error)
 	// Forget drops the process's reservation on data key id of project's
 	// scope and its cached unwrapped form (after a write found it retired
 	// or gone). DropReservation drops the reservation whatever key it is

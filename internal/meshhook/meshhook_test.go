@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -281,7 +282,7 @@ func TestShredUnderAppWriters(t *testing.T) {
 	var procs []proc
 	for i := range 3 {
 		cmd := exec.Command(bin, "-schema", "app", "-mode", "keybroker-store", "-workers", "3", "-worker", fmt.Sprint(i),
-			"-log", filepath.Join(dir, fmt.Sprintf("w%d.log", i)), "-ops", "400", "-new-every", "3", "-seed", "11")
+			"-log", filepath.Join(dir, fmt.Sprintf("w%d.log", i)), "-new-every", "3", "-seed", "11") // until SIGTERM
 		cmd.Env = append(os.Environ(), "DATABASE_URL="+url, "KEYBROKER_KEK=local://"+keyring)
 		var out bytes.Buffer
 		cmd.Stdout, cmd.Stderr = &out, &out
@@ -307,10 +308,31 @@ func TestShredUnderAppWriters(t *testing.T) {
 		t.Fatal(err)
 	}
 	procs[2].cmd.Wait()
-	for _, p := range procs[:2] {
+	// The other two keep writing, to the deleted project too, for 150
+	// acknowledged writes each, then stop on SIGTERM with their summaries.
+	gone := 0
+	for i, p := range procs[:2] {
+		log := filepath.Join(dir, fmt.Sprintf("w%d.log", i))
+		for target := acks(t, log) + 150; acks(t, log) < target; {
+			if t.Context().Err() != nil {
+				t.Fatalf("writer %d stopped writing", i)
+			}
+		}
+		if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+			t.Fatal(err)
+		}
 		if err := p.cmd.Wait(); err != nil {
 			t.Fatalf("appwriter: %v\n%s", err, p.out)
 		}
+		var sum meshhook.WriterSummary
+		if err := json.Unmarshal(p.out.Bytes(), &sum); err != nil || sum.ProjectsGone > 1 {
+			t.Fatalf("appwriter summary %+v, %v: %s", sum, err, p.out)
+		}
+		gone += sum.ProjectsGone
+	}
+	// 300 writes over 6 projects: the deleted one was tried (and refused).
+	if gone == 0 {
+		t.Fatal("no writer wrote to the deleted project after its deletion")
 	}
 	var keys, secrets, events int64
 	if err := pool.QueryRow(ctx, `SELECT (SELECT count(*) FROM keybroker.data_keys WHERE project_id = $1),

@@ -18,6 +18,7 @@ import (
 	"os"
 	"slices"
 	"sort"
+	"strings"
 	"sync"
 
 	"github.com/jackc/pgx/v5"
@@ -286,7 +287,14 @@ ON CONFLICT (project_id, key) DO UPDATE SET value_encrypted = EXCLUDED.value_enc
 	return sum, nil
 }
 
+// ownedBy reports whether writer worker of workers may write row k: a row
+// a writer inserted (key "app_w<n>_...") belongs to that writer, any other
+// row to the writer its hash names. Writers start at different times, so a
+// writer listing the table may already see another's rows.
 func ownedBy(k RowKey, worker, workers int) bool {
+	if strings.HasPrefix(k.Key, "app_w") {
+		return strings.HasPrefix(k.Key, fmt.Sprintf("app_w%d_", worker))
+	}
 	h := fnv.New64a()
 	h.Write([]byte(k.Project))
 	h.Write([]byte{0})

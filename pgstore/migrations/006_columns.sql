@@ -9,6 +9,13 @@
 -- plaintext or ciphertexts of an earlier scheme) may still be read and
 -- written; switching it off (pgcolumn's RefuseLegacy) is one-way and
 -- recorded in legacy_refused_at.
+--
+-- pgcolumn.Install writes a row and, in the same transaction, the column's
+-- fence: a SECURITY DEFINER trigger function {{.schema}}.column_fence_<id>
+-- (owned by the installing role, EXECUTE revoked from PUBLIC) attached
+-- BEFORE INSERT OR UPDATE OF the value column as trigger <schema>_fence_<id>;
+-- docs/STORAGE.md, "The fence trigger". Services (pgcolumn.New) need SELECT
+-- on this table only.
 CREATE TABLE {{.schema}}.columns (
     id                bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     table_name        text NOT NULL CHECK (length(table_name) BETWEEN 1 AND 199),
