@@ -212,6 +212,9 @@ func (s *Server) routes(cfg Config) []route {
 		{"PUT /v1/projects/{project}/secrets/{name}", s.authed(OpWrite, "put", s.put)},
 		{"DELETE /v1/projects/{project}/secrets/{name}", s.authed(OpWrite, "delete", s.delete)},
 		{"DELETE /v1/projects/{project}", s.authed(OpAdmin, "shred", s.shred)},
+		{"POST /v1/projects/{project}/seal", s.authed(OpSeal, "seal", s.seal)},
+		{"POST /v1/projects/{project}/open", s.authed(OpOpen, "open", s.open)},
+		{"POST /v1/projects/{project}/open-many", s.authed(OpOpen, "openmany", s.openMany)},
 	}
 	if cfg.Metrics != nil {
 		rs = append(rs, route{"GET /metrics", cfg.Metrics})

@@ -366,3 +366,50 @@ func TestDeleteProject(t *testing.T) {
 		t.Fatalf("shred log rows: %v", outcomes)
 	}
 }
+
+// Seal and open bytes the application stores itself: bound to project,
+// table, column and row; scoped by the seal and open operations.
+func TestSealOpen(t *testing.T) {
+	e := newEnv(t, nil)
+	sealer := e.token([]string{"p"}, OpSeal, OpOpen)
+	reader := e.token([]string{"p"}, OpRead)
+	ref := map[string]any{"table": "public.secrets", "column": "value_encrypted", "row": []string{"stripe"}}
+	with := func(k string, v any) map[string]any {
+		m := map[string]any{}
+		for a, b := range ref {
+			m[a] = b
+		}
+		m[k] = v
+		return m
+	}
+	code, body := e.do("POST", "/v1/projects/p/seal", sealer, with("value", []byte("whsec_col")))
+	var sr sealResponse
+	if code != 200 || json.Unmarshal(body, &sr) != nil || bytes.Contains(sr.Sealed, []byte("whsec_col")) {
+		t.Fatalf("seal: %d %s", code, body)
+	}
+	code, body = e.do("POST", "/v1/projects/p/open", sealer, with("sealed", sr.Sealed))
+	var v valueResponse
+	if code != 200 || json.Unmarshal(body, &v) != nil || string(v.Value) != "whsec_col" {
+		t.Fatalf("open: %d %s", code, body)
+	}
+	code, body = e.do("POST", "/v1/projects/p/open-many", sealer, map[string]any{"items": []any{with("sealed", sr.Sealed), with("sealed", sr.Sealed)}})
+	var om openManyResponse
+	if code != 200 || json.Unmarshal(body, &om) != nil || len(om.Values) != 2 || string(om.Values[1]) != "whsec_col" {
+		t.Fatalf("open-many: %d %s", code, body)
+	}
+	// Another row: does not open.
+	other := with("sealed", sr.Sealed)
+	other["row"] = []string{"github"}
+	if code, body := e.do("POST", "/v1/projects/p/open", sealer, other); code != 400 || !strings.Contains(string(body), "decrypt_failed") {
+		t.Fatalf("open for another row: %d %s", code, body)
+	}
+	if code, _ := e.do("POST", "/v1/projects/p/seal", reader, with("value", []byte("x"))); code != 403 {
+		t.Fatalf("seal without the seal operation: %d", code)
+	}
+	if code, _ := e.do("POST", "/v1/projects/p/open", reader, with("sealed", sr.Sealed)); code != 403 {
+		t.Fatalf("open without the open operation: %d", code)
+	}
+	if code, _ := e.do("POST", "/v1/projects/p/seal", sealer, map[string]any{"table": "", "column": "c", "row": []string{"r"}, "value": []byte("x")}); code != 400 {
+		t.Fatalf("seal with an empty table: %d", code)
+	}
+}
