@@ -18,6 +18,9 @@
 //	GET    /v1/projects/{project}/secrets                             → 200 {"secrets": [{name, created_at, updated_at}]}   read
 //	POST   /v1/projects/{project}/get-many        {"names": [...]}    → 200 {"values": {name: b64}}   read
 //	DELETE /v1/projects/{project}                                     → 200 {"data_keys": n, "secrets": n}   admin
+//	POST   /v1/projects/{project}/seal       {table, column, row, "value": b64}   → 200 {"sealed": b64}   seal
+//	POST   /v1/projects/{project}/open       {table, column, row, "sealed": b64}  → 200 {"value": b64}   open
+//	POST   /v1/projects/{project}/open-many  {"items": [{table, column, row, sealed}]} → 200 {"values": [b64]}   open
 //	GET    /livez, /readyz (package health), /metrics, /v1/openapi.json   no token
 //
 // The OpenAPI 3 document (openapi.json, embedded; OpenAPI returns it) lists
@@ -35,10 +38,8 @@
 // once; the table service_tokens (pgstore migration 5) keeps the id, the
 // SHA-256 of the secret (a hash of a 256-bit random value needs no salt or
 // stretching), its name, its projects (a list, or NULL for all), its
-// operations (read: get, get-many, list; write: put, delete; admin:
-// deleting a project; seal and open: reserved for the encrypted-column
-// routes, which are not served yet: package pgcolumn has no Seal or Open
-// to serve), its
+// operations (read: get, get-many, list; write: put, delete; seal, open:
+// the encrypted-column routes; admin: deleting a project), its
 // expiry and its revocation time. `keybroker token create|list|revoke`
 // manages them with only the database (no KEK).
 //
@@ -53,6 +54,15 @@
 // Retry-After beyond).
 //
 // # Scope and existence
+//
+// Seal and open are for values the application stores in its own tables
+// (MeshHook's secrets row, inserted in its own transaction): pgcolumn's
+// SealContext and OpenContext, bound to the project and the table, column
+// and row key the caller names, under that column's data keys. The server
+// does not see where the bytes go, so nothing fences them (pgcolumn's
+// declared columns, used in process, do). open-many opens up to
+// MaxOpenMany values, all or nothing; a value that does not open for the
+// context given is 400 decrypt_failed, one answer for every cause.
 //
 // After a project is deleted its writes get 409 (project_deleted) until
 // `keybroker project reopen`.
@@ -70,7 +80,7 @@
 // not_found, forbidden, invalid, error) and the time. Each row is one
 // statement committed before the response is written:
 //
-//   - Reads (get, get-many, list) insert their row after the read and before
+//   - Reads (get, get-many, list), seals and opens insert their row after the read and before
 //     the response; if the insert fails the client gets 503 and no value.
 //   - Writes (put, delete) run in one transaction with their row
 //     (pgstore's Store.In on a transaction that first inserts the row): the

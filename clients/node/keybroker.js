@@ -144,6 +144,29 @@ export class KeybrokerClient {
   }
 
   /**
+   * Seals a value the application stores in its own table (an encrypted
+   * column), bound to the project, table, column and row key: returns the
+   * bytes (Uint8Array) to put in the bytea column. Needs the seal operation.
+   */
+  async seal(project, { table, column, row }, value) {
+    const r = await this.#request('POST', `/v1/projects/${seg(project, 'project')}/seal`, { table, column, row, value: b64encode(toBytes(value)) });
+    return b64decode(r.json.sealed);
+  }
+
+  /** Opens what seal sealed, for the same project, table, column and row. Needs the open operation. */
+  async open(project, { table, column, row }, sealed) {
+    const r = await this.#request('POST', `/v1/projects/${seg(project, 'project')}/open`, { table, column, row, sealed: b64encode(toBytes(sealed)) });
+    return b64decode(r.json.value);
+  }
+
+  /** Opens up to 1000 sealed values in one call, all or nothing: items are [{ table, column, row, sealed }]. */
+  async openMany(project, items) {
+    const body = { items: items.map(({ table, column, row, sealed }) => ({ table, column, row, sealed: b64encode(toBytes(sealed)) })) };
+    const r = await this.#request('POST', `/v1/projects/${seg(project, 'project')}/open-many`, body);
+    return r.json.values.map(b64decode);
+  }
+
+  /**
    * Deletes (crypto-shreds) a whole project: every secret and data key of it.
    * Needs a token with the admin operation. Resolves to { dataKeys, secrets }
    * destroyed. Later puts fail with status 409 (project_deleted).

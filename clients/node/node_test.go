@@ -166,7 +166,7 @@ func TestNodeClient(t *testing.T) {
 		t.Fatalf("node not found: run `make deps` (scripts/deps.sh installs nodejs): %v", err)
 	}
 	s := start(t)
-	rw, _ := token(t, s.env, "--name", "meshhook-api", "--ops", "read,write", "--project", "p1", "--project", "p2", "--project", "p3")
+	rw, _ := token(t, s.env, "--name", "meshhook-api", "--ops", "read,write,seal,open", "--project", "p1", "--project", "p2", "--project", "p3")
 	admin, _ := token(t, s.env, "--name", "meshhook-admin", "--ops", "admin", "--project", "p3")
 	ro, _ := token(t, s.env, "--name", "meshhook-reader", "--ops", "read", "--project", "p1")
 	revoked, revokedID := token(t, s.env, "--name", "old", "--ops", "read")

@@ -82,3 +82,18 @@ test('deleting a project shreds its secrets; later writes get 409', async () => 
   assert.equal(await p3.get('p3', 'a'), null);
   await assert.rejects(p3.put('p3', 'a', 'again'), (e) => e.status === 409 && e.code === 'project_deleted');
 });
+
+// MeshHook seals a value, then inserts the bytes into its own secrets row in
+// its own transaction; a workflow run opens its rows in one call.
+test('seal for an encrypted column, open, open-many', async () => {
+  const where = (name) => ({ table: 'public.secrets', column: 'value_encrypted', row: [name] });
+  const sealed = await kb.seal('p1', where('stripe'), `${marker}-column`);
+  assert.ok(sealed instanceof Uint8Array && sealed.length > 56);
+  assert.ok(!Buffer.from(sealed).includes(Buffer.from(marker)), 'sealed bytes hold the plaintext');
+  assert.equal(new TextDecoder().decode(await kb.open('p1', where('stripe'), sealed)), `${marker}-column`);
+  const other = await kb.seal('p1', where('github'), `${marker}-column-2`);
+  const both = await kb.openMany('p1', [{ ...where('stripe'), sealed }, { ...where('github'), sealed: other }]);
+  assert.deepEqual(both.map((v) => new TextDecoder().decode(v)), [`${marker}-column`, `${marker}-column-2`]);
+  // Moved to another row, it does not open.
+  await assert.rejects(kb.open('p1', where('github'), sealed), (e) => e.status === 400 && e.code === 'decrypt_failed');
+});
