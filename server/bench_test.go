@@ -129,7 +129,7 @@ func BenchmarkLoopback(b *testing.B) {
 	rand.Read(value)
 	body, _ := json.Marshal(map[string][]byte{"value": value})
 	e := newEnv(b, func(c *Config) { c.Rate = 1e9; c.Burst = 1e9; c.Logger = nil })
-	tok := e.token(nil, OpRead, OpWrite)
+	tok := e.token(nil, OpRead, OpWrite, OpSeal, OpOpen)
 	audited := newBenchClient(e.serving(Options{}), tok)
 	// The same Store and tokens, without the access log.
 	quiet, err := New(Config{Store: e.store, Pool: e.tokens.pool, Ready: http.NotFoundHandler(), Rate: 1e9, Burst: 1e9})
@@ -154,7 +154,33 @@ func BenchmarkLoopback(b *testing.B) {
 		}
 		return nil
 	}
+	ref := map[string]any{"table": "public.secrets", "column": "value_encrypted", "row": []string{"bench"}}
+	sealBody, _ := json.Marshal(map[string]any{"table": ref["table"], "column": ref["column"], "row": ref["row"], "value": value})
+	raw, err := audited.do("POST", "/v1/projects/bench/seal", sealBody, 200)
+	if err != nil {
+		b.Fatal(err)
+	}
+	var sr sealResponse
+	if err := json.Unmarshal(raw, &sr); err != nil {
+		b.Fatal(err)
+	}
+	openBody, _ := json.Marshal(map[string]any{"table": ref["table"], "column": ref["column"], "row": ref["row"], "sealed": sr.Sealed})
 	for _, conc := range concurrencies {
+		b.Run(fmt.Sprintf("seal/c=%d", conc), func(b *testing.B) {
+			latency(b, conc, func(int) error {
+				_, err := audited.do("POST", "/v1/projects/bench/seal", sealBody, 200)
+				return err
+			})
+		})
+		b.Run(fmt.Sprintf("open/c=%d", conc), func(b *testing.B) {
+			latency(b, conc, func(int) error {
+				raw, err := audited.do("POST", "/v1/projects/bench/open", openBody, 200)
+				if err != nil {
+					return err
+				}
+				return check(raw)
+			})
+		})
 		b.Run(fmt.Sprintf("echo/c=%d", conc), func(b *testing.B) {
 			latency(b, conc, func(int) error {
 				raw, err := echo.do("POST", "/", body, 200)
