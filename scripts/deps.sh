@@ -45,6 +45,9 @@ command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ] || { log "installi
 # tmux drives the CLI in a real terminal in cmd/keybroker's tests.
 command -v tmux >/dev/null || { log "installing tmux"; apt_install tmux; }
 
+# Node.js runs the Node client's node:test suite (clients/node, from its Go test).
+command -v node >/dev/null || { log "installing nodejs"; apt_install nodejs; }
+
 # local-kms: a Go implementation of the AWS KMS API, built with provider/awskms/testdata/
 # local-kms.patch, which adds what AWS KMS has and it lacks: RotateKeyOnDemand,
 # CurrentKeyMaterialId in DescribeKey, IncorrectKeyException when Decrypt's KeyId is not the

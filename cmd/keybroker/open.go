@@ -13,7 +13,10 @@ import (
 // openDB connects to the configured database and checks it answers. The
 // pool is pgstore.ParseConfig's, so the same URL works through a
 // transaction-mode pooler (PgBouncer, Supavisor).
-func (a *app) openDB(ctx context.Context) (*pgxpool.Pool, error) {
+func (a *app) openDB(ctx context.Context) (*pgxpool.Pool, error) { return a.openDBConns(ctx, 8) }
+
+// openDBConns is openDB with a pool of at most maxConns connections.
+func (a *app) openDBConns(ctx context.Context, maxConns int32) (*pgxpool.Pool, error) {
 	if a.cfg.DatabaseURL == "" {
 		return nil, usageErrorf("no database: set --database-url or %s", envDatabaseURL)
 	}
@@ -22,7 +25,7 @@ func (a *app) openDB(ctx context.Context) (*pgxpool.Pool, error) {
 		// Not err: pgx's parse errors may quote the URL, and with it a password.
 		return nil, usageErrorf("database URL: cannot parse it")
 	}
-	cfg.MaxConns = 8
+	cfg.MaxConns = maxConns
 	pool, err := pgxpool.NewWithConfig(ctx, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("database: %w", err)

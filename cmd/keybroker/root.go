@@ -157,6 +157,7 @@ func newRootCmd(a *app) *cobra.Command {
 		newColumnCmd(a),
 		newStatusCmd(a), newVerifyCmd(a),
 		newKeygenCmd(a),
+		newServeCmd(a), newTokenCmd(a),
 		newVersionCmd(a),
 		newManCmd(a),
 	)

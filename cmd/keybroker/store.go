@@ -23,11 +23,17 @@ func (s *session) close() {
 
 // openStore opens the keyring, the database and the store on it.
 func (a *app) openStore(ctx context.Context) (*session, error) {
+	return a.openStoreWith(ctx, 8, actor(), nil)
+}
+
+// openStoreWith is openStore with a pool of maxConns connections, the
+// given actor and observer.
+func (a *app) openStoreWith(ctx context.Context, maxConns int32, who string, obs pgstore.Observer) (*session, error) {
 	kr, err := a.openKeyring(ctx)
 	if err != nil {
 		return nil, err
 	}
-	pool, err := a.openDB(ctx)
+	pool, err := a.openDBConns(ctx, maxConns)
 	if err != nil {
 		return nil, err
 	}
@@ -36,8 +42,9 @@ func (a *app) openStore(ctx context.Context) (*session, error) {
 		KEK:       kr,
 		Budget:    a.cfg.Budget,
 		DirectKEK: a.cfg.DirectKEK,
-		Actor:     actor(),
+		Actor:     who,
 		Logger:    a.log,
+		Observer:  obs,
 	})
 	if err != nil {
 		pool.Close()

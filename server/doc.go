@@ -1,0 +1,121 @@
+// Package server is keybroker's HTTP API, run by `keybroker serve`: a
+// project's secrets (put, get, get-many, delete, list) for services in any
+// language (clients/node is MeshHook's), authenticated by service tokens,
+// with every access recorded in the database. The CLI only wires it:
+//
+//	srv, err := server.New(server.Config{Store: store, Pool: pool, Ready: checker})
+//	ln, err := server.Listen(server.Options{Addr: ":8443", CertFile: crt, KeyFile: key})
+//	err = server.Serve(ctx, ln, srv, opts) // until ctx is done, then a graceful shutdown
+//
+// # Routes
+//
+// JSON bodies, values as standard base64, paths under /v1 (project and
+// name percent-encoded, one path segment each):
+//
+//	PUT    /v1/projects/{project}/secrets/{name}  {"value": b64}      → 204   write
+//	GET    /v1/projects/{project}/secrets/{name}                      → 200 {"value": b64}, 404   read
+//	DELETE /v1/projects/{project}/secrets/{name}                      → 204, 404   write
+//	GET    /v1/projects/{project}/secrets                             → 200 {"secrets": [{name, created_at, updated_at}]}   read
+//	POST   /v1/projects/{project}/get-many        {"names": [...]}    → 200 {"values": {name: b64}}   read
+//	DELETE /v1/projects/{project}                                     → 200 {"data_keys": n, "secrets": n}   admin
+//	POST   /v1/projects/{project}/seal       {table, column, row, "value": b64}   → 200 {"sealed": b64}   seal
+//	POST   /v1/projects/{project}/open       {table, column, row, "sealed": b64}  → 200 {"value": b64}   open
+//	POST   /v1/projects/{project}/open-many  {"items": [{table, column, row, sealed}]} → 200 {"values": [b64]}   open
+//	GET    /livez, /readyz (package health), /metrics, /v1/openapi.json   no token
+//
+// The OpenAPI 3 document (openapi.json, embedded; OpenAPI returns it) lists
+// exactly these routes, which a test checks both ways. Errors are
+// {"error": code, "message": text}: the code from a fixed set, the text a
+// fixed sentence or pgstore's bound that was broken, never a value, a
+// token or a key. Bodies are bounded (Config.MaxBody, 2 MiB by default:
+// 413 beyond), must be one JSON object with no unknown fields (400
+// otherwise), and are decoded before any database work.
+//
+// # Tokens
+//
+// A service token is "kbt_" and the unpadded base64url of a 16-byte id and
+// a 32-byte (256-bit) secret from crypto/rand. Tokens.Create returns it
+// once; the table service_tokens (pgstore migration 5) keeps the id, the
+// SHA-256 of the secret (a hash of a 256-bit random value needs no salt or
+// stretching), its name, its projects (a list, or NULL for all), its
+// operations (read: get, get-many, list; write: put, delete; seal, open:
+// the encrypted-column routes; admin: deleting a project), its
+// expiry and its revocation time. `keybroker token create|list|revoke`
+// manages them with only the database (no KEK).
+//
+// A request's token is looked up by id and its secret's hash compared in
+// constant time (crypto/subtle); an unknown id is compared against a fixed
+// dummy hash, so it costs the same. Missing, malformed, unknown, wrong,
+// revoked and expired tokens all get the same 401 and body. A token's row
+// is reused for Config.TokenRecheck (1 s by default) before it is read
+// again, so a revocation bites on every server within that; only rows that
+// exist are kept, so the cache is bounded by the table. Each token has its
+// own rate limiter (golang.org/x/time/rate, Config.Rate and Burst; 429 with
+// Retry-After beyond).
+//
+// # Scope and existence
+//
+// Seal and open are for values the application stores in its own tables
+// (MeshHook's secrets row, inserted in its own transaction): pgcolumn's
+// SealContext and OpenContext, bound to the project and the table, column
+// and row key the caller names, under that column's data keys. The server
+// does not see where the bytes go, so nothing fences them (pgcolumn's
+// declared columns, used in process, do). open-many opens up to
+// MaxOpenMany values, all or nothing; a value that does not open for the
+// context given is 400 decrypt_failed, one answer for every cause.
+//
+// After a project is deleted its writes get 409 (project_deleted) until
+// `keybroker project reopen`.
+//
+// The scope check (operation and project) runs before anything is read: a
+// request outside the token's scope gets 403 with one fixed body, whatever
+// the project holds, so a 403 says nothing about whether a secret exists.
+// Within its scope a token can list the project, so 404 for a missing
+// secret tells it nothing it could not learn anyway.
+//
+// # Access log
+//
+// Every authenticated request about a project is a row of access_log:
+// token id, project, the names asked for, the operation, the outcome (ok,
+// not_found, forbidden, invalid, error) and the time. Each row is one
+// statement committed before the response is written:
+//
+//   - Reads (get, get-many, list), seals and opens insert their row after the read and before
+//     the response; if the insert fails the client gets 503 and no value.
+//   - Writes (put, delete) run in one transaction with their row
+//     (pgstore's Store.In on a transaction that first inserts the row): the
+//     write and its row commit together or not at all, so a server killed
+//     at any point leaves neither a write without its row nor a row for a
+//     write that did not happen. A failed write is rolled back and its
+//     outcome recorded in a row of its own.
+//   - Deleting a project (pgstore's ShredProject, a transaction of its
+//     own with its project.shred event in key_events) gets a row with
+//     outcome started committed before it and the outcome's row after it.
+//   - Refusals of a valid token (403) are recorded; bad tokens (401) and
+//     rate-limited requests (429) are not (that would let anyone fill the
+//     table) and are counted in the metrics instead.
+//
+// The store and log work of a request runs detached from the client's
+// connection, under Config.OpTimeout: a client that hangs up mid-write does
+// not cut the write short.
+//
+// # Hardened defaults
+//
+// Listen refuses plain HTTP on an address that is not loopback unless
+// Options.AllowPlaintext (ErrPlaintext); with CertFile and KeyFile it
+// serves TLS 1.2+, and ClientCAFile adds mTLS (client certificates
+// required and verified, on top of the token). Serve sets header, read,
+// write and idle timeouts and a header size bound, so slow clients cannot
+// hold connections, and on ctx's end stops accepting, lets in-flight
+// requests finish (Options.ShutdownTimeout) and returns.
+//
+// # Metrics and logs
+//
+// keybroker.http.requests (by http.route, the route pattern, and
+// http.response.status_code) and keybroker.http.duration (by route) go to
+// Config.MeterProvider; the CLI exports them, with package telemetry's
+// store and cache metrics, through OpenTelemetry's Prometheus exporter on
+// /metrics. Neither carries a project, name, value or token. The log has
+// one line per request (method, route pattern, status, token id,
+// duration), never a path, header, value or token.
+package server
