@@ -70,11 +70,14 @@ func poll(t *testing.T, what string, cond func(ctx context.Context) (bool, error
 	}
 }
 
-// caughtUp waits until the standby has replayed everything the primary has written.
+// caughtUp waits until the standby has replayed everything the primary has written. The
+// primary's insert position, not its write position: the test servers run with
+// synchronous_commit off, so a commit's WAL may still be in the primary's buffers when the
+// commit returns, before the write position reaches it.
 func (r *replicaPair) caughtUp(t *testing.T) {
 	t.Helper()
 	var lsn string
-	if err := r.primary.QueryRow(context.Background(), `SELECT pg_current_wal_lsn()::text`).Scan(&lsn); err != nil {
+	if err := r.primary.QueryRow(context.Background(), `SELECT pg_current_wal_insert_lsn()::text`).Scan(&lsn); err != nil {
 		t.Fatal(err)
 	}
 	poll(t, "the standby to replay "+lsn, func(ctx context.Context) (bool, error) {
