@@ -406,8 +406,9 @@ func (e *Encrypted) OpenMany(ctx context.Context, project string, rows []Row) ([
 	return out, nil
 }
 
-// SQLSTATEs the column fence trigger raises (docs/STORAGE.md). KB001 and
-// KB002 are pgstore's (a retired KEK version, a shredded project).
+// SQLSTATEs the column fence trigger raises (docs/STORAGE.md). KB001,
+// KB002 and KB006 are pgstore's (a retired KEK version, a shredded
+// project, a data key outside its project's KEK chain).
 const (
 	// SQLStateStaleKey: the value names a data key that is retired or
 	// gone (re-encryption retired it after the value was sealed). Sealing

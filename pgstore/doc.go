@@ -235,6 +235,31 @@
 // crypto-shreds whatever it encrypted; the foreign key makes that delete
 // fail rather than orphan a secret written concurrently.
 //
+// # Per-project KEKs
+//
+// SetProjectKEK binds a project to a KEK of its own (bring your own key:
+// a customer's KMS key), checked by CheckTenantKEKURL against
+// Config.TenantKEKSchemes (never the local scheme, no parameter naming a
+// file) and probed with a wrap and an unwrap. The project gets its own
+// chain of intermediate keys (table tenant_chains) under that KEK: new
+// data keys are wrapped under it, Rewrap moves the existing ones (no
+// secret re-encrypted), and the trigger data_keys_tenant_fence (SQLSTATE
+// KB006) refuses a data key under another project's chain or, for a bound
+// project, under the deployment's. A disabled or revoked project KEK makes
+// that project's reads fail with provider.ErrKeyDisabled or
+// ErrAccessDenied, not envelope.ErrDecrypt; other projects are not
+// affected, and Rewrap does them and then reports the project. Only the
+// tables' owner writes bindings; UnsetProjectKEK, ProjectKEK,
+// RotateProjectIntermediate and Status.ProjectKEKs complete the API.
+//
+// # Recovery wraps
+//
+// AddRecovery wraps each of the deployment's intermediate keys under a
+// recovery key as well (table intermediate_key_recovery); Recover, given
+// that key, rewraps every intermediate key the Store's KEK can no longer
+// unwrap under its new primary. Both are resumable, audited and
+// O(intermediate keys); Status.Recovery shows the coverage.
+//
 // # Row-level security
 //
 // The second migration enables row-level security on data_keys,
@@ -252,7 +277,7 @@
 // owner), so a tenant can neither forge a KEK version nor mark one retired:
 //
 //	GRANT USAGE ON SCHEMA keybroker TO tenant;
-//	GRANT SELECT ON keybroker.schema_version, keybroker.kek TO tenant;
+//	GRANT SELECT ON keybroker.schema_version, keybroker.kek, keybroker.project_keks, keybroker.tenant_chains TO tenant;
 //	GRANT SELECT, INSERT ON keybroker.key_events TO tenant;
 //	GRANT SELECT, INSERT, UPDATE, DELETE ON keybroker.data_keys, keybroker.encrypted_secrets TO tenant;
 //	GRANT EXECUTE ON FUNCTION keybroker.record_kek(text, text, text, text) TO tenant;

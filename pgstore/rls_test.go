@@ -23,7 +23,7 @@ func tenantURL(t *testing.T, e *env) string {
 	role, roleURL := pgtest.NewRole(t, e.url)
 	r := pgx.Identifier{role}.Sanitize()
 	if _, err := e.pool.Exec(context.Background(), `GRANT USAGE ON SCHEMA keybroker TO `+r+`;
-		GRANT SELECT ON keybroker.schema_version, keybroker.kek TO `+r+`;
+		GRANT SELECT ON keybroker.schema_version, keybroker.kek, keybroker.project_keks, keybroker.tenant_chains TO `+r+`;
 		GRANT SELECT, INSERT ON keybroker.key_events TO `+r+`;
 		GRANT SELECT, INSERT, UPDATE, DELETE ON keybroker.data_keys, keybroker.encrypted_secrets TO `+r+`;
 		GRANT EXECUTE ON FUNCTION keybroker.record_kek(text, text, text, text) TO `+r+`;

@@ -256,7 +256,7 @@ func (s *Store) Rewrap(ctx context.Context, opts RewrapOptions) (RewrapResult, e
 	res.Primary = primary
 	rows, err := s.pool.Query(ctx, `SELECT k.provider, k.key_id, k.key_version, count(*)
 FROM `+s.q+`.data_keys d JOIN `+s.q+`.kek k ON k.id = d.kek_id
-WHERE d.kek_id <> $1 GROUP BY 1, 2, 3 ORDER BY 1, 2, 3`, primaryID)
+WHERE d.kek_id <> $1 AND `+s.unbound("d")+` GROUP BY 1, 2, 3 ORDER BY 1, 2, 3`, primaryID)
 	if err != nil {
 		return res, fmt.Errorf("pgstore: rewrap: %w", err)
 	}
@@ -274,7 +274,7 @@ WHERE d.kek_id <> $1 GROUP BY 1, 2, 3 ORDER BY 1, 2, 3`, primaryID)
 	}
 	if opts.DryRun || total == 0 {
 		res.Remaining = total
-		return res, nil
+		return res, s.rewrapTenants(ctx, opts, batch, &res)
 	}
 	kekIDs := map[string]int64{primary.Version: primaryID}
 	corrupt := []pgtype.UUID{}
@@ -324,7 +324,7 @@ WHERE d.kek_id <> $1 GROUP BY 1, 2, 3 ORDER BY 1, 2, 3`, primaryID)
 		}
 		blocking = true
 	}
-	if err := s.pool.QueryRow(ctx, `SELECT count(*), count(*) FILTER (WHERE id <> ALL($2::uuid[])) FROM `+s.q+`.data_keys WHERE kek_id <> $1`,
+	if err := s.pool.QueryRow(ctx, `SELECT count(*), count(*) FILTER (WHERE id <> ALL($2::uuid[])) FROM `+s.q+`.data_keys d WHERE kek_id <> $1 AND `+s.unbound("d"),
 		primaryID, corrupt).Scan(&res.Remaining, &res.Skipped); err != nil {
 		return res, fmt.Errorf("pgstore: rewrap: recount: %w", err)
 	}
@@ -333,7 +333,13 @@ WHERE d.kek_id <> $1 GROUP BY 1, 2, 3 ORDER BY 1, 2, 3`, primaryID)
 		// call looked: not skipped, but still Remaining.
 		res.Skipped = 0
 	}
-	return res, nil
+	return res, s.rewrapTenants(ctx, opts, batch, &res)
+}
+
+// unbound is the SQL condition that data_keys row alias's project is not
+// bound to a KEK of its own (rewrapTenants does those).
+func (s *Store) unbound(alias string) string {
+	return `NOT EXISTS (SELECT 1 FROM ` + s.q + `.project_keks b WHERE b.project_id = ` + alias + `.project_id)`
 }
 
 // isCorrupt reports whether err says a wrapped data key itself is bad, as
@@ -373,7 +379,7 @@ func (s *Store) rewrapBatch(ctx context.Context, primary KEKVersion, primaryID i
 	}
 	rows, err := tx.Query(ctx, `SELECT d.id, d.project_id, d.wrapped_dek, k.provider, k.key_id, k.key_version
 FROM `+s.q+`.data_keys d JOIN `+s.q+`.kek k ON k.id = d.kek_id
-WHERE d.kek_id <> $1 AND d.id <> ALL($3::uuid[]) `+from+`ORDER BY d.id LIMIT $2 FOR NO KEY UPDATE OF d `+lock, args...)
+WHERE d.kek_id <> $1 AND d.id <> ALL($3::uuid[]) AND `+s.unbound("d")+` `+from+`ORDER BY d.id LIMIT $2 FOR NO KEY UPDATE OF d `+lock, args...)
 	if err != nil {
 		return 0, nil, last, fmt.Errorf("pgstore: rewrap: %w", err)
 	}
@@ -399,7 +405,7 @@ WHERE d.kek_id <> $1 AND d.id <> ALL($3::uuid[]) `+from+`ORDER BY d.id LIMIT $2 
 	for i := range todo {
 		t := &todo[i]
 		old := KEKVersion{Provider: t.wk.Provider, KeyID: t.wk.KeyID, Version: t.wk.Version}
-		nwk, err := s.dek.Rewrap(ctx, &t.wk, wrapAAD(t.project, t.id.Bytes))
+		nwk, err := s.rewrapTo(ctx, s.dek, t.project, &t.wk, wrapAAD(t.project, t.id.Bytes))
 		if isCorrupt(err) {
 			s.log.Error("pgstore: rewrap: data key does not unwrap; left as it is", "project", t.project, "data_key", t.id.String(), "kek", old.String())
 			bad = append(bad, CorruptKey{Project: t.project, DataKeyID: t.id.Bytes, KEKVersion: old})
@@ -477,6 +483,9 @@ func (s *Store) RetireKEK(ctx context.Context, v KEKVersion) error {
 			return fmt.Errorf("%w: %s wraps the intermediate keys", ErrPrimaryVersion, v)
 		}
 	}
+	if err := s.checkTenantRetire(ctx, v); err != nil {
+		return err
+	}
 	tx, err := s.pool.Begin(ctx)
 	if err != nil {
 		return fmt.Errorf("pgstore: retire: %w", err)
@@ -532,6 +541,16 @@ func (s *Store) RetireKEK(ctx context.Context, v KEKVersion) error {
 // lists its live versions without v. With no Retirer for the key, nothing
 // is to be done (live false).
 func (s *Store) liveAtProvider(ctx context.Context, v KEKVersion) (provider.Retirer, bool, error) {
+	if c, ok, err := s.tenantVersion(ctx, v); err != nil || ok {
+		if err != nil {
+			return nil, false, err
+		}
+		st, err := c.ik.Describe(ctx)
+		if err != nil {
+			return nil, false, err
+		}
+		return c.ik, slices.Contains(st.Versions, v.Version), nil
+	}
 	for _, p := range s.dek.Providers() {
 		if p.Ref() != (provider.KeyRef{Provider: v.Provider, KeyID: v.KeyID}) {
 			continue

@@ -8,6 +8,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/profullstack/keybroker/pgstore/hierarchy"
 	"github.com/profullstack/keybroker/provider"
 )
 
@@ -30,6 +31,14 @@ type Status struct {
 	// highest budget use (data_keys.messages) among active data keys.
 	Budget       int64
 	MaxActiveUse int64
+	// ProjectKEKs lists the projects bound to a KEK of their own
+	// (SetProjectKEK), with their data keys not yet moved to it.
+	ProjectKEKs []ProjectKEKStatus
+	// Recovery lists the recovery keys of the deployment's chain of
+	// intermediate keys (AddRecovery), each with the number of its
+	// IntermediateKeys it can recover.
+	Recovery         []hierarchy.RecoveryKey
+	IntermediateKeys int64
 
 	// Filled only by CheckProviders, which asks the key services:
 	//
@@ -149,6 +158,9 @@ GROUP BY k.id ORDER BY k.created_at, k.id`)
 	if err := s.pool.QueryRow(ctx, `SELECT (SELECT count(*) FROM `+s.q+`.encrypted_secrets), (SELECT count(DISTINCT project_id) FROM `+s.q+`.data_keys)`).
 		Scan(&st.Secrets, &st.Projects); err != nil {
 		return nil, fmt.Errorf("pgstore: status: %w", err)
+	}
+	if err := s.tenantStatus(ctx, st); err != nil {
+		return nil, err
 	}
 	return st, nil
 }

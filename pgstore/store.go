@@ -120,6 +120,16 @@ type Config struct {
 	// metrics and traces; telemetry.Telemetry.StoreObserver is one).
 	// Optional.
 	Observer Observer
+	// TenantKEKSchemes lists the provider URL schemes a project's own KEK
+	// (SetProjectKEK) may name; DefaultTenantKEKSchemes when nil. The
+	// local scheme is refused whatever this says: a database row never
+	// chooses a file this process reads (see CheckTenantKEKURL).
+	TenantKEKSchemes []string
+	// OpenTenantKEK opens the provider a project's binding names, after
+	// CheckTenantKEKURL accepted it; provider.Open when nil. A deployment
+	// that must pin what tenants may name (hosts, accounts) checks it
+	// here.
+	OpenTenantKEK func(ctx context.Context, rawURL string) (provider.KEKProvider, error)
 }
 
 // Store keeps secrets encrypted in PostgreSQL. It is safe for concurrent
@@ -144,6 +154,8 @@ type Store struct {
 	// rls: row-level security applies to the pool's role, so statements
 	// must name their project (see scoped).
 	rls bool
+	// tenants holds the chains of projects bound to their own KEK.
+	tenants *tenants
 
 	// db runs the statements on secrets (Put, Get, GetMany, Delete, List):
 	// pool, or the caller's transaction in a Store returned by In. Data key
@@ -251,6 +263,10 @@ func New(ctx context.Context, pool *pgxpool.Pool, cfg Config) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("pgstore: %w", err)
 	}
+	tn, err := newTenants(cfg)
+	if err != nil {
+		return nil, err
+	}
 	ps := append([]provider.KEKProvider{ik}, kr.Providers()...)
 	if cfg.DirectKEK {
 		ps = append(kr.Providers(), ik)
@@ -276,6 +292,7 @@ func New(ctx context.Context, pool *pgxpool.Pool, cfg Config) (*Store, error) {
 		log:     cfg.Logger,
 		obs:     cfg.Observer,
 		res:     &reservations{keys: map[scopeKey]*projectKey{}},
+		tenants: tn,
 	}
 	if cfg.ReadPool != nil {
 		st.read = cfg.ReadPool
@@ -292,6 +309,7 @@ func (s *Store) Migrate(ctx context.Context) error { return Migrate(ctx, s.pool,
 func (s *Store) Close() error {
 	s.cache.Close()
 	s.ik.Close()
+	s.tenants.close()
 	return nil
 }
 
@@ -519,7 +537,11 @@ func (s *Store) dataKey(ctx context.Context, project string, id [16]byte, wk *pr
 				return nil, err
 			}
 		}
-		dk, err := envelope.UnwrapDataKey(ctx, s.dek, wk, wrapAAD(project, id), dataKeyOpts...)
+		kp, err := s.unwrapperFor(ctx, project, wk)
+		if err != nil {
+			return nil, err
+		}
+		dk, err := envelope.UnwrapDataKey(ctx, kp, wk, wrapAAD(project, id), dataKeyOpts...)
 		if err != nil {
 			return nil, envelope.UnwrapFailure(err)
 		}
@@ -793,7 +815,11 @@ func (s *Store) tryCreateKey(ctx context.Context, project, scope string, id *[16
 	if _, err := rand.Read(id[:]); err != nil {
 		return false, fmt.Errorf("pgstore: new data key id: %w", err)
 	}
-	dk, wk, err := envelope.NewDataKey(ctx, s.dek, wrapAAD(project, *id), dataKeyOpts...)
+	wrapper, err := s.wrapperFor(ctx, project)
+	if err != nil {
+		return false, err
+	}
+	dk, wk, err := envelope.NewDataKey(ctx, wrapper, wrapAAD(project, *id), dataKeyOpts...)
 	if err != nil {
 		return false, fmt.Errorf("pgstore: new data key: %w", err)
 	}
@@ -812,6 +838,12 @@ SELECT 'dek.create', $1, $2, $3, 1, $4 WHERE EXISTS (SELECT 1 FROM `+s.q+`.data_
 	})
 	if err != nil || !created {
 		dk.Destroy()
+		if pgCode(err) == sqlstateTenant {
+			// The project's binding changed since wrapperFor read it: the
+			// caller looks again, and the next attempt reads it anew.
+			s.log.Info("pgstore: project's KEK binding changed while creating a data key; retrying", "project", project)
+			return false, nil
+		}
 		if pgCode(err) == sqlstateRetired {
 			return false, fmt.Errorf("%w: %s@%s", ErrRetiredVersion, wk.Ref(), wk.Version)
 		}

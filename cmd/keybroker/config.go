@@ -26,6 +26,7 @@ const (
 	envLogFormat   = "KEYBROKER_LOG_FORMAT"
 	envBudget      = "KEYBROKER_BUDGET"
 	envDirectKEK   = "KEYBROKER_DIRECT_KEK"
+	envTenantKEKs  = "KEYBROKER_TENANT_KEK_SCHEMES"
 )
 
 // maxConfigSize bounds the config file read into memory.
@@ -47,6 +48,10 @@ type config struct {
 	// DirectKEK is pgstore.Config.DirectKEK: wrap data keys under the KEK
 	// itself, without the key hierarchy. Set it as the fleet does.
 	DirectKEK bool `json:"direct_kek"`
+	// TenantKEKSchemes is pgstore.Config.TenantKEKSchemes: the provider
+	// URL schemes a project's own KEK may name (nil: the default,
+	// awskms and gcpkms). Set it as the fleet does.
+	TenantKEKSchemes []string `json:"tenant_kek_schemes"`
 }
 
 // loadConfigFile reads a JSON config file. Unknown keys are an error, so a
@@ -141,6 +146,18 @@ func resolveConfig(fs *pflag.FlagSet) (config, error) {
 			return config{}, usageErrorf("direct-kek must be true or false (1 or 0)")
 		}
 		c.DirectKEK = v
+	}
+	if f := fs.Lookup("tenant-kek-schemes"); f != nil && f.Changed {
+		c.TenantKEKSchemes = splitList(f.Value.String())
+	} else if v := os.Getenv(envTenantKEKs); v != "" {
+		c.TenantKEKSchemes = splitList(v)
+	} else {
+		c.TenantKEKSchemes = file.TenantKEKSchemes
+	}
+	for _, sc := range c.TenantKEKSchemes {
+		if sc == "local" {
+			return config{}, usageErrorf("tenant-kek-schemes may not name local: a database row never chooses a file keybroker reads")
+		}
 	}
 	// --kek-decrypt-only is a comma-separated list like the variable; the
 	// flag may also be repeated.

@@ -10,10 +10,22 @@ import (
 func newProjectCmd(a *app) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "project",
-		Short: "Project lifecycle: delete (crypto-shred) or reopen a project",
-		Args:  args(cobra.NoArgs),
+		Short: "Project lifecycle: delete (crypto-shred) or reopen a project; bind it to a KEK of its own",
+		Long: `project delete crypto-shreds a project and project reopen lets its id be
+used again (see each command).
+
+project set-kek binds a project to its own KEK: a provider URL (a
+customer's AWS KMS or Cloud KMS key; vault only when --tenant-kek-schemes
+allows it; never local) that wraps the project's own chain of intermediate
+keys, which wrap its data keys. Disabling or revoking that key makes the
+project's reads fail with a key-disabled or access-denied error while every
+other project keeps working; destroying it crypto-shreds the project (see
+docs/SECURITY.md, Per-project KEKs). unset-kek returns the project to the
+deployment's KEK. Both are audited (key_events) and then rewrap the data
+keys, without re-encrypting any secret; show prints the binding.`,
+		Args: args(cobra.NoArgs),
 	}
-	cmd.AddCommand(newProjectDeleteCmd(a), newProjectReopenCmd(a))
+	cmd.AddCommand(newProjectDeleteCmd(a), newProjectReopenCmd(a), newSetKEKCmd(a), newUnsetKEKCmd(a), newShowKEKCmd(a))
 	return cmd
 }
 

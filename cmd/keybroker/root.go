@@ -28,11 +28,13 @@ Configuration (highest precedence first):
                          KEYBROKER_SCHEMA             schema holding keybroker's tables
                          KEYBROKER_BUDGET             encryptions per data key (as the services')
                          KEYBROKER_DIRECT_KEK         1: no key hierarchy (as the services')
+                         KEYBROKER_TENANT_KEK_SCHEMES schemes a project's own KEK may name
                          KEYBROKER_LOG_LEVEL, KEYBROKER_LOG_FORMAT
                          KEYBROKER_CONFIG             config file (like --config)
   3. config file         --config FILE, a JSON object with the keys
                          kek, kek_decrypt_only (array), database_url, schema,
-                         budget (number), direct_kek (boolean), log_level,
+                         budget (number), direct_kek (boolean),
+                         tenant_kek_schemes (array), log_level,
                          log_format; unknown keys
                          are an error
   4. defaults            log level warn when stderr is a terminal (so per-key
@@ -143,6 +145,7 @@ func newRootCmd(a *app) *cobra.Command {
 	pf.String("schema", "", "schema holding keybroker's tables (env KEYBROKER_SCHEMA)")
 	pf.String("budget", "", "encryptions per data key, as the fleet's pgstore.Config.Budget (env KEYBROKER_BUDGET; default 16777216)")
 	pf.String("direct-kek", "", "true: wrap data keys under the KEK itself, no intermediate keys, as the fleet's pgstore.Config.DirectKEK (env KEYBROKER_DIRECT_KEK; default false)")
+	pf.String("tenant-kek-schemes", "", "provider URL schemes a project's own KEK may name, comma-separated, as the fleet's pgstore.Config.TenantKEKSchemes (env KEYBROKER_TENANT_KEK_SCHEMES; default awskms,gcpkms; never local)")
 	pf.String("log-level", "", "debug, info, warn or error (default warn on a terminal, info otherwise)")
 	pf.String("log-format", "", "text or json (default text)")
 	pf.BoolVar(&a.json, "json", false, "machine-readable JSON output on stdout")
@@ -156,6 +159,7 @@ func newRootCmd(a *app) *cobra.Command {
 		newImportCmd(a),
 		newColumnCmd(a),
 		newStatusCmd(a), newVerifyCmd(a),
+		newProjectCmd(a), newRecoveryCmd(a), newRecoverCmd(a),
 		newKeygenCmd(a),
 		newServeCmd(a), newTokenCmd(a),
 		newVersionCmd(a),

@@ -7,6 +7,7 @@ import (
 	"slices"
 	"text/tabwriter"
 
+	"github.com/profullstack/keybroker/pgstore/hierarchy"
 	"github.com/profullstack/keybroker/provider"
 	"github.com/spf13/cobra"
 )
@@ -37,6 +38,20 @@ type versionStatus struct {
 	IntermediateKeys int64 `json:"intermediate_keys"`
 }
 
+type projectKEKStatus struct {
+	Project  string   `json:"project"`
+	KEK      string   `json:"kek"` // the URL, query values redacted
+	Chain    string   `json:"chain"`
+	Keys     []string `json:"keys"` // provider:key_id of the KEK, as recorded
+	DataKeys int64    `json:"data_keys"`
+	Pending  int64    `json:"pending"` // data keys not under the project's chain yet (rewrap)
+}
+
+type recoveryKeyStatus struct {
+	Recovery         string `json:"recovery"` // provider:key_id
+	IntermediateKeys int64  `json:"intermediate_keys"`
+}
+
 type statusResult struct {
 	Providers    []providerStatus `json:"providers"`
 	Versions     []versionStatus  `json:"versions"`
@@ -54,6 +69,12 @@ type statusResult struct {
 	// killed before recording it; the next write or rewrap records it).
 	RetiredLive       []string `json:"retired_live"`
 	UnrecordedPrimary []string `json:"unrecorded_primary"`
+	// Projects bound to a KEK of their own, and the recovery keys of the
+	// deployment's intermediate keys (each with how many of the
+	// DeploymentIntermediateKeys it wraps).
+	ProjectKEKs                []projectKEKStatus  `json:"project_keks"`
+	Recovery                   []recoveryKeyStatus `json:"recovery"`
+	DeploymentIntermediateKeys int64               `json:"deployment_intermediate_keys"`
 }
 
 // status reports every KEK version the database records, with the data
@@ -113,6 +134,23 @@ func (a *app) status(ctx context.Context, s *session) (*statusResult, error) {
 	}
 	res.Secrets, res.Projects, res.DataKeys = st.Secrets, st.Projects, st.DataKeys
 	res.Budget, res.MaxBudgetUse = st.Budget, st.MaxActiveUse
+	// Versions of projects' own KEKs and chains are configured by their
+	// bindings, not by --kek.
+	tenantKeys := map[provider.KeyRef]bool{}
+	res.ProjectKEKs, res.Recovery = []projectKEKStatus{}, []recoveryKeyStatus{}
+	for _, b := range st.ProjectKEKs {
+		ps := projectKEKStatus{Project: b.Project, KEK: redactURL(b.URL), Chain: b.Chain, Keys: []string{}, DataKeys: b.DataKeys, Pending: b.Pending}
+		tenantKeys[provider.KeyRef{Provider: hierarchy.Scheme, KeyID: b.Chain}] = true
+		for _, k := range b.KEKs {
+			tenantKeys[k] = true
+			ps.Keys = append(ps.Keys, k.String())
+		}
+		res.ProjectKEKs = append(res.ProjectKEKs, ps)
+	}
+	for _, r := range st.Recovery {
+		res.Recovery = append(res.Recovery, recoveryKeyStatus{Recovery: r.Provider + ":" + r.KeyID, IntermediateKeys: r.IntermediateKeys})
+	}
+	res.DeploymentIntermediateKeys = st.IntermediateKeys
 	primary := provider.KeyRef{Provider: res.Providers[0].Provider, KeyID: res.Providers[0].KeyID}
 	listed := map[versionKey]bool{}
 	for _, sv := range st.Versions {
@@ -125,6 +163,8 @@ func (a *app) status(ctx context.Context, s *session) (*statusResult, error) {
 		case sv.RetiredAt != nil:
 			v.State = "retired"
 			res.RetiredInUse += v.DataKeys
+		case tenantKeys[ref]:
+			v.State = "project" // a project's own KEK or chain: see project_keks
 		case !configured:
 			v.State = "unconfigured"
 			res.Unconfigured += v.DataKeys
@@ -228,5 +268,25 @@ func (r *statusResult) print(w io.Writer) {
 	}
 	if r.Unconfigured > 0 {
 		fmt.Fprintf(w, "warning: %d data keys are under keys no configured provider serves\n", r.Unconfigured)
+	}
+	if len(r.ProjectKEKs) > 0 {
+		fmt.Fprintln(w)
+		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "PROJECT\tOWN KEK\tCHAIN\tDATA KEYS\tNOT MOVED YET")
+		for _, p := range r.ProjectKEKs {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\n", p.Project, p.KEK, p.Chain, p.DataKeys, p.Pending)
+		}
+		tw.Flush()
+		for _, p := range r.ProjectKEKs {
+			if p.Pending > 0 {
+				fmt.Fprintf(w, "warning: project %q has %d data keys not under its own KEK yet: run keybroker rewrap\n", p.Project, p.Pending)
+			}
+		}
+	}
+	for _, k := range r.Recovery {
+		fmt.Fprintf(w, "recovery key %s wraps %d of %d intermediate keys\n", k.Recovery, k.IntermediateKeys, r.DeploymentIntermediateKeys)
+		if k.IntermediateKeys < r.DeploymentIntermediateKeys {
+			fmt.Fprintf(w, "warning: %d intermediate keys have no wrap under recovery key %s: run keybroker recovery add --recovery URL\n", r.DeploymentIntermediateKeys-k.IntermediateKeys, k.Recovery)
+		}
 	}
 }

@@ -38,13 +38,14 @@ func (a *app) openStoreWith(ctx context.Context, maxConns int32, who string, obs
 		return nil, err
 	}
 	st, err := pgstore.New(ctx, pool, pgstore.Config{
-		Schema:    a.cfg.Schema,
-		KEK:       kr,
-		Budget:    a.cfg.Budget,
-		DirectKEK: a.cfg.DirectKEK,
-		Actor:     who,
-		Logger:    a.log,
-		Observer:  obs,
+		Schema:           a.cfg.Schema,
+		KEK:              kr,
+		Budget:           a.cfg.Budget,
+		DirectKEK:        a.cfg.DirectKEK,
+		TenantKEKSchemes: a.cfg.TenantKEKSchemes,
+		Actor:            who,
+		Logger:           a.log,
+		Observer:         obs,
 	})
 	if err != nil {
 		pool.Close()

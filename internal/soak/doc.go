@@ -2,7 +2,10 @@
 // PostgreSQL database and one KEK while an operator process rotates,
 // rewraps, re-encrypts and retires keys underneath them, as MeshHook runs
 // keybroker. It runs in `make test` (go test ./...) on the local keyring
-// file and on a real dev-mode Vault (internal/vaultserver), against the
+// file, on a real dev-mode Vault (internal/vaultserver), and on the local
+// keyring with project p00 bound to a local-kms key of its own
+// (internal/localkms) and unbound again round after round by the operator
+// (`keybroker project set-kek` / `unset-kek`, TestSoak/tenant), against the
 // PostgreSQL server internal/pgtest provides.
 //
 // # The fleet

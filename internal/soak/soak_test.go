@@ -21,6 +21,7 @@ import (
 	"github.com/hashicorp/vault/api"
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/profullstack/keybroker/internal/localkms"
 	"github.com/profullstack/keybroker/internal/pgtest"
 	"github.com/profullstack/keybroker/internal/soak"
 	"github.com/profullstack/keybroker/internal/testbin"
@@ -89,6 +90,26 @@ func TestSoak(t *testing.T) {
 			t.Fatalf("keybroker keygen: exit %d: %s", c.code, c.stderr)
 		}
 		soakRun(t, bins, "local://"+path)
+	})
+	t.Run("tenant", func(t *testing.T) {
+		// The local keyring, and project 0 bound to a local-kms key of its
+		// own and unbound again, round after round, under the writers.
+		dir := t.TempDir()
+		localkms.SetTestEnv(dir)
+		kms, err := localkms.Start(dir, "", "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(kms.Stop)
+		arn, err := kms.CreateKey(t.Context(), "keybroker soak tenant")
+		if err != nil {
+			t.Fatal(err)
+		}
+		path := filepath.Join(dir, "keyring.json")
+		if c := runCLI(t, bins, nil, "keygen", path, "--id", "soak"); c.code != 0 {
+			t.Fatalf("keybroker keygen: exit %d: %s", c.code, c.stderr)
+		}
+		soakRun(t, bins, "local://"+path, "-tenant-kek", kms.URL(arn))
 	})
 	t.Run("vault", func(t *testing.T) {
 		v, err := vaultserver.Start(t.Context(), vaultserver.Options{})
@@ -209,7 +230,7 @@ func (c *child) wait(t *testing.T, out any) {
 
 // soakRun runs the fleet against the KEK at kekURL, then checks every
 // invariant from a fresh process.
-func soakRun(t *testing.T, bins binaries, kekURL string) {
+func soakRun(t *testing.T, bins binaries, kekURL string, operatorArgs ...string) {
 	seed := *flagSeed
 	if seed == 0 {
 		seed = rand.Uint64()
@@ -240,8 +261,8 @@ func soakRun(t *testing.T, bins binaries, kekURL string) {
 	env := childEnv(dbURL, kekURL)
 
 	start := time.Now()
-	op := startChild(t, ctx, bins, env, "operator", "-role", "operator", "-keybroker", bins.keybroker,
-		"-projects", strconv.Itoa(projects), "-seed", strconv.FormatUint(seed, 10))
+	op := startChild(t, ctx, bins, env, "operator", append([]string{"-role", "operator", "-keybroker", bins.keybroker,
+		"-projects", strconv.Itoa(projects), "-seed", strconv.FormatUint(seed, 10)}, operatorArgs...)...)
 	ws := make([]*child, writers)
 	for i := range ws {
 		ws[i] = startChild(t, ctx, bins, env, fmt.Sprintf("writer%d", i), "-role", "writer",

@@ -1,7 +1,6 @@
 package awskms_test
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/rand"
@@ -11,30 +10,25 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"os"
-	"os/exec"
-	"path/filepath"
-	"regexp"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
-	"github.com/aws/aws-sdk-go-v2/config"
 	"github.com/aws/aws-sdk-go-v2/service/kms"
 	"github.com/aws/aws-sdk-go-v2/service/kms/types"
 	"github.com/aws/smithy-go"
 
-	"github.com/profullstack/keybroker/internal/testbin"
+	"github.com/profullstack/keybroker/internal/localkms"
 	"github.com/profullstack/keybroker/provider"
 	"github.com/profullstack/keybroker/provider/awskms"
 	"github.com/profullstack/keybroker/provider/providertest"
 )
 
 // region is local-kms's default region; its keys' ARNs name it.
-const region = "eu-west-2"
+const region = localkms.Region
 
 // Set by TestMain.
 var (
@@ -55,21 +49,9 @@ func run(m *testing.M) int {
 	}
 	defer os.RemoveAll(dir)
 
-	// The SDK's default chain finds these dummy credentials; nothing from
-	// the developer's own AWS configuration is used.
-	for k, v := range map[string]string{
-		"AWS_ACCESS_KEY_ID":           "AKIDKEYBROKERTEST",
-		"AWS_SECRET_ACCESS_KEY":       "keybroker-test-secret",
-		"AWS_CONFIG_FILE":             filepath.Join(dir, "aws-config"),
-		"AWS_SHARED_CREDENTIALS_FILE": filepath.Join(dir, "aws-credentials"),
-		"AWS_EC2_METADATA_DISABLED":   "true",
-	} {
-		os.Setenv(k, v)
-	}
-	for _, k := range []string{"AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_KMS"} {
-		os.Unsetenv(k)
-	}
-
+	// The SDK's default chain finds dummy credentials; nothing from the
+	// developer's own AWS configuration is used.
+	localkms.SetTestEnv(dir)
 	stop, err := startLocalKMS(dir)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "awskms test:", err)
@@ -79,14 +61,9 @@ func run(m *testing.M) int {
 	return m.Run()
 }
 
-// startLocalKMS starts local-kms on a port it picks itself (PORT=0), seeded
-// with one key that has two backing keys (as if rotated once) and an alias
-// for it, and waits until it answers a real request.
+// startLocalKMS starts local-kms (internal/localkms) seeded with one key
+// that has two backing keys (as if rotated once) and an alias for it.
 func startLocalKMS(dir string) (stop func(), err error) {
-	bin, err := testbin.Find("local-kms")
-	if err != nil {
-		return nil, err
-	}
 	seededID := "6f8c5a1e-3b2d-4c7a-9e1f-0a2b3c4d5e6f"
 	seededARN = fmt.Sprintf("arn:aws:kms:%s:111122223333:key/%s", region, seededID)
 	seed := fmt.Sprintf(`Keys:
@@ -101,75 +78,19 @@ Aliases:
   - AliasName: alias/keybroker-example
     TargetKeyId: %s
 `, seededID, randomHex(32), randomHex(32), seededID)
-	seedPath := filepath.Join(dir, "seed.yaml")
-	if err := os.WriteFile(seedPath, []byte(seed), 0o600); err != nil {
-		return nil, err
-	}
-
-	cmd := exec.Command(bin)
-	cmd.Env = append(os.Environ(), "PORT=0", "KMS_REGION="+region,
-		"KMS_DATA_PATH="+filepath.Join(dir, "data"), "KMS_SEED_PATH="+seedPath)
-	logs, err := cmd.StderrPipe()
+	srv, err := localkms.Start(dir, seed, seededARN)
 	if err != nil {
 		return nil, err
 	}
-	cmd.Stdout = cmd.Stderr
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("starting %s: %w", bin, err)
-	}
-	stop = func() {
-		cmd.Process.Kill()
-		cmd.Wait()
-	}
-
-	// local-kms logs the port it bound; the log ends if it exits.
-	portRE := regexp.MustCompile(`Local KMS started on [^ ]*:(\d+)`)
-	var port, tail string
-	sc := bufio.NewScanner(logs)
-	for sc.Scan() {
-		tail = sc.Text()
-		if m := portRE.FindStringSubmatch(tail); m != nil {
-			port = m[1]
-			break
-		}
-	}
-	if port == "" {
-		stop()
-		return nil, fmt.Errorf("local-kms exited before listening; last log line: %q", tail)
-	}
-	go io.Copy(io.Discard, logs) // keep draining so it never blocks on a full pipe
-
-	endpoint = "http://" + net.JoinHostPort("127.0.0.1", port)
-	cfg, err := config.LoadDefaultConfig(context.Background(), config.WithRegion(region))
-	if err != nil {
-		stop()
-		return nil, err
-	}
-	admin = kms.NewFromConfig(cfg, func(o *kms.Options) { o.BaseEndpoint = aws.String(endpoint) })
-
-	// It listens before it serves: poll with real requests, a bounded number
-	// of times.
-	for i := 0; ; i++ {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		_, err = admin.DescribeKey(ctx, &kms.DescribeKeyInput{KeyId: aws.String(seededARN)})
-		cancel()
-		if err == nil {
-			break
-		}
-		if i == 50 {
-			stop()
-			return nil, fmt.Errorf("local-kms at %s does not answer: %w", endpoint, err)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	endpoint, admin = srv.Endpoint, srv.Admin
 	// An unpatched local-kms (built before scripts/deps.sh applied the patch)
 	// would fail the tamper and rotation tests confusingly.
 	out, err := admin.DescribeKey(context.Background(), &kms.DescribeKeyInput{KeyId: aws.String(seededARN)})
 	if err != nil || out.KeyMetadata.CurrentKeyMaterialId == nil {
-		stop()
-		return nil, fmt.Errorf("%s lacks provider/awskms/testdata/local-kms.patch (no CurrentKeyMaterialId): run `make deps` to rebuild it", bin)
+		srv.Stop()
+		return nil, fmt.Errorf("local-kms lacks provider/awskms/testdata/local-kms.patch (no CurrentKeyMaterialId): run `make deps` to rebuild it")
 	}
-	return stop, nil
+	return srv.Stop, nil
 }
 
 func randomHex(n int) string {

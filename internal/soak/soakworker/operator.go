@@ -75,6 +75,15 @@ func runOperator(ctx context.Context, o options) (*soak.OperatorSummary, error) 
 // round (-1) rotates with --retire and then retires whatever older version
 // is left.
 func (op *operator) round(ctx context.Context, n int) {
+	if op.o.tenantKEK != "" {
+		// Writers keep writing to the project while its data keys move
+		// between the deployment's chain and its own.
+		if n%2 == 0 {
+			op.untilDone(ctx, "project", "set-kek", soak.Project(0), op.o.tenantKEK)
+		} else {
+			op.untilDone(ctx, "project", "unset-kek", soak.Project(0))
+		}
+	}
 	if op.sum.RetireCommand && n%2 == 0 {
 		op.expect(ctx, op.run(ctx, "rotate"))
 	} else {

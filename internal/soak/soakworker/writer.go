@@ -15,6 +15,7 @@ import (
 	"github.com/profullstack/keybroker/pgstore"
 	"github.com/profullstack/keybroker/provider"
 
+	_ "github.com/profullstack/keybroker/provider/awskms" // a project's own KEK (TestSoak/tenant)
 	_ "github.com/profullstack/keybroker/provider/local"
 	_ "github.com/profullstack/keybroker/provider/vault"
 )
