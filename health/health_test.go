@@ -429,12 +429,7 @@ func TestStoreUnderRowSecurity(t *testing.T) {
 	}
 	role, roleURL := pgtest.NewRole(t, dbURL)
 	r := pgx.Identifier{role}.Sanitize()
-	if _, err := owner.Exec(ctx, `GRANT USAGE ON SCHEMA keybroker TO `+r+`;
-		GRANT SELECT ON keybroker.schema_version TO `+r+`;
-		GRANT SELECT, INSERT ON keybroker.kek, keybroker.key_events TO `+r+`;
-		GRANT SELECT, INSERT, UPDATE, DELETE ON keybroker.data_keys, keybroker.encrypted_secrets TO `+r+`;
-		GRANT SELECT ON keybroker.intermediate_keys TO `+r+`;
-		GRANT EXECUTE ON FUNCTION keybroker.add_intermediate_key(text, integer, bigint, bytea, text) TO `+r); err != nil {
+	if _, err := owner.Exec(ctx, pgtest.TenantGrants(r)); err != nil {
 		t.Fatal(err)
 	}
 	tenant, err := pgstore.New(ctx, pgtest.PoolFor(t, roleURL), pgstore.Config{KEK: kek})

@@ -21,13 +21,7 @@ func TestRowSecurityRole(t *testing.T) {
 	p := e.project(t)
 	role, roleURL := pgtest.NewRole(t, e.url)
 	r := pgx.Identifier{role}.Sanitize()
-	if _, err := e.pool.Exec(ctx, `GRANT USAGE ON SCHEMA keybroker TO `+r+`;
-		GRANT SELECT ON keybroker.schema_version, keybroker.kek, keybroker.columns TO `+r+`;
-		GRANT SELECT, INSERT ON keybroker.key_events TO `+r+`;
-		GRANT SELECT, INSERT, UPDATE, DELETE ON keybroker.data_keys, keybroker.encrypted_secrets TO `+r+`;
-		GRANT EXECUTE ON FUNCTION keybroker.record_kek(text, text, text, text) TO `+r+`;
-		GRANT SELECT ON keybroker.intermediate_keys TO `+r+`;
-		GRANT EXECUTE ON FUNCTION keybroker.add_intermediate_key(text, integer, bigint, bytea, text) TO `+r+`;
+	if _, err := e.pool.Exec(ctx, pgtest.TenantGrants(r)+`;
 		GRANT SELECT, INSERT, UPDATE, DELETE ON public.secrets, public.projects TO `+r); err != nil {
 		t.Fatal(err)
 	}

@@ -22,13 +22,7 @@ func tenantURL(t *testing.T, e *env) string {
 	t.Helper()
 	role, roleURL := pgtest.NewRole(t, e.url)
 	r := pgx.Identifier{role}.Sanitize()
-	if _, err := e.pool.Exec(context.Background(), `GRANT USAGE ON SCHEMA keybroker TO `+r+`;
-		GRANT SELECT ON keybroker.schema_version, keybroker.kek, keybroker.project_keks, keybroker.tenant_chains TO `+r+`;
-		GRANT SELECT, INSERT ON keybroker.key_events TO `+r+`;
-		GRANT SELECT, INSERT, UPDATE, DELETE ON keybroker.data_keys, keybroker.encrypted_secrets TO `+r+`;
-		GRANT EXECUTE ON FUNCTION keybroker.record_kek(text, text, text, text) TO `+r+`;
-		GRANT SELECT ON keybroker.intermediate_keys TO `+r+`;
-		GRANT EXECUTE ON FUNCTION keybroker.add_intermediate_key(text, integer, bigint, bytea, text) TO `+r); err != nil {
+	if _, err := e.pool.Exec(context.Background(), pgtest.TenantGrants(r)); err != nil {
 		t.Fatal(err)
 	}
 	return roleURL

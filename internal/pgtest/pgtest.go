@@ -280,3 +280,18 @@ func errRedacted(err error) error {
 	}
 	return err
 }
+
+// TenantGrants is the SQL granting role (already quoted) what a
+// tenant-facing service needs on keybroker's default schema: the list
+// pgstore's package documentation gives under "Row-level security", plus
+// SELECT on pgcolumn's registry. One copy, so every test's tenant is the
+// documented one.
+func TenantGrants(role string) string {
+	return `GRANT USAGE ON SCHEMA keybroker TO ` + role + `;
+GRANT SELECT ON keybroker.schema_version, keybroker.kek, keybroker.project_keks, keybroker.tenant_chains, keybroker.columns TO ` + role + `;
+GRANT SELECT, INSERT ON keybroker.key_events TO ` + role + `;
+GRANT SELECT, INSERT, UPDATE, DELETE ON keybroker.data_keys, keybroker.encrypted_secrets TO ` + role + `;
+GRANT EXECUTE ON FUNCTION keybroker.record_kek(text, text, text, text) TO ` + role + `;
+GRANT SELECT ON keybroker.intermediate_keys TO ` + role + `;
+GRANT EXECUTE ON FUNCTION keybroker.add_intermediate_key(text, integer, bigint, bytea, text) TO ` + role
+}
