@@ -19,39 +19,14 @@ import (
 // DefaultBatchSize is the rows Reencrypt and Verify handle per statement.
 const DefaultBatchSize = pgstore.DefaultBatchSize
 
-// ReencryptOptions configures Reencrypt; the fields mean what
-// pgstore.ReencryptOptions's do.
-type ReencryptOptions struct {
-	// BatchSize is the rows re-encrypted per transaction; DefaultBatchSize
-	// when zero.
-	BatchSize int
-	// DryRun counts what would be re-encrypted and changes nothing.
-	DryRun bool
-	// Resume continues an interrupted call: it re-encrypts the rows still
-	// under retired data keys without retiring the current one.
-	Resume bool
-	// Wait is how long Reencrypt keeps retrying, with growing pauses, to
-	// re-encrypt what is still under retired keys and destroy them. Zero:
-	// one pass.
-	Wait time.Duration
-	// Progress, when set, is called after each committed batch.
-	Progress func(ReencryptProgress)
-}
-
-// ReencryptProgress reports Reencrypt's progress.
-type ReencryptProgress struct {
-	Done  int64 // rows re-encrypted so far by this call
-	Total int64 // rows to re-encrypt when the call started
-}
-
-// ReencryptResult is what Reencrypt did, or (DryRun) would do.
-type ReencryptResult struct {
-	Pending       int64 // rows to re-encrypt when the call started
-	Reencrypted   int64 // rows re-encrypted by this call
-	RetiredKeys   int64 // data keys this call retired
-	DestroyedKeys int64 // retired data keys deleted because no row needs them any more
-	RemainingKeys int64 // retired data keys still referenced when the call returned (run again with Resume)
-}
+// ReencryptOptions, ReencryptProgress and ReencryptResult are pgstore's:
+// the fields mean what they mean for keybroker's own table, counting the
+// column's rows where pgstore counts secrets.
+type (
+	ReencryptOptions  = pgstore.ReencryptOptions
+	ReencryptProgress = pgstore.ReencryptProgress
+	ReencryptResult   = pgstore.ReencryptResult
+)
 
 // Reencrypt re-encrypts the column's values of project under a fresh data
 // key of the column's scope, in place, for when a data key may have been

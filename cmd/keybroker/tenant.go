@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -59,9 +60,8 @@ func (r *projectKEKResult) print(w io.Writer) {
 }
 
 func newSetKEKCmd(a *app) *cobra.Command {
-	var batch int
-	var dryRun, noRewrap bool
-	var lockWait time.Duration
+	var dryRun bool
+	rw := &bindingRewrap{}
 	cmd := &cobra.Command{
 		Use:   "set-kek PROJECT URL",
 		Short: "Bind PROJECT to its own KEK at URL and rewrap its data keys under it",
@@ -96,32 +96,17 @@ tables' owner role. Exit status 5 while data keys remain to move.`,
 				}
 				return err
 			}
-			res := newProjectKEKResult(b, true)
-			if !noRewrap {
-				if res.Rewrap, err = a.rewrap(ctx, s, batch, lockWait, false); err != nil {
-					return fmt.Errorf("bound project %q; rewrap: %w (rerun keybroker rewrap)", project, err)
-				}
-			}
-			if err := a.emit(res, res.print); err != nil {
-				return err
-			}
-			if res.Rewrap != nil {
-				return res.Rewrap.incomplete()
-			}
-			return nil
+			return a.rewrapBinding(ctx, s, newProjectKEKResult(b, true), "bound", rw)
 		},
 	}
-	cmd.Flags().IntVar(&batch, "batch", 0, batchHelp)
 	cmd.Flags().BoolVar(&dryRun, "dry-run", false, "check the URL, change nothing")
-	cmd.Flags().BoolVar(&noRewrap, "no-rewrap", false, "record the binding only; run keybroker rewrap later")
-	cmd.Flags().DurationVar(&lockWait, "lock-wait", pgstore.DefaultLockWait, "how long rewrap waits for a data key another process holds locked")
+	rw.flags(cmd, "record the binding only; run keybroker rewrap later")
 	return cmd
 }
 
 func newUnsetKEKCmd(a *app) *cobra.Command {
-	var batch int
-	var dryRun, noRewrap bool
-	var lockWait time.Duration
+	var dryRun bool
+	rw := &bindingRewrap{}
 	cmd := &cobra.Command{
 		Use:   "unset-kek PROJECT",
 		Short: "Return PROJECT to the deployment's KEK and rewrap its data keys back",
@@ -154,26 +139,45 @@ owner role.`,
 			if err := s.store.UnsetProjectKEK(ctx, project); err != nil {
 				return err
 			}
-			res := &projectKEKResult{Project: project}
-			if !noRewrap {
-				if res.Rewrap, err = a.rewrap(ctx, s, batch, lockWait, false); err != nil {
-					return fmt.Errorf("unbound project %q; rewrap: %w (rerun keybroker rewrap)", project, err)
-				}
-			}
-			if err := a.emit(res, res.print); err != nil {
-				return err
-			}
-			if res.Rewrap != nil {
-				return res.Rewrap.incomplete()
-			}
-			return nil
+			return a.rewrapBinding(ctx, s, &projectKEKResult{Project: project}, "unbound", rw)
 		},
 	}
-	cmd.Flags().IntVar(&batch, "batch", 0, batchHelp)
 	cmd.Flags().BoolVar(&dryRun, "dry-run", false, "show what would change, change nothing")
-	cmd.Flags().BoolVar(&noRewrap, "no-rewrap", false, "remove the binding only; run keybroker rewrap later")
-	cmd.Flags().DurationVar(&lockWait, "lock-wait", pgstore.DefaultLockWait, "how long rewrap waits for a data key another process holds locked")
+	rw.flags(cmd, "remove the binding only; run keybroker rewrap later")
 	return cmd
+}
+
+// bindingRewrap is the rewrap set-kek and unset-kek run after changing a
+// binding, and its flags.
+type bindingRewrap struct {
+	batch    int
+	skip     bool
+	lockWait time.Duration
+}
+
+func (rw *bindingRewrap) flags(cmd *cobra.Command, skipHelp string) {
+	cmd.Flags().IntVar(&rw.batch, "batch", 0, batchHelp)
+	cmd.Flags().BoolVar(&rw.skip, "no-rewrap", false, skipHelp)
+	cmd.Flags().DurationVar(&rw.lockWait, "lock-wait", pgstore.DefaultLockWait, "how long rewrap waits for a data key another process holds locked")
+}
+
+// rewrapBinding runs rw's rewrap (unless --no-rewrap) after res's binding
+// changed (what: "bound" or "unbound"), prints res, and returns exit
+// status 5 while data keys remain to move.
+func (a *app) rewrapBinding(ctx context.Context, s *session, res *projectKEKResult, what string, rw *bindingRewrap) error {
+	if !rw.skip {
+		var err error
+		if res.Rewrap, err = a.rewrap(ctx, s, rw.batch, rw.lockWait, false); err != nil {
+			return fmt.Errorf("%s project %q; rewrap: %w (rerun keybroker rewrap)", what, res.Project, err)
+		}
+	}
+	if err := a.emit(res, res.print); err != nil {
+		return err
+	}
+	if res.Rewrap != nil {
+		return res.Rewrap.incomplete()
+	}
+	return nil
 }
 
 func newShowKEKCmd(a *app) *cobra.Command {
