@@ -243,3 +243,69 @@ func fillProjects(b *testing.B, e *env, n int) {
 		b.Fatal(err)
 	}
 }
+
+// BenchmarkScaleAgainst100 measures issue 15's latency target — Get p50
+// at N projects ≤ 1.3× the 100-project p50, with the key hierarchy — on a
+// machine whose load changes from one second to the next: a database of
+// 100 projects and one of N (the same fill as BenchmarkScale) are read at
+// the same time, Gets alternating between a fresh Store on each, so both
+// p50s see the same load. A third column alternates with them: a plain
+// SELECT of the same secret row at N (the database's own cost at that
+// table size, no keybroker). One iteration is KEYBROKER_BENCH_GETS Gets on
+// each; run it with -benchtime 1x:
+//
+//	KEYBROKER_BENCH_PROJECTS=1000,10000,100000 go test -run '^$' -bench ScaleAgainst100 -benchtime 1x -timeout 60m ./pgstore
+func BenchmarkScaleAgainst100(b *testing.B) {
+	ctx := context.Background()
+	base, err := local.Generate("scale")
+	if err != nil {
+		b.Fatal(err)
+	}
+	kek := &slowKEK{Provider: base}
+	ref := newEnv(b, pgstore.Config{KEK: kek})
+	fillProjects(b, ref, 100)
+	for _, n := range scaleSizes(b) {
+		b.Run(fmt.Sprintf("projects=%d", n), func(b *testing.B) {
+			e := newEnv(b, pgstore.Config{KEK: kek})
+			fillProjects(b, e, n)
+			kek.delay.Store(int64(5 * time.Millisecond))
+			defer kek.delay.Store(0)
+			gets := scaleGets(b)
+			var small, large, plain []time.Duration
+			for b.Loop() {
+				s100 := newStore(b, ref.pool, pgstore.Config{KEK: kek})
+				sN := newStore(b, e.pool, pgstore.Config{KEK: kek})
+				small, large, plain = make([]time.Duration, 0, gets), make([]time.Duration, 0, gets), make([]time.Duration, 0, gets)
+				r100 := rand.New(rand.NewPCG(1, 100))
+				rN := rand.New(rand.NewPCG(1, uint64(n)))
+				rP := rand.New(rand.NewPCG(2, uint64(n)))
+				for range gets {
+					t0 := time.Now()
+					if _, err := s100.Get(ctx, fmt.Sprint("p", r100.IntN(100)), "s"); err != nil {
+						b.Fatal(err)
+					}
+					t1 := time.Now()
+					if _, err := sN.Get(ctx, fmt.Sprint("p", rN.IntN(n)), "s"); err != nil {
+						b.Fatal(err)
+					}
+					t2 := time.Now()
+					var ct []byte
+					if err := e.pool.QueryRow(ctx, `SELECT encrypted_data FROM keybroker.encrypted_secrets WHERE project_id = $1 AND name = 's'`,
+						fmt.Sprint("p", rP.IntN(n))).Scan(&ct); err != nil {
+						b.Fatal(err)
+					}
+					t3 := time.Now()
+					small, large, plain = append(small, t1.Sub(t0)), append(large, t2.Sub(t1)), append(plain, t3.Sub(t2))
+				}
+			}
+			for _, l := range [][]time.Duration{small, large, plain} {
+				slices.Sort(l)
+			}
+			p50 := func(l []time.Duration) float64 { return float64(l[len(l)/2].Microseconds()) }
+			b.ReportMetric(p50(small), "p50-µs-100")
+			b.ReportMetric(p50(large), "p50-µs-N")
+			b.ReportMetric(p50(plain), "p50-µs-plain-select-N")
+			b.ReportMetric(p50(large)/p50(small), "p50-N/100")
+		})
+	}
+}
