@@ -7,6 +7,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgtype"
+
+	"github.com/profullstack/keybroker/provider"
 )
 
 // MaxGetMany is the most names one GetMany call accepts, counted before
@@ -21,9 +23,11 @@ const MaxGetMany = 1000
 // invalid project or any invalid name (as Get checks them) is an error
 // matching ErrInvalidArgument, before any database work.
 //
-// The values are opened like Get's, with the cached data keys; a data key
-// missing from the cache costs one more round trip and one unwrap, once
-// per call however many of the secrets share it. The call is all or
+// The values are opened like Get's, with the cached data keys; the call is
+// one round trip, cached or not (each row brings its data key's wrapped
+// form), and a data key missing from the cache costs one unwrap, once per
+// call however many of the secrets share it (local, under the key
+// hierarchy). The call is all or
 // nothing: if any value fails to decrypt, for any of the reasons Get
 // lists, it returns only an error matching envelope.ErrDecrypt (the same
 // opaque error as Get's, naming no secret) and no values (those already
@@ -88,13 +92,28 @@ func (s *Store) getManyPrimary(ctx context.Context, project string, names []stri
 	out := make(map[string][]byte, len(names))
 	// The primary key makes each (project, name) one row, so duplicates in
 	// names cannot return a row twice.
-	var rows []sealed
+	//
+	// Each row carries its data key's wrapped form (LEFT JOINs, as in Get),
+	// so a data key missing from the cache costs a local unwrap under the
+	// key hierarchy, not a second query. A data key row that is missing
+	// leaves the columns NULL; open then reads it, finds nothing and
+	// reports ErrDecrypt.
+	type primaryRow struct {
+		sealed
+		wrapped              []byte
+		prov, keyID, version pgtype.Text
+	}
+	var rows []primaryRow
 	err := s.scopedOn(ctx, s.db, project, func(b *pgx.Batch) {
-		b.Queue(`SELECT name, encrypted_data, nonce, data_key_id FROM `+s.q+`.encrypted_secrets WHERE project_id = $1 AND name = ANY($2) ORDER BY data_key_id`,
+		b.Queue(`SELECT s.name, s.encrypted_data, s.nonce, s.data_key_id, d.wrapped_dek, k.provider, k.key_id, k.key_version
+FROM `+s.q+`.encrypted_secrets s
+LEFT JOIN `+s.q+`.data_keys d ON d.id = s.data_key_id AND d.project_id = s.project_id
+LEFT JOIN `+s.q+`.kek k ON k.id = d.kek_id
+WHERE s.project_id = $1 AND s.name = ANY($2) ORDER BY s.data_key_id`,
 			project, names).Query(func(r pgx.Rows) error {
-			var row sealed
-			_, err := pgx.ForEachRow(r, []any{&row.name, &row.blob, &row.nonce, &row.id}, func() error {
-				rows = append(rows, row)
+			var row primaryRow
+			_, err := pgx.ForEachRow(r, []any{&row.name, &row.blob, &row.nonce, &row.id, &row.wrapped, &row.prov, &row.keyID, &row.version}, func() error {
+				rows = append(rows, row) // each scan allocates the row's byte slices afresh
 				return nil
 			})
 			return err
@@ -107,7 +126,11 @@ func (s *Store) getManyPrimary(ctx context.Context, project string, names []stri
 	// loaded into) the cache once and then found there by the rest of its
 	// group, however small the cache.
 	for _, row := range rows {
-		pt, err := s.open(ctx, project, row.id.Bytes, nil, row.blob, row.nonce, secretAAD(project, row.name))
+		var wk *provider.WrappedKey
+		if row.wrapped != nil && row.prov.Valid && row.keyID.Valid && row.version.Valid {
+			wk = &provider.WrappedKey{Provider: row.prov.String, KeyID: row.keyID.String, Version: row.version.String, Ciphertext: row.wrapped}
+		}
+		pt, err := s.open(ctx, project, row.id.Bytes, wk, row.blob, row.nonce, secretAAD(project, row.name))
 		if err != nil {
 			for _, v := range out {
 				clear(v)
