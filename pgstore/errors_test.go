@@ -3,6 +3,7 @@ package pgstore_test
 import (
 	"context"
 	"errors"
+	"strings"
 	"testing"
 	"time"
 
@@ -118,8 +119,8 @@ func TestCachedDataKeyRelabelled(t *testing.T) {
 		got, gerr := fresh.Get(ctx, "b", "y")
 		t.Fatalf("Put to b under a's relabelled key acknowledged; another process reads %q, %v", got, gerr)
 	}
-	if !errors.Is(err, envelope.ErrDecrypt) {
-		t.Fatalf("Put under a relabelled data key: %v, want ErrDecrypt", err)
+	if !errors.Is(err, envelope.ErrDecrypt) || !strings.HasPrefix(err.Error(), "pgstore: ") {
+		t.Fatalf("Put under a relabelled data key: %v, want ErrDecrypt with the package's prefix", err)
 	}
 	if n := count(t, e.pool, `SELECT count(*) FROM keybroker.encrypted_secrets`); n != 0 {
 		t.Fatalf("%d secrets stored", n)

@@ -724,7 +724,10 @@ func (s *Store) reserve(ctx context.Context, project, scope string) ([16]byte, *
 				reloaded, pk.valid = true, false
 				continue
 			}
-			return pk.id, dk, release, err
+			if err != nil {
+				return pk.id, nil, nil, fmt.Errorf("pgstore: active data key: %w", err)
+			}
+			return pk.id, dk, release, nil
 		}
 		if pk.valid {
 			granted, err := s.reserveChunk(ctx, project, pk.id)
