@@ -9,9 +9,13 @@ import (
 	"os/exec"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 
+	"github.com/aws/aws-sdk-go-v2/aws"
+	"github.com/aws/aws-sdk-go-v2/service/kms"
 	"github.com/jackc/pgx/v5"
+	"github.com/profullstack/keybroker/internal/localkms"
 	"github.com/profullstack/keybroker/internal/pgtest"
 	"github.com/rogpeppe/go-internal/testscript"
 )
@@ -52,6 +56,7 @@ func TestScripts(t *testing.T) {
 		Cmds: map[string]func(ts *testscript.TestScript, neg bool, args []string){
 			"sql":   cmdSQL,
 			"exits": cmdExits,
+			"kms":   cmdKMS,
 		},
 	})
 }
@@ -129,3 +134,59 @@ func cmdExits(ts *testscript.TestScript, neg bool, args []string) {
 		ts.Fatalf("exit status %d, want %d", got, want)
 	}
 }
+
+// cmdKMS drives a local-kms server (the AWS KMS API) for a script:
+//
+//	kms start          start one, for this script only (stopped when it ends)
+//	kms create VAR     make a key; $VAR is its awskms provider URL
+//	kms disable VAR    disable that key (DisableKey)
+//	kms enable VAR     enable it again
+//
+// start puts dummy AWS credentials in the script's environment (and this
+// process's, for the admin client), as localkms.SetTestEnv does.
+func cmdKMS(ts *testscript.TestScript, neg bool, args []string) {
+	if neg {
+		ts.Fatalf("kms: no negation")
+	}
+	if len(args) == 0 {
+		ts.Fatalf("usage: kms start | kms create VAR | kms disable VAR | kms enable VAR")
+	}
+	ctx := context.Background()
+	if args[0] == "start" {
+		dir := ts.MkAbs("local-kms")
+		ts.Check(os.MkdirAll(dir, 0o700))
+		localkms.SetTestEnv(dir)
+		for _, k := range []string{"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_EC2_METADATA_DISABLED"} {
+			ts.Setenv(k, os.Getenv(k))
+		}
+		s, err := localkms.Start(dir, "", "")
+		ts.Check(err)
+		ts.Defer(s.Stop)
+		kmsServers.Store(ts, s)
+		return
+	}
+	v, _ := kmsServers.Load(ts)
+	s, _ := v.(*localkms.Server)
+	if s == nil || len(args) != 2 {
+		ts.Fatalf("kms %s: run kms start first; usage: kms %s VAR", args[0], args[0])
+	}
+	switch args[0] {
+	case "create":
+		arn, err := s.CreateKey(ctx, "keybroker script "+args[1])
+		ts.Check(err)
+		ts.Setenv(args[1], s.URL(arn))
+		ts.Setenv(args[1]+"_ARN", arn)
+	case "disable":
+		_, err := s.Admin.DisableKey(ctx, &kms.DisableKeyInput{KeyId: aws.String(ts.Getenv(args[1] + "_ARN"))})
+		ts.Check(err)
+	case "enable":
+		_, err := s.Admin.EnableKey(ctx, &kms.EnableKeyInput{KeyId: aws.String(ts.Getenv(args[1] + "_ARN"))})
+		ts.Check(err)
+	default:
+		ts.Fatalf("kms: unknown subcommand %q", args[0])
+	}
+}
+
+// kmsServers: each script's local-kms (scripts run in parallel, each from
+// one goroutine).
+var kmsServers sync.Map // *testscript.TestScript → *localkms.Server
