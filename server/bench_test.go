@@ -2,7 +2,6 @@ package server
 
 import (
 	"bytes"
-	"context"
 	"crypto/rand"
 	"encoding/base64"
 	"encoding/json"
@@ -16,10 +15,6 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
-
-	"github.com/hashicorp/vault/api"
-
-	"github.com/profullstack/keybroker/internal/vaultserver"
 )
 
 // The loopback benchmarks: each sub-benchmark sends b.N requests of a 1 KiB
@@ -154,17 +149,7 @@ func BenchmarkLoopback(b *testing.B) {
 		}
 		return nil
 	}
-	ref := map[string]any{"table": "public.secrets", "column": "value_encrypted", "row": []string{"bench"}}
-	sealBody, _ := json.Marshal(map[string]any{"table": ref["table"], "column": ref["column"], "row": ref["row"], "value": value})
-	raw, err := audited.do("POST", "/v1/projects/bench/seal", sealBody, 200)
-	if err != nil {
-		b.Fatal(err)
-	}
-	var sr sealResponse
-	if err := json.Unmarshal(raw, &sr); err != nil {
-		b.Fatal(err)
-	}
-	openBody, _ := json.Marshal(map[string]any{"table": ref["table"], "column": ref["column"], "row": ref["row"], "sealed": sr.Sealed})
+	sealBody, openBody := columnBodies(b, audited, value)
 	for _, conc := range concurrencies {
 		b.Run(fmt.Sprintf("seal/c=%d", conc), func(b *testing.B) {
 			latency(b, conc, func(int) error {
@@ -238,17 +223,7 @@ func BenchmarkLoopback(b *testing.B) {
 // BenchmarkVaultTransit: Vault Transit encrypt and decrypt of the same 1 KiB
 // over loopback HTTP, the contender keybroker serve replaces.
 func BenchmarkVaultTransit(b *testing.B) {
-	v, err := vaultserver.Start(context.Background(), vaultserver.Options{})
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(v.Stop)
-	if err := v.Root.Sys().Mount("transit", &api.MountInput{Type: "transit"}); err != nil {
-		b.Fatal(err)
-	}
-	if _, err := v.Root.Logical().Write("transit/keys/bench", nil); err != nil {
-		b.Fatal(err)
-	}
+	v := benchVault(b)
 	value := make([]byte, 1024)
 	rand.Read(value)
 	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 128}}

@@ -19,7 +19,12 @@ import (
 	"github.com/profullstack/keybroker/provider/local"
 )
 
-func TestMain(m *testing.M) { os.Exit(pgtest.Main(m)) }
+func TestMain(m *testing.M) {
+	if os.Getenv(loadgenEnv) != "" { // BenchmarkServerCPU's load generator, a process of its own
+		os.Exit(loadgen())
+	}
+	os.Exit(pgtest.Main(m))
+}
 
 // syncBuffer collects the server's log output for the leak checks.
 type syncBuffer struct {

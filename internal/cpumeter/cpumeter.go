@@ -69,6 +69,17 @@ func (m Meter) Sample() (client, server time.Duration) {
 	return client, server
 }
 
+// Process returns the CPU time process pid has used (its own, to the
+// nanosecond where /proc/<pid>/schedstat exists, plus its waited-for
+// children's), or -1 if it cannot be read.
+func Process(pid int) time.Duration {
+	_, self, children, ok := procCPU(pid)
+	if !ok {
+		return -1
+	}
+	return schedTime(pid, self) + children
+}
+
 // procCPU parses /proc/<pid>/stat: parent pid, the process's user+system
 // time, and that of its waited-for children.
 func procCPU(pid int) (ppid int, self, children time.Duration, ok bool) {

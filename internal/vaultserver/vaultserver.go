@@ -184,6 +184,9 @@ func (s *Server) LogTail() string {
 	return strings.TrimSpace(string(b))
 }
 
+// PID is the Vault server process's id (benchmarks read its CPU time).
+func (s *Server) PID() int { return s.cmd.Process.Pid }
+
 // Stop kills the server, waits for it and removes its directory (with
 // Options.TLS, the generated CA, certificate and key too). It is safe to
 // call on a nil Server, and more than once.
