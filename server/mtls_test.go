@@ -19,7 +19,9 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -311,4 +313,82 @@ func TestClientCertFingerprintRefuses(t *testing.T) {
 	if !errors.Is(err, ErrInvalidArgument) {
 		t.Fatalf("20-byte fingerprint: %v, want ErrInvalidArgument", err)
 	}
+}
+
+// BenchmarkAuthenticateBinding measures authenticate (rows cached, so no
+// database) for each way a token and a connection's certificate can meet:
+// a bound token refused for want of its certificate should cost what a
+// wrong secret costs on the same connection.
+func BenchmarkAuthenticateBinding(b *testing.B) {
+	ctx := context.Background()
+	e := newEnv(b, func(c *Config) { c.TokenRecheck = time.Hour; c.Rate = 1e12; c.Burst = 1 << 30 })
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		b.Fatal(err)
+	}
+	mk := func(cn string) *x509.Certificate {
+		tmpl := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: cn},
+			NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour)}
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+		if err != nil {
+			b.Fatal(err)
+		}
+		c, _ := x509.ParseCertificate(der)
+		return c
+	}
+	alice, bob := mk("alice"), mk("bob")
+	fp := sha256.Sum256(alice.Raw)
+	bound, _, err := e.tokens.Create(ctx, TokenSpec{Name: "b", Ops: []Op{OpRead}, TTL: time.Hour, ClientCertSHA256: fp[:]})
+	if err != nil {
+		b.Fatal(err)
+	}
+	unbound := e.token(nil, OpRead)
+	wrong := unbound[:len(unbound)-2] + map[bool]string{true: "AA", false: "AB"}[unbound[len(unbound)-2:] != "AA"]
+	conn := func(c *x509.Certificate) *tls.ConnectionState {
+		if c == nil {
+			return nil
+		}
+		return &tls.ConnectionState{VerifiedChains: [][]*x509.Certificate{{c}}}
+	}
+	cases := []struct {
+		name string
+		tok  string
+		cert *x509.Certificate
+		want authResult
+	}{
+		{"wrong-secret/alice", wrong, alice, authBad},
+		{"bound/bob", bound, bob, authBad},
+		{"wrong-secret/none", wrong, nil, authBad},
+		{"bound/none", bound, nil, authBad},
+		{"bound/alice", bound, alice, authOK},
+		{"unbound/alice", unbound, alice, authOK},
+	}
+	for _, c := range cases {
+		r, _ := http.NewRequest("GET", "/", nil)
+		r.Header.Set("Authorization", "Bearer "+c.tok)
+		r.TLS = conn(c.cert)
+		if _, res := e.srv.auth.authenticate(ctx, r); res != c.want { // also fills the cache
+			b.Fatalf("%s: %v, want %v", c.name, res, c.want)
+		}
+		b.Run(c.name, func(b *testing.B) {
+			// CPU time of this thread only (the machine is shared: wall
+			// time counts other processes' turns on the cores).
+			runtime.LockOSThread()
+			defer runtime.UnlockOSThread()
+			start := threadCPU(b)
+			for b.Loop() {
+				e.srv.auth.authenticate(ctx, r)
+			}
+			b.ReportMetric(float64(threadCPU(b)-start)/float64(b.N), "cpu-ns/op")
+		})
+	}
+}
+
+// threadCPU is the CPU time the calling OS thread has used.
+func threadCPU(b *testing.B) time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(1 /* RUSAGE_THREAD */, &ru); err != nil {
+		b.Fatal(err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
