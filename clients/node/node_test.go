@@ -97,7 +97,11 @@ func token(t *testing.T, env []string, args ...string) (tok, id string) {
 
 // start sets up a database and keyring, migrates, and starts serve on a
 // free loopback port.
-func start(t *testing.T) *server {
+func start(t *testing.T) *server { t.Helper(); return startWith(t, nil) }
+
+// startWith is start, running setup with the CLI's environment after the
+// migration and before serve starts.
+func startWith(t *testing.T, setup func(env []string)) *server {
 	t.Helper()
 	dbURL := pgtest.NewDatabase(t)
 	keyring := filepath.Join(t.TempDir(), "keyring.json")
@@ -110,6 +114,9 @@ func start(t *testing.T) *server {
 	env = append(env, "KEYBROKER_DATABASE_URL="+dbURL, "KEYBROKER_KEK=local://"+keyring, "KEYBROKER_LOG_FORMAT=json")
 	cli(t, env, "keygen", keyring, "--id", "node-test")
 	cli(t, env, "migrate")
+	if setup != nil {
+		setup(env)
+	}
 	s := &server{dbURL: dbURL, env: env, events: make(chan string, 1000), done: make(chan error, 1)}
 	s.cmd = exec.Command(keybrokerBin, "serve", "--listen", "127.0.0.1:0", "--token-recheck", "-1ns", "--log-level", "info")
 	s.cmd.Env = env
@@ -236,6 +243,40 @@ func TestNodeClient(t *testing.T) {
 		}
 	}
 }
+
+// serve without --client-ca warns once, at start, that the tokens bound to
+// a client certificate cannot be used (they would get 401 from every
+// connection); revoked ones are not counted.
+func TestServeWarnsOfBoundTokensWithoutClientCA(t *testing.T) {
+	certFile := filepath.Join(t.TempDir(), "client.crt")
+	if err := os.WriteFile(certFile, []byte(testClientCert), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s := startWith(t, func(env []string) {
+		token(t, env, "--name", "bound", "--ops", "read", "--client-cert", certFile)
+		token(t, env, "--name", "unbound", "--ops", "read")
+		_, id := token(t, env, "--name", "bound-revoked", "--ops", "read", "--client-cert", certFile)
+		cli(t, env, "token", "revoke", id)
+	})
+	s.stop(t)
+	logs := s.logs()
+	if !strings.Contains(logs, `"msg":"tokens bound to a client certificate are refused (401) without --client-ca","tokens":1`) {
+		t.Fatalf("no warning about 1 bound token:\n%s", logs)
+	}
+}
+
+// testClientCert is a self-signed client certificate (no key needed: a
+// token is bound to the certificate's fingerprint).
+const testClientCert = `-----BEGIN CERTIFICATE-----
+MIIBSjCB8KADAgECAgEHMAoGCCqGSM49BAMCMBoxGDAWBgNVBAMTD21lc2hob29r
+LXdvcmtlcjAeFw0yNjAxMDEwMDAwMDBaFw0zNjAxMDEwMDAwMDBaMBoxGDAWBgNV
+BAMTD21lc2hob29rLXdvcmtlcjBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABH1z
+BseQ3diyw65eNmB+zL4fp2fMaRLH4d/Vdlz27NSGPZzchODKh0WeGRL9PAhhooM1
+6oBlmLdUouNp81onQtqjJzAlMA4GA1UdDwEB/wQEAwIHgDATBgNVHSUEDDAKBggr
+BgEFBQcDAjAKBggqhkjOPQQDAgNJADBGAiEAmggvM1TIIRFt2EhlJ3it2I06pVWH
+GbU03hbgvD5sI2cCIQDIgk1KAEX1FFM6NVWEgQwNzz3YXnKOQiR8SIuHMxVPDg==
+-----END CERTIFICATE-----
+`
 
 // uuid returns a random (version 4) UUID, as MeshHook's project ids are.
 func uuid() string {

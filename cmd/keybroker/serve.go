@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -8,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	otelprom "go.opentelemetry.io/otel/exporters/prometheus"
@@ -39,7 +41,9 @@ access_log table before its response is sent.
 TLS comes from --tls-cert and --tls-key; --client-ca adds mTLS: every
 client must present a certificate the CA signed, and a token made with
 token create --client-cert is accepted only with its own certificate (the
-access_log row names the token, which names the certificate). Plain HTTP
+access_log row names the token, which names the certificate); without
+--client-ca serve logs a warning at start if such tokens exist (all of them
+would get 401). Plain HTTP
 is refused on an address that is not loopback unless --allow-plaintext (a
 TLS-terminating proxy in front). Once listening it prints one line,
 "listening on URL", to stdout. SIGTERM or SIGINT stops accepting, lets
@@ -83,6 +87,9 @@ in-flight requests finish (up to --shutdown-timeout) and exits 0.`,
 			if err != nil {
 				return &codeError{code: exitUsage, err: err}
 			}
+			if opts.ClientCAFile == "" {
+				warnBoundTokens(ctx, a, s.pool)
+			}
 			scheme := "https"
 			if opts.CertFile == "" {
 				scheme = "http"
@@ -111,6 +118,31 @@ in-flight requests finish (up to --shutdown-timeout) and exits 0.`,
 	f.DurationVar(&cfg.TokenRecheck, "token-recheck", server.DefaultTokenRecheck, "how long a token's row is trusted before it is read again (how soon a revocation bites)")
 	f.BoolVar(&noMetric, "no-metrics", false, "do not serve /metrics")
 	return cmd
+}
+
+// warnBoundTokens logs how many valid tokens are bound to a client
+// certificate when serve runs without --client-ca: no connection can then
+// carry a verified certificate, so every one of them gets 401, which the
+// operator should hear about once at start rather than from clients.
+func warnBoundTokens(ctx context.Context, a *app, pool *pgxpool.Pool) {
+	t, err := server.NewTokens(pool, a.schema())
+	if err != nil {
+		return
+	}
+	list, err := t.List(ctx)
+	if err != nil {
+		a.log.Warn("could not list tokens to check client-certificate bindings", "err", err)
+		return
+	}
+	n, now := 0, time.Now()
+	for _, i := range list {
+		if i.ClientCertPrefix != "" && i.RevokedAt == nil && now.Before(i.ExpiresAt) {
+			n++
+		}
+	}
+	if n > 0 {
+		a.log.Warn("tokens bound to a client certificate are refused (401) without --client-ca", "tokens", n)
+	}
 }
 
 func newTokenCmd(a *app) *cobra.Command {
