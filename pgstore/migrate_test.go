@@ -93,3 +93,31 @@ func TestMigrateRefusesNewerSchema(t *testing.T) {
 		t.Fatalf("got %v, want ErrSchemaVersion", err)
 	}
 }
+
+// Migration 11 adds service_tokens.client_cert_sha256 to a database that
+// already has tokens: they keep working unbound (NULL), and the column
+// takes only a 32-byte SHA-256.
+func TestMigrationTokenClientCert(t *testing.T) {
+	ctx := context.Background()
+	pool := pgtest.Pool(t)
+	if err := pgstore.MigrateTo(ctx, pool, "", 10); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pool.Exec(ctx, `INSERT INTO keybroker.service_tokens (id, name, secret_hash, operations, expires_at)
+VALUES (gen_random_uuid(), 'old', decode(repeat('ab', 32), 'hex'), ARRAY['read'], now() + interval '1 hour')`); err != nil {
+		t.Fatal(err)
+	}
+	if err := pgstore.Migrate(ctx, pool, ""); err != nil {
+		t.Fatal(err)
+	}
+	var unbound bool
+	if err := pool.QueryRow(ctx, `SELECT client_cert_sha256 IS NULL FROM keybroker.service_tokens WHERE name = 'old'`).Scan(&unbound); err != nil || !unbound {
+		t.Fatalf("existing token after migration: unbound %v, %v", unbound, err)
+	}
+	if _, err := pool.Exec(ctx, `UPDATE keybroker.service_tokens SET client_cert_sha256 = decode(repeat('ab', 31), 'hex')`); err == nil {
+		t.Fatal("a 31-byte fingerprint was stored")
+	}
+	if _, err := pool.Exec(ctx, `UPDATE keybroker.service_tokens SET client_cert_sha256 = decode(repeat('ab', 32), 'hex')`); err != nil {
+		t.Fatal(err)
+	}
+}

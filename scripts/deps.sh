@@ -47,6 +47,8 @@ command -v tmux >/dev/null || { log "installing tmux"; apt_install tmux; }
 
 # Node.js runs the Node client's node:test suite (clients/node, from its Go test).
 command -v node >/dev/null || { log "installing nodejs"; apt_install nodejs; }
+# psql plays MeshHook's database driver in that suite (its own transactions on its secrets table).
+command -v psql >/dev/null || { log "installing postgresql-client"; apt_install postgresql-client; }
 
 # local-kms: a Go implementation of the AWS KMS API, built with provider/awskms/testdata/
 # local-kms.patch, which adds what AWS KMS has and it lacks: RotateKeyOnDemand,

@@ -35,6 +35,22 @@ type entry struct {
 // unknown id costs the same hashing and comparing as a wrong secret.
 var dummyHash = sha256.Sum256([]byte("keybroker/token/absent"))
 
+// dummyCertHash stands in for the certificate fingerprint of a token that
+// is not bound (or does not exist), so every token costs one compare.
+var dummyCertHash = sha256.Sum256([]byte("keybroker/token/unbound"))
+
+// peerCert returns the SHA-256 of the DER of the connection's verified
+// leaf client certificate, and false when there is none: plain HTTP, TLS
+// without a client CA (Options.ClientCAFile), or a certificate the
+// handshake did not verify. Only VerifiedChains count: a certificate the
+// server did not check against its CAs proves nothing.
+func peerCert(r *http.Request) (sum [32]byte, ok bool) {
+	if r.TLS == nil || len(r.TLS.VerifiedChains) == 0 || len(r.TLS.VerifiedChains[0]) == 0 {
+		return sum, false
+	}
+	return sha256.Sum256(r.TLS.VerifiedChains[0][0].Raw), true
+}
+
 // authResult is what authenticate decided.
 type authResult int
 
@@ -47,7 +63,11 @@ const (
 
 // authenticate returns the token row for the request's Authorization
 // header. Every way a token can be wrong (missing, malformed, unknown id,
-// wrong secret, revoked, expired) is the one result authBad.
+// wrong secret, revoked, expired, or bound to a client certificate the
+// connection did not present) is the one result authBad. The connection's
+// certificate is hashed whenever it has one and compared for every token
+// found or not, so a bound token presented without its certificate costs
+// what a wrong secret costs.
 func (a *authenticator) authenticate(ctx context.Context, r *http.Request) (*tokenRow, authResult) {
 	h := r.Header.Get("Authorization")
 	tok, ok := strings.CutPrefix(h, "Bearer ")
@@ -63,13 +83,18 @@ func (a *authenticator) authenticate(ctx context.Context, r *http.Request) (*tok
 	if err != nil {
 		return nil, authUnavailable
 	}
+	peer, hasPeer := peerCert(r)
 	if e == nil {
 		h := sha256.Sum256(secret[:])
 		subtle.ConstantTimeCompare(h[:], dummyHash[:])
+		subtle.ConstantTimeCompare(peer[:], dummyCertHash[:])
 		return nil, authBad
 	}
 	row := e.row
-	if !row.matches(&secret) || row.revoked || !a.now().Before(row.expires) {
+	// Both compares run whatever the first says (no short circuit).
+	secretOK := row.matches(&secret)
+	certOK := row.certAccepts(&peer, hasPeer)
+	if !secretOK || !certOK || row.revoked || !a.now().Before(row.expires) {
 		return nil, authBad
 	}
 	if !e.limiter.Allow() {

@@ -35,7 +35,7 @@
 //
 // A service token is "kbt_" and the unpadded base64url of a 16-byte id and
 // a 32-byte (256-bit) secret from crypto/rand. Tokens.Create returns it
-// once; the table service_tokens (pgstore migration 5) keeps the id, the
+// once; the table service_tokens (pgstore migration 9) keeps the id, the
 // SHA-256 of the secret (a hash of a 256-bit random value needs no salt or
 // stretching), its name, its projects (a list, or NULL for all), its
 // operations (read: get, get-many, list; write: put, delete; seal, open:
@@ -46,7 +46,32 @@
 // A request's token is looked up by id and its secret's hash compared in
 // constant time (crypto/subtle); an unknown id is compared against a fixed
 // dummy hash, so it costs the same. Missing, malformed, unknown, wrong,
-// revoked and expired tokens all get the same 401 and body. A token's row
+// revoked and expired tokens all get the same 401 and body.
+//
+// # Tokens bound to a client certificate
+//
+// A token may be bound to one client certificate (TokenSpec.ClientCertSHA256,
+// `keybroker token create --client-cert FILE`; ClientCertFingerprint reads
+// the PEM file): service_tokens.client_cert_sha256 (pgstore migration 11)
+// keeps the SHA-256 of the certificate's DER. Such a token is accepted only
+// on a TLS connection whose verified leaf certificate
+// (tls.ConnectionState.VerifiedChains[0][0], so only with
+// Options.ClientCAFile) hashes to it, compared in constant time. On any
+// other connection (another certificate the CA signed, TLS without mTLS,
+// plain HTTP or a TLS-terminating proxy in front) it gets the 401 and body
+// of a bad token. The connection's certificate is hashed whenever it has
+// one and compared for every token, bound, unbound or unknown, so the
+// cost does not tell a bound token from another. Unbound tokens (NULL, all
+// tokens made before migration 11) work with any certificate the CA
+// signed, as before: mTLS alone admits a client, the token alone names it.
+// Tokens.List shows a bound token's fingerprint as its first
+// ClientCertPrefixLen hex digits.
+//
+// The identity an access_log row records is the token id, never the
+// certificate: for a bound token that id stands for exactly one
+// certificate (join service_tokens on token_id for its fingerprint); for
+// an unbound token the row says nothing about which certificate, if any,
+// the client presented. A token's row
 // is reused for Config.TokenRecheck (1 s by default) before it is read
 // again, so a revocation bites on every server within that; only rows that
 // exist are kept, so the cache is bounded by the table. Each token has its
@@ -104,7 +129,8 @@
 // Listen refuses plain HTTP on an address that is not loopback unless
 // Options.AllowPlaintext (ErrPlaintext); with CertFile and KeyFile it
 // serves TLS 1.2+, and ClientCAFile adds mTLS (client certificates
-// required and verified, on top of the token). Serve sets header, read,
+// required and verified, on top of the token; a handshake without one is
+// refused before any token is read), which bound tokens need. Serve sets header, read,
 // write and idle timeouts and a header size bound, so slow clients cannot
 // hold connections, and on ctx's end stops accepting, lets in-flight
 // requests finish (Options.ShutdownTimeout) and returns.

@@ -5,8 +5,10 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/subtle"
+	"crypto/x509"
 	"encoding/base64"
 	"encoding/hex"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"regexp"
@@ -71,6 +73,40 @@ type TokenSpec struct {
 	// TTL is how long the token is valid, more than 0 and at most
 	// MaxTokenTTL.
 	TTL time.Duration
+	// ClientCertSHA256, when not nil, binds the token to one client
+	// certificate: the SHA-256 of its DER (ClientCertFingerprint computes
+	// it from a PEM file), exactly 32 bytes. The server then accepts the
+	// token only on a TLS connection whose verified leaf certificate
+	// hashes to it, so it needs mTLS (Options.ClientCAFile); anywhere
+	// else the token gets the 401 of a bad token. Nil: the token alone
+	// is the identity.
+	ClientCertSHA256 []byte
+}
+
+// ClientCertPrefixLen is how many hex digits of a bound token's
+// certificate fingerprint TokenInfo shows.
+const ClientCertPrefixLen = 16
+
+// ClientCertFingerprint returns the SHA-256 of the DER of the one
+// certificate in pemData: the value TokenSpec.ClientCertSHA256 binds a
+// token to, and what the server computes from a connection's verified
+// leaf certificate. pemData must hold exactly one PEM block, of type
+// CERTIFICATE, that parses as an X.509 certificate (the client's leaf, not
+// a chain: a chain would leave which certificate is meant to a guess);
+// anything else is ErrInvalidArgument.
+func ClientCertFingerprint(pemData []byte) ([]byte, error) {
+	block, rest := pem.Decode(pemData)
+	if block == nil || block.Type != "CERTIFICATE" {
+		return nil, fmt.Errorf("%w: client certificate: no PEM CERTIFICATE block", ErrInvalidArgument)
+	}
+	if next, _ := pem.Decode(rest); next != nil {
+		return nil, fmt.Errorf("%w: client certificate: more than one PEM block; give the client's own certificate only", ErrInvalidArgument)
+	}
+	if _, err := x509.ParseCertificate(block.Bytes); err != nil {
+		return nil, fmt.Errorf("%w: client certificate: not an X.509 certificate", ErrInvalidArgument)
+	}
+	h := sha256.Sum256(block.Bytes)
+	return h[:], nil
 }
 
 // TokenInfo describes a stored token. It never carries the token or its
@@ -83,6 +119,11 @@ type TokenInfo struct {
 	CreatedAt time.Time  `json:"created_at"`
 	ExpiresAt time.Time  `json:"expires_at"`
 	RevokedAt *time.Time `json:"revoked_at,omitempty"`
+	// ClientCertPrefix is, for a token bound to a client certificate, the
+	// first ClientCertPrefixLen hex digits of the certificate's SHA-256
+	// (enough to tell which certificate; compare with `openssl x509
+	// -noout -fingerprint -sha256`); empty for an unbound token.
+	ClientCertPrefix string `json:"client_cert_sha256_prefix,omitempty"`
 }
 
 // Tokens manages the service tokens of one keybroker schema (table
@@ -119,6 +160,8 @@ func checkSpec(spec TokenSpec) error {
 		return fmt.Errorf("%w: token needs at least one operation (%s)", ErrInvalidArgument, opList())
 	case len(spec.Projects) > MaxTokenProjects:
 		return fmt.Errorf("%w: token lists %d projects, at most %d", ErrInvalidArgument, len(spec.Projects), MaxTokenProjects)
+	case spec.ClientCertSHA256 != nil && len(spec.ClientCertSHA256) != sha256.Size:
+		return fmt.Errorf("%w: client certificate fingerprint: want %d bytes (SHA-256), got %d", ErrInvalidArgument, sha256.Size, len(spec.ClientCertSHA256))
 	}
 	for _, o := range spec.Ops {
 		if o.bit() == 0 {
@@ -157,10 +200,10 @@ func (t *Tokens) Create(ctx context.Context, spec TokenSpec) (string, TokenInfo,
 	if len(spec.Projects) > 0 {
 		projects = slices.Compact(slices.Sorted(slices.Values(spec.Projects)))
 	}
-	info := TokenInfo{ID: hex.EncodeToString(id[:]), Name: spec.Name, Projects: projects, Ops: ops}
-	err := t.pool.QueryRow(ctx, `INSERT INTO `+t.q+`.service_tokens (id, name, secret_hash, projects, operations, expires_at)
-VALUES ($1, $2, $3, $4, $5, now() + $6::bigint * interval '1 microsecond') RETURNING created_at, expires_at`,
-		pgtype.UUID{Bytes: id, Valid: true}, spec.Name, hash[:], projects, opStrings(ops), spec.TTL.Microseconds()).
+	info := TokenInfo{ID: hex.EncodeToString(id[:]), Name: spec.Name, Projects: projects, Ops: ops, ClientCertPrefix: certPrefix(spec.ClientCertSHA256)}
+	err := t.pool.QueryRow(ctx, `INSERT INTO `+t.q+`.service_tokens (id, name, secret_hash, projects, operations, expires_at, client_cert_sha256)
+VALUES ($1, $2, $3, $4, $5, now() + $6::bigint * interval '1 microsecond', $7) RETURNING created_at, expires_at`,
+		pgtype.UUID{Bytes: id, Valid: true}, spec.Name, hash[:], projects, opStrings(ops), spec.TTL.Microseconds(), spec.ClientCertSHA256).
 		Scan(&info.CreatedAt, &info.ExpiresAt)
 	clear(hash[:])
 	if err != nil {
@@ -170,6 +213,14 @@ VALUES ($1, $2, $3, $4, $5, now() + $6::bigint * interval '1 microsecond') RETUR
 	tok := TokenPrefix + base64.RawURLEncoding.EncodeToString(raw[:])
 	clear(raw[:])
 	return tok, info, nil
+}
+
+// certPrefix is TokenInfo.ClientCertPrefix for a stored fingerprint.
+func certPrefix(fp []byte) string {
+	if fp == nil {
+		return ""
+	}
+	return hex.EncodeToString(fp)[:ClientCertPrefixLen]
 }
 
 func dedupOps(ops []Op) []Op {
@@ -193,7 +244,7 @@ func opStrings(ops []Op) []string {
 // List returns every token, newest first, revoked and expired ones
 // included.
 func (t *Tokens) List(ctx context.Context) ([]TokenInfo, error) {
-	rows, err := t.pool.Query(ctx, `SELECT id, name, projects, operations, created_at, expires_at, revoked_at
+	rows, err := t.pool.Query(ctx, `SELECT id, name, projects, operations, created_at, expires_at, revoked_at, client_cert_sha256
 FROM `+t.q+`.service_tokens ORDER BY created_at DESC, id`)
 	if err != nil {
 		return nil, t.wrap("list tokens", err)
@@ -203,11 +254,13 @@ FROM `+t.q+`.service_tokens ORDER BY created_at DESC, id`)
 		id      pgtype.UUID
 		ops     []string
 		revoked pgtype.Timestamptz
+		cert    []byte
 		info    TokenInfo
 	)
-	_, err = pgx.ForEachRow(rows, []any{&id, &info.Name, &info.Projects, &ops, &info.CreatedAt, &info.ExpiresAt, &revoked}, func() error {
+	_, err = pgx.ForEachRow(rows, []any{&id, &info.Name, &info.Projects, &ops, &info.CreatedAt, &info.ExpiresAt, &revoked, &cert}, func() error {
 		i := info
 		i.ID = hex.EncodeToString(id.Bytes[:])
+		i.ClientCertPrefix = certPrefix(cert)
 		for _, o := range ops {
 			i.Ops = append(i.Ops, Op(o))
 		}
@@ -280,6 +333,8 @@ type tokenRow struct {
 	ops      uint8
 	expires  time.Time
 	revoked  bool
+	bound    bool     // accepted only with the client certificate whose SHA-256 is cert
+	cert     [32]byte // zero when not bound
 	fetched  time.Time
 }
 
@@ -290,11 +345,12 @@ func (t *Tokens) lookup(ctx context.Context, id [tokenIDLen]byte) (row *tokenRow
 		projects []string
 		ops      []string
 		revoked  pgtype.Timestamptz
+		cert     []byte
 		r        = &tokenRow{id: id, idHex: hex.EncodeToString(id[:])}
 	)
-	err = t.pool.QueryRow(ctx, `SELECT secret_hash, projects, operations, expires_at, revoked_at
+	err = t.pool.QueryRow(ctx, `SELECT secret_hash, projects, operations, expires_at, revoked_at, client_cert_sha256
 FROM `+t.q+`.service_tokens WHERE id = $1`, pgtype.UUID{Bytes: id, Valid: true}).
-		Scan(&hash, &projects, &ops, &r.expires, &revoked)
+		Scan(&hash, &projects, &ops, &r.expires, &revoked, &cert)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return nil, false, nil
 	}
@@ -303,6 +359,10 @@ FROM `+t.q+`.service_tokens WHERE id = $1`, pgtype.UUID{Bytes: id, Valid: true})
 	}
 	copy(r.hash[:], hash)
 	r.revoked = revoked.Valid
+	if cert != nil {
+		r.bound = true
+		copy(r.cert[:], cert) // the column's CHECK makes it 32 bytes
+	}
 	if projects == nil {
 		r.all = true
 	} else {
@@ -322,6 +382,19 @@ FROM `+t.q+`.service_tokens WHERE id = $1`, pgtype.UUID{Bytes: id, Valid: true})
 func (r *tokenRow) matches(secret *[tokenSecretLen]byte) bool {
 	h := sha256.Sum256(secret[:])
 	return subtle.ConstantTimeCompare(h[:], r.hash[:]) == 1
+}
+
+// certAccepts reports whether a request whose connection's verified leaf
+// certificate hashes to peer (hasPeer false: no verified certificate) may
+// use the token. It does the same compare for every row, bound or not,
+// so the answer's cost does not tell a bound token from another.
+func (r *tokenRow) certAccepts(peer *[32]byte, hasPeer bool) bool {
+	want := &dummyCertHash
+	if r.bound {
+		want = &r.cert
+	}
+	eq := subtle.ConstantTimeCompare(peer[:], want[:]) == 1
+	return !r.bound || (hasPeer && eq)
 }
 
 func (r *tokenRow) allows(op Op, project string) bool {

@@ -5,6 +5,8 @@ package node_test
 
 import (
 	"bufio"
+	"context"
+	"crypto/rand"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -18,7 +20,11 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/jackc/pgx/v5"
+
+	"github.com/profullstack/keybroker/internal/meshhook"
 	"github.com/profullstack/keybroker/internal/pgtest"
+	"github.com/profullstack/keybroker/internal/testbin"
 )
 
 var keybrokerBin string
@@ -45,6 +51,7 @@ func TestMain(m *testing.M) {
 // server is a running `keybroker serve`.
 type server struct {
 	url    string
+	dbURL  string // the database serve uses (superuser)
 	cmd    *exec.Cmd
 	env    []string
 	mu     sync.Mutex
@@ -90,7 +97,11 @@ func token(t *testing.T, env []string, args ...string) (tok, id string) {
 
 // start sets up a database and keyring, migrates, and starts serve on a
 // free loopback port.
-func start(t *testing.T) *server {
+func start(t *testing.T) *server { t.Helper(); return startWith(t, nil) }
+
+// startWith is start, running setup with the CLI's environment after the
+// migration and before serve starts.
+func startWith(t *testing.T, setup func(env []string)) *server {
 	t.Helper()
 	dbURL := pgtest.NewDatabase(t)
 	keyring := filepath.Join(t.TempDir(), "keyring.json")
@@ -103,7 +114,10 @@ func start(t *testing.T) *server {
 	env = append(env, "KEYBROKER_DATABASE_URL="+dbURL, "KEYBROKER_KEK=local://"+keyring, "KEYBROKER_LOG_FORMAT=json")
 	cli(t, env, "keygen", keyring, "--id", "node-test")
 	cli(t, env, "migrate")
-	s := &server{env: env, events: make(chan string, 1000), done: make(chan error, 1)}
+	if setup != nil {
+		setup(env)
+	}
+	s := &server{dbURL: dbURL, env: env, events: make(chan string, 1000), done: make(chan error, 1)}
 	s.cmd = exec.Command(keybrokerBin, "serve", "--listen", "127.0.0.1:0", "--token-recheck", "-1ns", "--log-level", "info")
 	s.cmd.Env = env
 	stdout, err := s.cmd.StdoutPipe()
@@ -165,8 +179,27 @@ func TestNodeClient(t *testing.T) {
 	if err != nil {
 		t.Fatalf("node not found: run `make deps` (scripts/deps.sh installs nodejs): %v", err)
 	}
+	psql, err := testbin.Find("psql")
+	if err != nil {
+		t.Fatalf("psql (PostgreSQL's client, installed with the server by `make deps`): %v", err)
+	}
 	s := start(t)
-	rw, _ := token(t, s.env, "--name", "meshhook-api", "--ops", "read,write,seal,open", "--project", "p1", "--project", "p2", "--project", "p3")
+	// MeshHook's own tables, verbatim, in schema meshhook of the same
+	// database: the node:test suite inserts sealed values into its secrets
+	// table in its own transactions through psql (no Node driver here).
+	ctx := context.Background()
+	conn, err := pgx.Connect(ctx, s.dbURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = meshhook.CreateSchema(ctx, conn, "meshhook")
+	conn.Close(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mhProject := uuid()
+	rw, _ := token(t, s.env, "--name", "meshhook-api", "--ops", "read,write,seal,open", "--project", "p1", "--project", "p2", "--project", "p3",
+		"--project", mhProject)
 	admin, _ := token(t, s.env, "--name", "meshhook-admin", "--ops", "admin", "--project", "p3")
 	ro, _ := token(t, s.env, "--name", "meshhook-reader", "--ops", "read", "--project", "p1")
 	revoked, revokedID := token(t, s.env, "--name", "old", "--ops", "read")
@@ -174,7 +207,8 @@ func TestNodeClient(t *testing.T) {
 	const marker = "nodetest-VALUE-7f3a"
 	cmd := exec.Command(node, "--test", "test/")
 	cmd.Env = append(os.Environ(), "KEYBROKER_URL="+s.url, "KEYBROKER_TOKEN_RW="+rw, "KEYBROKER_TOKEN_RO="+ro,
-		"KEYBROKER_TOKEN_REVOKED="+revoked, "KEYBROKER_TOKEN_ADMIN="+admin, "KEYBROKER_VALUE_MARKER="+marker)
+		"KEYBROKER_TOKEN_REVOKED="+revoked, "KEYBROKER_TOKEN_ADMIN="+admin, "KEYBROKER_VALUE_MARKER="+marker,
+		"KEYBROKER_PSQL="+psql, "MESHHOOK_DATABASE_URL="+s.dbURL, "MESHHOOK_SCHEMA=meshhook", "MESHHOOK_PROJECT_ID="+mhProject)
 	out, err := cmd.CombinedOutput()
 	t.Logf("node --test:\n%s", out)
 	if err != nil {
@@ -199,8 +233,8 @@ func TestNodeClient(t *testing.T) {
 		t.Fatalf("no request log lines:\n%s", logs)
 	}
 	for what, text := range map[string]string{"log": logs, "metrics": string(metrics)} {
-		for _, secret := range []string{marker, rw[4:], ro[4:], revoked[4:], admin[4:], "p1", "wf/secret", "stripe"} {
-			if what == "log" && (secret == "p1" || secret == "wf/secret" || secret == "stripe") {
+		for _, secret := range []string{marker, rw[4:], ro[4:], revoked[4:], admin[4:], "p1", mhProject, "wf/secret", "stripe"} {
+			if what == "log" && (secret == "p1" || secret == mhProject || secret == "wf/secret" || secret == "stripe") {
 				continue // the log may name projects and secrets (not values); metrics may not
 			}
 			if strings.Contains(text, secret) {
@@ -208,6 +242,49 @@ func TestNodeClient(t *testing.T) {
 			}
 		}
 	}
+}
+
+// serve without --client-ca warns once, at start, that the tokens bound to
+// a client certificate cannot be used (they would get 401 from every
+// connection); revoked ones are not counted.
+func TestServeWarnsOfBoundTokensWithoutClientCA(t *testing.T) {
+	certFile := filepath.Join(t.TempDir(), "client.crt")
+	if err := os.WriteFile(certFile, []byte(testClientCert), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s := startWith(t, func(env []string) {
+		token(t, env, "--name", "bound", "--ops", "read", "--client-cert", certFile)
+		token(t, env, "--name", "unbound", "--ops", "read")
+		_, id := token(t, env, "--name", "bound-revoked", "--ops", "read", "--client-cert", certFile)
+		cli(t, env, "token", "revoke", id)
+	})
+	s.stop(t)
+	logs := s.logs()
+	if !strings.Contains(logs, `"msg":"tokens bound to a client certificate are refused (401) without --client-ca","tokens":1`) {
+		t.Fatalf("no warning about 1 bound token:\n%s", logs)
+	}
+}
+
+// testClientCert is a self-signed client certificate (no key needed: a
+// token is bound to the certificate's fingerprint).
+const testClientCert = `-----BEGIN CERTIFICATE-----
+MIIBSjCB8KADAgECAgEHMAoGCCqGSM49BAMCMBoxGDAWBgNVBAMTD21lc2hob29r
+LXdvcmtlcjAeFw0yNjAxMDEwMDAwMDBaFw0zNjAxMDEwMDAwMDBaMBoxGDAWBgNV
+BAMTD21lc2hob29rLXdvcmtlcjBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABH1z
+BseQ3diyw65eNmB+zL4fp2fMaRLH4d/Vdlz27NSGPZzchODKh0WeGRL9PAhhooM1
+6oBlmLdUouNp81onQtqjJzAlMA4GA1UdDwEB/wQEAwIHgDATBgNVHSUEDDAKBggr
+BgEFBQcDAjAKBggqhkjOPQQDAgNJADBGAiEAmggvM1TIIRFt2EhlJ3it2I06pVWH
+GbU03hbgvD5sI2cCIQDIgk1KAEX1FFM6NVWEgQwNzz3YXnKOQiR8SIuHMxVPDg==
+-----END CERTIFICATE-----
+`
+
+// uuid returns a random (version 4) UUID, as MeshHook's project ids are.
+func uuid() string {
+	var b [16]byte
+	rand.Read(b[:])
+	b[6] = b[6]&0x0f | 0x40
+	b[8] = b[8]&0x3f | 0x80
+	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:])
 }
 
 // SIGTERM while a request is in flight: the request completes (its write

@@ -1,12 +1,15 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"strings"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	otelprom "go.opentelemetry.io/otel/exporters/prometheus"
@@ -35,7 +38,12 @@ GET /livez, /readyz (package health), /metrics (Prometheus, unless
 token. Every authenticated request about a project is recorded in the
 access_log table before its response is sent.
 
-TLS comes from --tls-cert and --tls-key; --client-ca adds mTLS. Plain HTTP
+TLS comes from --tls-cert and --tls-key; --client-ca adds mTLS: every
+client must present a certificate the CA signed, and a token made with
+token create --client-cert is accepted only with its own certificate (the
+access_log row names the token, which names the certificate); without
+--client-ca serve logs a warning at start if such tokens exist (all of them
+would get 401). Plain HTTP
 is refused on an address that is not loopback unless --allow-plaintext (a
 TLS-terminating proxy in front). Once listening it prints one line,
 "listening on URL", to stdout. SIGTERM or SIGINT stops accepting, lets
@@ -79,6 +87,9 @@ in-flight requests finish (up to --shutdown-timeout) and exits 0.`,
 			if err != nil {
 				return &codeError{code: exitUsage, err: err}
 			}
+			if opts.ClientCAFile == "" {
+				warnBoundTokens(ctx, a, s.pool)
+			}
 			scheme := "https"
 			if opts.CertFile == "" {
 				scheme = "http"
@@ -109,6 +120,31 @@ in-flight requests finish (up to --shutdown-timeout) and exits 0.`,
 	return cmd
 }
 
+// warnBoundTokens logs how many valid tokens are bound to a client
+// certificate when serve runs without --client-ca: no connection can then
+// carry a verified certificate, so every one of them gets 401, which the
+// operator should hear about once at start rather than from clients.
+func warnBoundTokens(ctx context.Context, a *app, pool *pgxpool.Pool) {
+	t, err := server.NewTokens(pool, a.schema())
+	if err != nil {
+		return
+	}
+	list, err := t.List(ctx)
+	if err != nil {
+		a.log.Warn("could not list tokens to check client-certificate bindings", "err", err)
+		return
+	}
+	n, now := 0, time.Now()
+	for _, i := range list {
+		if i.ClientCertPrefix != "" && i.RevokedAt == nil && now.Before(i.ExpiresAt) {
+			n++
+		}
+	}
+	if n > 0 {
+		a.log.Warn("tokens bound to a client certificate are refused (401) without --client-ca", "tokens", n)
+	}
+}
+
 func newTokenCmd(a *app) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "token",
@@ -119,7 +155,10 @@ printed once, by token create: store it in the service's secret
 configuration. Each token is scoped to projects (--project, repeatable; none
 for every project) and operations (read: get, get-many, list; write: put,
 delete; seal, open; admin), and expires (--ttl). token revoke refuses it on
-every server within their --token-recheck. These commands need only the
+every server within their --token-recheck. token create --client-cert
+binds the token to one client certificate: serve (with --client-ca) then
+accepts it only on a connection that presented exactly that certificate,
+and answers it anywhere else as a bad token. These commands need only the
 database, not the KEK.`,
 	}
 	cmd.AddCommand(newTokenCreateCmd(a), newTokenListCmd(a), newTokenRevokeCmd(a))
@@ -141,16 +180,40 @@ func (a *app) openTokens(cmd *cobra.Command) (*server.Tokens, func(), error) {
 
 func newTokenCreateCmd(a *app) *cobra.Command {
 	var (
-		spec server.TokenSpec
-		ops  []string
+		spec       server.TokenSpec
+		ops        []string
+		clientCert string
 	)
 	cmd := &cobra.Command{
-		Use:   "create --name NAME --ops read,write [--project P]... [--ttl 2160h]",
+		Use:   "create --name NAME --ops read,write [--project P]... [--ttl 2160h] [--client-cert client.crt]",
 		Short: "Create a service token and print it (once)",
-		Args:  args(cobra.NoArgs),
+		Long: `create makes a service token and prints it once; the database keeps only
+its SHA-256.
+
+--client-cert FILE binds the token to the client certificate in FILE (PEM,
+exactly one CERTIFICATE block: the client's own certificate, not its chain).
+The table keeps the SHA-256 of the certificate's DER; keybroker serve, run
+with --client-ca, accepts the token only on a TLS connection whose verified
+client certificate is that one, and answers it on any other connection
+(another certificate, none, plain HTTP) with the 401 of a bad token. A
+stolen token is then useless without the certificate's private key. token
+list shows the first 16 hex digits of the fingerprint (the digits openssl
+x509 -noout -fingerprint -sha256 prints, in lower case without colons). A missing or
+unreadable FILE, or one that is not a single certificate, is a usage error
+(exit 2) and creates nothing.`,
+		Args: args(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			for _, o := range ops {
 				spec.Ops = append(spec.Ops, server.Op(strings.TrimSpace(o)))
+			}
+			if clientCert != "" {
+				data, err := os.ReadFile(clientCert)
+				if err != nil {
+					return usageErrorf("token create: --client-cert: %v", err)
+				}
+				if spec.ClientCertSHA256, err = server.ClientCertFingerprint(data); err != nil {
+					return usageErrorf("token create: --client-cert %s: %v", clientCert, err)
+				}
 			}
 			t, done, err := a.openTokens(cmd)
 			if err != nil {
@@ -169,6 +232,9 @@ func newTokenCreateCmd(a *app) *cobra.Command {
 			return a.emit(res, func(w io.Writer) {
 				fmt.Fprintf(w, "%s\n", tok)
 				fmt.Fprintf(w, "id %s, expires %s (shown once: the database keeps only its hash)\n", info.ID, info.ExpiresAt.UTC().Format(time.RFC3339))
+				if info.ClientCertPrefix != "" {
+					fmt.Fprintf(w, "bound to client certificate sha256:%s...\n", info.ClientCertPrefix)
+				}
 			})
 		},
 	}
@@ -177,6 +243,7 @@ func newTokenCreateCmd(a *app) *cobra.Command {
 	f.StringArrayVar(&spec.Projects, "project", nil, "a project the token may act on (repeatable; none: every project)")
 	f.StringSliceVar(&ops, "ops", nil, "operations: read, write, seal, open, admin (comma-separated, required)")
 	f.DurationVar(&spec.TTL, "ttl", 90*24*time.Hour, "how long the token is valid")
+	f.StringVar(&clientCert, "client-cert", "", "PEM file of the one client certificate the token is accepted with (needs serve --client-ca)")
 	return cmd
 }
 
@@ -225,8 +292,12 @@ func newTokenListCmd(a *app) *cobra.Command {
 					for k, o := range i.Ops {
 						ops[k] = string(o)
 					}
-					fmt.Fprintf(w, "%s  %-7s  %s  projects=%s  ops=%s  expires=%s\n", i.ID, state, i.Name, projects,
-						strings.Join(ops, ","), i.ExpiresAt.UTC().Format(time.RFC3339))
+					cert := "-"
+					if i.ClientCertPrefix != "" {
+						cert = "sha256:" + i.ClientCertPrefix + "..."
+					}
+					fmt.Fprintf(w, "%s  %-7s  %s  projects=%s  ops=%s  cert=%s  expires=%s\n", i.ID, state, i.Name, projects,
+						strings.Join(ops, ","), cert, i.ExpiresAt.UTC().Format(time.RFC3339))
 				}
 			})
 		},

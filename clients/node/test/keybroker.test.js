@@ -2,6 +2,8 @@
 // clients/node/node_test.go starts both and sets the environment.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { randomUUID } from 'node:crypto';
 import { KeybrokerClient, KeybrokerError } from '../keybroker.js';
 
 const url = process.env.KEYBROKER_URL;
@@ -96,4 +98,65 @@ test('seal for an encrypted column, open, open-many', async () => {
   assert.deepEqual(both.map((v) => new TextDecoder().decode(v)), [`${marker}-column`, `${marker}-column-2`]);
   // Moved to another row, it does not open.
   await assert.rejects(kb.open('p1', where('github'), sealed), (e) => e.status === 400 && e.code === 'decrypt_failed');
+});
+
+// MeshHook's POST /api/secrets with encrypted columns: seal the value with
+// keybroker, then insert the sealed bytes into MeshHook's own secrets row
+// (its real schema, internal/meshhook) in MeshHook's own transaction. There
+// is no Node PostgreSQL driver here (no npm registry), so psql plays
+// MeshHook's driver; its variables (-v, :'name') quote every value.
+const psqlBin = process.env.KEYBROKER_PSQL;
+const mhDB = process.env.MESHHOOK_DATABASE_URL;
+const mhSchema = process.env.MESHHOOK_SCHEMA;
+const mhProject = process.env.MESHHOOK_PROJECT_ID; // a MeshHook projects.id, also the keybroker project
+if (!psqlBin || !mhDB || !mhSchema || !mhProject) throw new Error('run through go test ./clients/node/ (psql and MeshHook database unset)');
+
+// psql runs script (from stdin, so :'var' interpolation applies) with vars
+// and returns its unaligned, tuples-only output; any SQL error fails it.
+function psql(script, vars) {
+  const args = ['-X', '-q', '-A', '-t', '-v', 'ON_ERROR_STOP=1', '-d', mhDB, '-v', `schema=${mhSchema}`];
+  for (const [k, v] of Object.entries(vars)) args.push('-v', `${k}=${v}`);
+  const r = spawnSync(psqlBin, args, { input: script, encoding: 'utf8', timeout: 30_000 });
+  if (r.error) throw r.error;
+  if (r.status !== 0) throw new Error(`psql exited ${r.status}: ${r.stderr.trim()}`);
+  return r.stdout.trim();
+}
+
+// MeshHook's upsert of a secrets row (internal/meshhook's writer runs the same).
+const upsert = `
+SET search_path = :"schema";
+INSERT INTO projects (id, owner, name) VALUES (:'project', :'owner', 'node-test') ON CONFLICT (id) DO NOTHING;
+INSERT INTO secrets (project_id, key, value_encrypted) VALUES (:'project', :'key', decode(:'sealed', 'hex'))
+ON CONFLICT (project_id, key) DO UPDATE SET value_encrypted = EXCLUDED.value_encrypted, updated_at = now();
+SELECT count(*) FROM secrets WHERE project_id = :'project' AND key = :'key';`;
+const readRow = `SET search_path = :"schema";
+SELECT encode(value_encrypted, 'hex') FROM secrets WHERE project_id = :'project' AND key = :'key';`;
+// The seal context names MeshHook's row by its unique key (project_id, key).
+const mhRow = (key) => ({ table: `${mhSchema}.secrets`, column: 'value_encrypted', row: [mhProject, key] });
+
+test("MeshHook inserts a sealed value into its own secrets row in its own transaction; ROLLBACK leaves no row", async () => {
+  const owner = randomUUID();
+  const value = `${marker}-mh-${'y'.repeat(32)}`;
+  const sealed = await kb.seal(mhProject, mhRow('stripe/webhook'), value);
+  const hex = Buffer.from(sealed).toString('hex');
+  assert.equal(psql(`BEGIN;${upsert}\nCOMMIT;`, { project: mhProject, owner, key: 'stripe/webhook', sealed: hex }), '1');
+
+  // A workflow run reads MeshHook's row (its own query) and opens it.
+  const stored = psql(readRow, { project: mhProject, key: 'stripe/webhook' });
+  assert.equal(stored, hex, 'the row holds the sealed bytes unchanged');
+  assert.ok(!Buffer.from(stored, 'hex').includes(Buffer.from(marker)), 'the row holds the plaintext');
+  const opened = await kb.open(mhProject, mhRow('stripe/webhook'), new Uint8Array(Buffer.from(stored, 'hex')));
+  assert.equal(new TextDecoder().decode(opened), value);
+  // The bytes are bound to their row: under another key they do not open.
+  await assert.rejects(kb.open(mhProject, mhRow('github/token'), new Uint8Array(Buffer.from(stored, 'hex'))),
+    (e) => e.status === 400 && e.code === 'decrypt_failed');
+
+  // MeshHook's transaction fails after sealing (its route throws): the
+  // row was inserted inside the transaction (count 1 there) and is gone
+  // after ROLLBACK. The sealed value is simply never stored; keybroker
+  // holds nothing to undo.
+  const lost = await kb.seal(mhProject, mhRow('github/token'), `${marker}-mh-rolled-back`);
+  assert.equal(psql(`BEGIN;${upsert}\nROLLBACK;`, { project: mhProject, owner, key: 'github/token', sealed: Buffer.from(lost).toString('hex') }), '1');
+  assert.equal(psql(readRow, { project: mhProject, key: 'github/token' }), '', 'a rolled-back row is visible');
+  assert.equal(psql(`SET search_path = :"schema"; SELECT count(*) FROM secrets WHERE project_id = :'project';`, { project: mhProject }), '1');
 });
