@@ -137,6 +137,7 @@ func BenchmarkLoopback(b *testing.B) {
 		b.Fatal(err)
 	}
 	quiet.audit.off = true
+	b.Cleanup(func() { quiet.Close() })
 	e2 := &env{t: b, srv: quiet}
 	unaudited := newBenchClient(e2.serving(Options{}), tok)
 	echo := newBenchClient(echoServer(b), "")
@@ -165,20 +166,35 @@ func BenchmarkLoopback(b *testing.B) {
 		b.Fatal(err)
 	}
 	openBody, _ := json.Marshal(map[string]any{"table": ref["table"], "column": ref["column"], "row": ref["row"], "sealed": sr.Sealed})
+	// logged reports the access-log statements per request and rows per
+	// statement (the batch size) of what run sends through audited.
+	logged := func(b *testing.B, run func()) {
+		st, rows := e.srv.audit.log.statements.Load(), e.srv.audit.log.rows.Load()
+		run()
+		st, rows = e.srv.audit.log.statements.Load()-st, e.srv.audit.log.rows.Load()-rows
+		b.ReportMetric(float64(st)/float64(b.N), "log-stmts/req")
+		if st > 0 {
+			b.ReportMetric(float64(rows)/float64(st), "rows/stmt")
+		}
+	}
 	for _, conc := range concurrencies {
 		b.Run(fmt.Sprintf("seal/c=%d", conc), func(b *testing.B) {
-			latency(b, conc, func(int) error {
-				_, err := audited.do("POST", "/v1/projects/bench/seal", sealBody, 200)
-				return err
+			logged(b, func() {
+				latency(b, conc, func(int) error {
+					_, err := audited.do("POST", "/v1/projects/bench/seal", sealBody, 200)
+					return err
+				})
 			})
 		})
 		b.Run(fmt.Sprintf("open/c=%d", conc), func(b *testing.B) {
-			latency(b, conc, func(int) error {
-				raw, err := audited.do("POST", "/v1/projects/bench/open", openBody, 200)
-				if err != nil {
-					return err
-				}
-				return check(raw)
+			logged(b, func() {
+				latency(b, conc, func(int) error {
+					raw, err := audited.do("POST", "/v1/projects/bench/open", openBody, 200)
+					if err != nil {
+						return err
+					}
+					return check(raw)
+				})
 			})
 		})
 		b.Run(fmt.Sprintf("echo/c=%d", conc), func(b *testing.B) {
@@ -201,12 +217,14 @@ func BenchmarkLoopback(b *testing.B) {
 				})
 			})
 			b.Run(fmt.Sprintf("get%s/c=%d", arm.name, conc), func(b *testing.B) {
-				latency(b, conc, func(i int) error {
-					raw, err := arm.c.do("GET", "/v1/projects/bench/secrets/"+names[i%len(names)], nil, 200)
-					if err != nil {
-						return err
-					}
-					return check(raw)
+				logged(b, func() {
+					latency(b, conc, func(i int) error {
+						raw, err := arm.c.do("GET", "/v1/projects/bench/secrets/"+names[i%len(names)], nil, 200)
+						if err != nil {
+							return err
+						}
+						return check(raw)
+					})
 				})
 			})
 		}

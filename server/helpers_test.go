@@ -78,6 +78,7 @@ func newEnv(t testing.TB, mod func(*Config)) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { srv.Close() }) // after the HTTP server's Close (cleanups run last first)
 	tokens, err := NewTokens(pool, "")
 	if err != nil {
 		t.Fatal(err)

@@ -79,6 +79,10 @@ in-flight requests finish (up to --shutdown-timeout) and exits 0.`,
 			if err != nil {
 				return &codeError{code: exitUsage, err: err}
 			}
+			// Deferred after s.close, so it runs first: Serve has let the
+			// in-flight requests finish, Close flushes the access-log rows
+			// still queued, then the pool closes.
+			defer srv.Close()
 			scheme := "https"
 			if opts.CertFile == "" {
 				scheme = "http"
