@@ -24,10 +24,14 @@ import (
 
 // The loopback benchmarks: each sub-benchmark sends b.N requests of a 1 KiB
 // value from conc concurrent clients and reports p50 and p99 latency (µs)
-// and throughput. The same run measures a plain HTTP echo of the same body
-// (the floor: what HTTP and JSON cost), keybroker's put and get with and
-// without the access log, and Vault Transit's encrypt and decrypt of the
-// same bytes on a dev Vault on loopback (internal/vaultserver). Run:
+// and throughput; seal, open, get and echo also report CPU per request
+// (cpu-µs/req: this process, clients included, and the PostgreSQL
+// server's backends), and the audited ones the access-log statements per
+// request and rows per statement (the group commit's batch size). The
+// same run measures a plain HTTP echo of the same body (the floor: what
+// HTTP and JSON cost), keybroker's put and get with and without the access
+// log, and Vault Transit's encrypt and decrypt of the same bytes on a dev
+// Vault on loopback (internal/vaultserver). Run:
 //
 //	go test -run '^$' -bench Loopback -benchtime 2000x ./server/
 //

@@ -61,7 +61,9 @@ type Config struct {
 	// it, and runs each write in a transaction of it with its access_log
 	// row. At most MaxConns-1 such transactions are open at once (one
 	// connection stays free for data key reservations), so MaxConns bounds
-	// concurrent writes; at least 2. Required.
+	// concurrent writes; at least 2. The access log's statements use at
+	// most 3 connections at once (two flushers' batches and a lone row).
+	// Required.
 	Pool *pgxpool.Pool
 	// Ready serves GET /readyz (a *health.Checker). Required.
 	Ready http.Handler
