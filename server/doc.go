@@ -88,14 +88,16 @@
 //     unnest of one array per column; every row's names are a slice of
 //     one flat text[]), then answers each waiter. There is no timer: a
 //     flusher that finds rows flushes at once, and rows that arrive while
-//     both flushers wait on the database queue for the next statement, so
-//     a lone request costs one statement, as it would alone, and 64
-//     concurrent ones share a few. Rows of one statement share its time
-//     (at is the statement's start). Only after its row has committed does
-//     a request answer; if the statement fails every request in it gets
-//     503 and no value. When it fails for a row's own data (SQLSTATE class
-//     22 or 23: a name with NUL, a constraint) each row is retried alone,
-//     so one request's row cannot refuse the others.
+//     statements are in flight queue for the next one. A row that finds
+//     no statement in flight and none queued is written by its own
+//     request with the single-row INSERT ... VALUES, so a lone request
+//     costs one statement, as before, and 64 concurrent ones share a few
+//     (at most three statements are in flight). Rows of one statement
+//     share its time (at is the statement's start). Only after its row
+//     has committed does a request answer; if the statement fails every
+//     request in it gets 503 and no value. When it fails for a row's own
+//     data (SQLSTATE class 22 or 23: a name with NUL, a constraint) each
+//     row is retried alone, so one request's row cannot refuse the others.
 //   - A request whose context ends (Config.OpTimeout) while its row waits
 //     gets 503 and no value; the row may still commit afterwards. A row
 //     for an answer never sent is possible; an answer without its
@@ -117,7 +119,8 @@
 // answer their requests, and stops the flushers: call it after Serve
 // returns (every in-flight request answered) and before the pool closes,
 // as `keybroker serve` does. A server killed with rows queued loses only
-// rows whose requests were never answered.
+// rows whose requests were never answered (a test SIGKILLs a serving
+// process under 32 clients and finds every answered request's row).
 //
 // The store and log work of a request runs detached from the client's
 // connection, under Config.OpTimeout: a client that hangs up mid-write does
