@@ -64,7 +64,7 @@ func BenchmarkServerCPU(b *testing.B) {
 	ct, _ := sec.Data["ciphertext"].(string)
 	decBody, _ := json.Marshal(map[string]string{"ciphertext": ct})
 
-	meter := serverMeter(b, e)
+	meter := benchMeter(b, e)
 	self := func() time.Duration { c, s := meter.Sample(); return c + s }
 	vault := func() time.Duration { return cpumeter.Process(v.PID()) }
 	b64 := base64.StdEncoding.EncodeToString(value)
@@ -218,19 +218,4 @@ func loadgen() int {
 	}
 	fmt.Println(float64(n) / time.Since(start).Seconds())
 	return 0
-}
-
-// serverMeter measures this process's CPU and that of the test
-// PostgreSQL server's postmaster and backends.
-func serverMeter(b *testing.B, e *env) cpumeter.Meter {
-	b.Helper()
-	var dir string
-	if err := e.tokens.pool.QueryRow(context.Background(), `SELECT current_setting('data_directory')`).Scan(&dir); err != nil {
-		b.Fatal(err)
-	}
-	pid, err := cpumeter.PostmasterPID(dir)
-	if err != nil {
-		b.Fatalf("server CPU: %v (the benchmark needs PostgreSQL on this machine)", err)
-	}
-	return cpumeter.Meter{Postmaster: pid}
 }

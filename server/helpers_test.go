@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgxpool"
+
 	"github.com/profullstack/keybroker/health"
 	"github.com/profullstack/keybroker/internal/pgtest"
 	"github.com/profullstack/keybroker/pgstore"
@@ -56,8 +58,30 @@ type env struct {
 
 func newEnv(t testing.TB, mod func(*Config)) *env {
 	t.Helper()
+	return newEnvPool(t, pgtest.Pool(t), mod)
+}
+
+// newEnvConns is newEnv with a pool of conns connections (pgxpool's
+// default is 4 on this machine): tests that hold the access log's
+// statements on a lock need more for the requests around them.
+func newEnvConns(t testing.TB, conns int32, mod func(*Config)) *env {
+	t.Helper()
+	cfg, err := pgxpool.ParseConfig(pgtest.NewDatabase(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.MaxConns = conns
+	pool, err := pgxpool.NewWithConfig(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	return newEnvPool(t, pool, mod)
+}
+
+func newEnvPool(t testing.TB, pool *pgxpool.Pool, mod func(*Config)) *env {
+	t.Helper()
 	ctx := context.Background()
-	pool := pgtest.Pool(t)
 	if err := pgstore.Migrate(ctx, pool, ""); err != nil {
 		t.Fatal(err)
 	}
@@ -83,6 +107,7 @@ func newEnv(t testing.TB, mod func(*Config)) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { srv.Close() }) // after the HTTP server's Close (cleanups run last first)
 	tokens, err := NewTokens(pool, "")
 	if err != nil {
 		t.Fatal(err)

@@ -61,7 +61,9 @@ type Config struct {
 	// it, and runs each write in a transaction of it with its access_log
 	// row. At most MaxConns-1 such transactions are open at once (one
 	// connection stays free for data key reservations), so MaxConns bounds
-	// concurrent writes; at least 2. Required.
+	// concurrent writes; at least 2. The access log's statements use at
+	// most 3 connections at once (two flushers' batches and a lone row).
+	// Required.
 	Pool *pgxpool.Pool
 	// Ready serves GET /readyz (a *health.Checker). Required.
 	Ready http.Handler
@@ -109,6 +111,7 @@ type Server struct {
 }
 
 // New returns a Server. It does not take ownership of the Store or pool.
+// It starts the goroutines that write the access log; Close stops them.
 func New(cfg Config) (*Server, error) {
 	switch {
 	case cfg.Store == nil:
@@ -130,7 +133,6 @@ func New(cfg Config) (*Server, error) {
 	}
 	s := &Server{
 		store:   cfg.Store,
-		audit:   &auditor{tokens: tokens, writers: make(chan struct{}, conns-1)},
 		log:     cfg.Logger,
 		maxBody: orDefault(cfg.MaxBody, DefaultMaxBody),
 		timeout: orDefault(cfg.OpTimeout, DefaultOpTimeout),
@@ -157,6 +159,8 @@ func New(cfg Config) (*Server, error) {
 	if s.duration, err = meter.Float64Histogram(MetricDuration, metric.WithUnit("s"), metric.WithDescription("HTTP request duration by route")); err != nil {
 		return nil, fmt.Errorf("server: metrics: %w", err)
 	}
+	// Last, so that no error return leaves the flushers running.
+	s.audit = &auditor{tokens: tokens, writers: make(chan struct{}, conns-1), log: newLogBatcher(cfg.Pool, tokens.q, s.timeout)}
 	s.mux = http.NewServeMux()
 	for _, rt := range s.routes(cfg) {
 		s.mux.Handle(rt.pattern, s.instrument(rt.pattern, rt.handler))
@@ -220,6 +224,17 @@ func (s *Server) routes(cfg Config) []route {
 		rs = append(rs, route{"GET /metrics", cfg.Metrics})
 	}
 	return rs
+}
+
+// Close flushes the access-log rows still queued (their requests then get
+// their answers) and stops the goroutines that write them; afterwards a
+// request that needs an access-log row gets 503. Call it after Serve has
+// returned (every in-flight request has been answered) and before the
+// pool is closed. It does not close the Store or the pool. Calling it more
+// than once is harmless.
+func (s *Server) Close() error {
+	s.audit.log.close()
+	return nil
 }
 
 // ServeHTTP implements http.Handler.

@@ -90,6 +90,10 @@ in-flight requests finish (up to --shutdown-timeout) and exits 0.`,
 			if opts.ClientCAFile == "" {
 				warnBoundTokens(ctx, a, s.pool)
 			}
+			// Deferred after s.close, so it runs first: Serve has let the
+			// in-flight requests finish, Close flushes the access-log rows
+			// still queued, then the pool closes.
+			defer srv.Close()
 			scheme := "https"
 			if opts.CertFile == "" {
 				scheme = "http"
