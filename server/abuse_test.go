@@ -23,21 +23,29 @@ import (
 // CLI uses) on a loopback port and returns its base URL.
 func (e *env) serving(opts Options) string {
 	e.t.Helper()
+	return "http://" + serveOn(e.t, e.srv, opts)
+}
+
+// serveOn runs Serve with h and opts on a loopback port until t ends
+// (checking that Serve then returns nil) and returns the listener's
+// address.
+func serveOn(t testing.TB, h http.Handler, opts Options) string {
+	t.Helper()
 	opts.Addr = "127.0.0.1:0"
 	ln, err := Listen(opts)
 	if err != nil {
-		e.t.Fatal(err)
+		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	errc := make(chan error, 1)
-	go func() { errc <- Serve(ctx, ln, e.srv, opts) }()
-	e.t.Cleanup(func() {
+	go func() { errc <- Serve(ctx, ln, h, opts) }()
+	t.Cleanup(func() {
 		cancel()
 		if err := <-errc; err != nil {
-			e.t.Errorf("Serve: %v", err)
+			t.Errorf("Serve: %v", err)
 		}
 	})
-	return "http://" + ln.Addr().String()
+	return ln.Addr().String()
 }
 
 // settle waits, bounded, for the goroutine count to come back to at most

@@ -109,21 +109,7 @@ func (p *testPKI) leaf(cn string, server bool) (certFile, keyFile string, pair t
 // until the test ends, and returns its URL.
 func serveTLS(t *testing.T, h http.Handler, opts Options) string {
 	t.Helper()
-	opts.Addr = "127.0.0.1:0"
-	ln, err := Listen(opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	errc := make(chan error, 1)
-	go func() { errc <- Serve(ctx, ln, h, opts) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-errc; err != nil {
-			t.Error(err)
-		}
-	})
-	return "https://" + ln.Addr().String()
+	return "https://" + serveOn(t, h, opts)
 }
 
 // A token bound to a client certificate is accepted only on a connection

@@ -1,7 +1,6 @@
 package server
 
 import (
-	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -87,23 +86,7 @@ func TestServeTLSAndMTLS(t *testing.T) {
 	roots := x509.NewCertPool()
 	roots.AddCert(srvCert)
 	h := http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok")) })
-	serve := func(opts Options) string {
-		opts.Addr = "127.0.0.1:0"
-		ln, err := Listen(opts)
-		if err != nil {
-			t.Fatal(err)
-		}
-		ctx, cancel := context.WithCancel(context.Background())
-		errc := make(chan error, 1)
-		go func() { errc <- Serve(ctx, ln, h, opts) }()
-		t.Cleanup(func() {
-			cancel()
-			if err := <-errc; err != nil {
-				t.Error(err)
-			}
-		})
-		return "https://" + ln.Addr().String()
-	}
+	serve := func(opts Options) string { return serveTLS(t, h, opts) }
 	get := func(url string, certs []tls.Certificate) error {
 		c := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots, Certificates: certs}}}
 		resp, err := c.Get(url + "/")
