@@ -94,8 +94,9 @@ func scaleGets(b *testing.B) int {
 // one rewrap of every data key: run it with -benchtime 1x. Reported: key-service calls per 1,000 Gets, Get
 // p50 and p99, heap per cached data key (runtime.MemStats, after GC), and
 // (ik-rewrap) the rate of the local rewrap of every data key to a new
-// intermediate key (RotateIntermediate + Rewrap; target ≥ 50,000 data
-// keys/s). Run the documented figures with
+// intermediate key (RotateIntermediate + Rewrap with
+// KEYBROKER_BENCH_REWRAP_WORKERS workers, default
+// pgstore.DefaultRewrapWorkers; target ≥ 50,000 data keys/s). Run the documented figures with
 //
 //	KEYBROKER_BENCH_PROJECTS=100,1000,10000,100000 go test -run '^$' -bench Scale -benchtime 1x -timeout 60m ./pgstore
 func BenchmarkScale(b *testing.B) {
@@ -161,6 +162,7 @@ func BenchmarkScale(b *testing.B) {
 				var keys, calls int64
 				var elapsed, client, server time.Duration
 				meter := serverMeter(b, e)
+				workers := rewrapWorkers(b)
 				for b.Loop() {
 					b.StopTimer()
 					if _, err := s.RotateIntermediate(ctx); err != nil {
@@ -171,7 +173,7 @@ func BenchmarkScale(b *testing.B) {
 					b.StartTimer()
 					c0, s0 := meter.Sample()
 					t0 := time.Now()
-					res, err := s.Rewrap(ctx, pgstore.RewrapOptions{})
+					res, err := s.Rewrap(ctx, pgstore.RewrapOptions{Workers: workers})
 					elapsed += time.Since(t0)
 					c1, s1 := meter.Sample()
 					client, server = client+c1-c0, server+s1-s0
@@ -195,6 +197,20 @@ func BenchmarkScale(b *testing.B) {
 			})
 		})
 	}
+}
+
+// rewrapWorkers is the ik-rewrap sub-benchmark's RewrapOptions.Workers:
+// KEYBROKER_BENCH_REWRAP_WORKERS, or 0 (pgstore.DefaultRewrapWorkers).
+func rewrapWorkers(b *testing.B) int {
+	s := os.Getenv("KEYBROKER_BENCH_REWRAP_WORKERS")
+	if s == "" {
+		return 0
+	}
+	n, err := strconv.Atoi(s)
+	if err != nil || n < 1 {
+		b.Fatalf("KEYBROKER_BENCH_REWRAP_WORKERS: %q", s)
+	}
+	return n
 }
 
 // serverMeter measures this process's CPU and that of the test server's
