@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+
 	"github.com/profullstack/keybroker/internal/cpumeter"
 	"github.com/profullstack/keybroker/pgstore"
 	"github.com/profullstack/keybroker/provider"
@@ -257,5 +259,68 @@ func fillProjects(b *testing.B, e *env, n int) {
 	}
 	if _, err := e.pool.Exec(ctx, `ANALYZE keybroker.data_keys; ANALYZE keybroker.encrypted_secrets; ANALYZE keybroker.kek`); err != nil {
 		b.Fatal(err)
+	}
+}
+
+// BenchmarkReserveFence is the cost migration 011's statement-level fence
+// adds to every UPDATE of data_keys that changes no kek_id: one budget
+// reservation (the two statements of Store.reserveChunk, one round trip)
+// with the fences of migration 011 ("statement") and with 010's row
+// triggers put back in the same database ("row", the baseline: they did
+// not fire on such an update), alternately, twice each. Reported: CPU per
+// reservation, this process's and the server's.
+func BenchmarkReserveFence(b *testing.B) {
+	ctx := context.Background()
+	e := newEnv(b, pgstore.Config{})
+	fillProjects(b, e, 100)
+	var id [16]byte
+	if err := e.pool.QueryRow(ctx, `SELECT id FROM keybroker.data_keys WHERE project_id = 'p0'`).Scan(&id); err != nil {
+		b.Fatal(err)
+	}
+	if _, err := e.pool.Exec(ctx, `UPDATE keybroker.data_keys SET budget = 4294967296`); err != nil {
+		b.Fatal(err)
+	}
+	meter := serverMeter(b, e)
+	install := map[string][]string{
+		"statement": {
+			`DROP TRIGGER data_keys_kek_fence ON keybroker.data_keys`,
+			`DROP TRIGGER data_keys_tenant_fence ON keybroker.data_keys`,
+			`CREATE TRIGGER data_keys_update_fence AFTER UPDATE ON keybroker.data_keys REFERENCING OLD TABLE AS old_keys NEW TABLE AS new_keys FOR EACH STATEMENT EXECUTE FUNCTION keybroker.data_keys_update_fence()`,
+			`CREATE TRIGGER data_keys_kek_fence BEFORE INSERT ON keybroker.data_keys FOR EACH ROW EXECUTE FUNCTION keybroker.data_keys_kek_fence()`,
+			`CREATE TRIGGER data_keys_tenant_fence BEFORE INSERT ON keybroker.data_keys FOR EACH ROW EXECUTE FUNCTION keybroker.data_keys_tenant_fence()`,
+		},
+		"row": {
+			`DROP TRIGGER data_keys_update_fence ON keybroker.data_keys`,
+			`DROP TRIGGER data_keys_kek_fence ON keybroker.data_keys`,
+			`DROP TRIGGER data_keys_tenant_fence ON keybroker.data_keys`,
+			`CREATE TRIGGER data_keys_kek_fence BEFORE INSERT OR UPDATE OF kek_id ON keybroker.data_keys FOR EACH ROW EXECUTE FUNCTION keybroker.data_keys_kek_fence()`,
+			`CREATE TRIGGER data_keys_tenant_fence BEFORE INSERT OR UPDATE OF kek_id, project_id ON keybroker.data_keys FOR EACH ROW EXECUTE FUNCTION keybroker.data_keys_tenant_fence()`,
+		},
+	}
+	for i, fences := range []string{"row", "statement", "row", "statement"} {
+		if i > 0 || fences != "statement" { // the migrations installed "statement"
+			for _, q := range install[fences] {
+				if _, err := e.pool.Exec(ctx, q); err != nil {
+					b.Fatal(err)
+				}
+			}
+		}
+		b.Run("fences="+fences, func(b *testing.B) {
+			c0, s0 := meter.Sample()
+			for b.Loop() {
+				bt := &pgx.Batch{}
+				bt.Queue(`UPDATE keybroker.data_keys d SET messages = LEAST(o.messages + $2, o.budget, $3)
+FROM (SELECT id, messages, budget FROM keybroker.data_keys WHERE id = $1 FOR NO KEY UPDATE) o
+WHERE d.id = o.id AND d.state = 'active' AND o.messages < LEAST(o.budget, $3)
+RETURNING d.messages - o.messages`, id, 1, int64(1)<<32)
+				bt.Queue(`UPDATE keybroker.data_keys SET state = 'spent' WHERE id = $1 AND state = 'active' AND messages >= LEAST(budget, $2)`, id, int64(1)<<32)
+				if err := e.pool.SendBatch(ctx, bt).Close(); err != nil {
+					b.Fatal(err)
+				}
+			}
+			c1, s1 := meter.Sample()
+			b.ReportMetric(float64((c1-c0).Nanoseconds())/1e3/float64(b.N), "client-cpu-µs/op")
+			b.ReportMetric(float64((s1-s0).Nanoseconds())/1e3/float64(b.N), "server-cpu-µs/op")
+		})
 	}
 }

@@ -18,7 +18,7 @@
 -- UPDATE of data_keys, budget reservations included. Its first query finds
 -- the changed rows: new rows whose (id, kek_id, project_id) is not an old
 -- row's. A budget reservation or a state change has none and returns
--- there, after that one query. A row whose kek_id and project_id did not
+-- after that one query. A row whose kek_id and project_id did not
 -- change needs no fence: that pair was fenced when it was written, a
 -- retired version has no data key (RetireKEK refuses while one is in use)
 -- and a binding change does not re-check existing keys (Rewrap moves them).
@@ -56,6 +56,13 @@ DECLARE
     v_bound text;
     v_chain text;
 BEGIN
+    -- The common case, an update that changes neither column (a budget
+    -- reservation), in one cheap query.
+    IF NOT EXISTS (SELECT 1 FROM new_keys n
+                   WHERE NOT EXISTS (SELECT 1 FROM old_keys o
+                                     WHERE o.id = n.id AND o.kek_id = n.kek_id AND o.project_id = n.project_id)) THEN
+        RETURN NULL;
+    END IF;
     -- The changed rows' distinct (project_id, kek_id) pairs.
     SELECT array_agg(c.project_id), array_agg(c.kek_id) INTO ps, ks
     FROM (SELECT DISTINCT n.project_id, n.kek_id
