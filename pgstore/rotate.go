@@ -167,10 +167,12 @@ type RewrapOptions struct {
 	// (1 ms). Rows another Rewrap is rewrapping are not skipped: the
 	// update waits for that one to commit and then leaves the rows it did.
 	LockWait time.Duration
-	// Workers is the number of batches in flight at once, each on its own
-	// connection and goroutine, so that rewrapping in Go and the
-	// database's update overlap; DefaultRewrapWorkers when zero. The pool
-	// needs that many free connections.
+	// Workers is the number of batches in flight at once, each in its own
+	// goroutine, so that rewrapping in Go and the database's work overlap
+	// (on two cores two workers nearly double the rate);
+	// DefaultRewrapWorkers when zero. A worker holds one of the pool's
+	// connections only while one of its statements runs, so a smaller
+	// pool slows Rewrap down but cannot deadlock it.
 	Workers int
 	// Progress, when set, is called after each committed batch, from one
 	// goroutine at a time.
