@@ -152,8 +152,9 @@ const DefaultRewrapWorkers = 2
 
 // RewrapOptions configures Rewrap.
 type RewrapOptions struct {
-	// BatchSize is the data keys rewrapped per statement;
-	// DefaultBatchSize when zero.
+	// BatchSize is the data keys rewrapped per batch (one statement; for a
+	// project bound to its own KEK, one transaction); DefaultBatchSize
+	// when zero.
 	BatchSize int
 	// DryRun counts what would be rewrapped and changes nothing.
 	DryRun bool
@@ -169,10 +170,12 @@ type RewrapOptions struct {
 	LockWait time.Duration
 	// Workers is the number of batches in flight at once, each in its own
 	// goroutine, so that rewrapping in Go and the database's work overlap
-	// (on two cores two workers nearly double the rate);
-	// DefaultRewrapWorkers when zero. A worker holds one of the pool's
-	// connections only while one of its statements runs, so a smaller
-	// pool slows Rewrap down but cannot deadlock it.
+	// (two workers on two shared cores: 1.3–1.8× one's rate,
+	// docs/BENCHMARKS.md); DefaultRewrapWorkers when zero. A worker holds
+	// one of the pool's connections only while one of its statements
+	// runs, so a smaller pool slows Rewrap down but cannot deadlock it.
+	// The data keys of projects bound to their own KEK are done after the
+	// others, one batch at a time, their rows locked FOR NO KEY UPDATE.
 	Workers int
 	// Progress, when set, is called after each committed batch, from one
 	// goroutine at a time.
