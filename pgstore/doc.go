@@ -79,7 +79,7 @@
 //   - A trigger on data_keys refuses (SQLSTATE KB001) a data key inserted
 //     or rewrapped under a retired kek row, reading that row FOR SHARE
 //     against RetireKEK's FOR UPDATE: a row trigger for INSERT and, since
-//     migration 011, one statement-level trigger for UPDATE that checks
+//     migration 012, one statement-level trigger for UPDATE that checks
 //     the rows whose kek_id or project_id changed set-based (transition
 //     tables), locking each kek row they name once. A Store refused so
 //     refreshes its keyring (provider.Keyring.Refresh) and wraps again

@@ -609,7 +609,7 @@ func TestPutDuringReencryptRetire(t *testing.T) {
 	}
 }
 
-// Migration 011's statement-level fence, for an UPDATE of many data keys
+// Migration 012's statement-level fence, for an UPDATE of many data keys
 // (Rewrap's batch) racing RetireKEK of the version it moves them to, both
 // ways round, with two real connections.
 func TestRetiredFenceRaceBatchUpdate(t *testing.T) {

@@ -262,10 +262,10 @@ func fillProjects(b *testing.B, e *env, n int) {
 	}
 }
 
-// BenchmarkReserveFence is the cost migration 011's statement-level fence
+// BenchmarkReserveFence is the cost migration 012's statement-level fence
 // adds to every UPDATE of data_keys that changes no kek_id: one budget
 // reservation (the two statements of Store.reserveChunk, one round trip)
-// with the fences of migration 011 ("statement") and with 010's row
+// with the fences of migration 012 ("statement") and with 010's row
 // triggers put back in the same database ("row", the baseline: they did
 // not fire on such an update), alternately, twice each. Reported: CPU per
 // reservation, this process's and the server's.

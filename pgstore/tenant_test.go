@@ -322,7 +322,7 @@ INSERT INTO keybroker.project_keks (project_id, chain_id) VALUES ('p', 'tenant-e
 	// The fence: a data key of a bound project moved anywhere but its
 	// chain (here directly under the deployment's KEK). An update that
 	// leaves kek_id and project_id as they were is not fenced again
-	// (migration 011): the key is where it was before the binding, and
+	// (migration 012): the key is where it was before the binding, and
 	// budget reservations must go on until Rewrap moves it.
 	if _, err := e.pool.Exec(ctx, `UPDATE keybroker.data_keys SET kek_id = kek_id WHERE project_id = 'p'`); err != nil {
 		t.Fatalf("update leaving a bound project's key where it was: %v", err)
