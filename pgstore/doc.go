@@ -78,9 +78,12 @@
 //     event in the same statement.
 //   - A trigger on data_keys refuses (SQLSTATE KB001) a data key inserted
 //     or rewrapped under a retired kek row, reading that row FOR SHARE
-//     against RetireKEK's FOR UPDATE. A Store refused so refreshes its
-//     keyring (provider.Keyring.Refresh) and wraps again once; a second
-//     refusal is ErrRetiredVersion.
+//     against RetireKEK's FOR UPDATE: a row trigger for INSERT and, since
+//     migration 012, one statement-level trigger for UPDATE that checks
+//     the rows whose kek_id or project_id changed set-based (transition
+//     tables), locking each kek row they name once. A Store refused so
+//     refreshes its keyring (provider.Keyring.Refresh) and wraps again
+//     once; a second refusal is ErrRetiredVersion.
 //   - Put, MigratePlaintext and Reencrypt store an envelope only if its
 //     data key row exists, belongs to the project and is not retired when
 //     the statement runs (read FOR KEY SHARE; Reencrypt locks the keys it
@@ -226,9 +229,11 @@
 //
 // Rotation. RotateKEK makes a new KEK version and Rewrap rewraps data keys
 // to it (or from another provider of a provider.Keyring to its primary),
-// touching data_keys only, reporting data keys it skipped (locked by
-// another transaction past RewrapOptions.LockWait) or found corrupt, and
-// recounting what remains. RetireKEK refuses a version still in use, and
+// touching data_keys only: batches read without row locks and written
+// back by one compare-and-swap UPDATE each (a row changed meanwhile is
+// left to the next pass), RewrapOptions.Workers batches at a time. It
+// reports data keys it skipped (locked by another transaction past
+// RewrapOptions.LockWait) or found corrupt, and recounts what remains. RetireKEK refuses a version still in use, and
 // commits the database side before the key service's. When
 // a data key may be exposed, Reencrypt moves a project's secrets to a fresh
 // data key, verifying each row, then deletes the old data key's row, which
@@ -243,8 +248,9 @@
 // file) and probed with a wrap and an unwrap. The project gets its own
 // chain of intermediate keys (table tenant_chains) under that KEK: new
 // data keys are wrapped under it, Rewrap moves the existing ones (no
-// secret re-encrypted), and the trigger data_keys_tenant_fence (SQLSTATE
-// KB006) refuses a data key under another project's chain or, for a bound
+// secret re-encrypted), and the fence (SQLSTATE KB006: the row trigger
+// data_keys_tenant_fence for INSERT, data_keys_update_fence for UPDATE)
+// refuses a data key under another project's chain or, for a bound
 // project, under the deployment's. A disabled or revoked project KEK makes
 // that project's reads fail with provider.ErrKeyDisabled or
 // ErrAccessDenied, not envelope.ErrDecrypt; other projects are not

@@ -608,3 +608,121 @@ func TestPutDuringReencryptRetire(t *testing.T) {
 		t.Fatalf("inflight: %q, %v", got, err)
 	}
 }
+
+// Migration 012's statement-level fence, for an UPDATE of many data keys
+// (Rewrap's batch) racing RetireKEK of the version it moves them to, both
+// ways round, with two real connections.
+func TestRetiredFenceRaceBatchUpdate(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t, pgstore.Config{DirectKEK: true})
+	putMany(t, e.store, 3, 1)
+	v1, _ := e.store.PrimaryVersion(ctx)
+	if _, err := e.store.RotateKEK(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if res, err := e.store.Rewrap(ctx, pgstore.RewrapOptions{}); err != nil || res.Rewrapped != 3 {
+		t.Fatalf("rewrap: %+v, %v", res, err)
+	}
+	kekID := count(t, e.pool, `SELECT id FROM keybroker.kek WHERE key_version = '1'`)
+	v2ID := count(t, e.pool, `SELECT max(kek_id) FROM keybroker.data_keys`)
+	// Moving the rows back under v1 is a change of kek_id the fence checks
+	// (the wrapped keys stay v2's: nothing reads them here).
+	moveBack := `UPDATE keybroker.data_keys SET kek_id = $1`
+
+	t.Run("update first", func(t *testing.T) {
+		tx, err := e.pool.Begin(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer tx.Rollback(ctx)
+		if ct, err := tx.Exec(ctx, moveBack, kekID); err != nil || ct.RowsAffected() != 3 {
+			t.Fatalf("batch update: %v, %v", ct, err)
+		}
+		done := make(chan error, 1)
+		go func() { done <- e.store.RetireKEK(ctx, v1) }()
+		waitForLockWait(t, e.pool) // the retire waits for the fence's FOR SHARE
+		if err := tx.Commit(ctx); err != nil {
+			t.Fatal(err)
+		}
+		var inUse *pgstore.InUseError
+		if err := <-done; !errors.As(err, &inUse) || inUse.DataKeys != 3 {
+			t.Fatalf("retire after a committed batch update: %v", err)
+		}
+		if _, err := e.pool.Exec(ctx, `UPDATE keybroker.data_keys SET kek_id = $1`, v2ID); err != nil {
+			t.Fatal(err)
+		}
+	})
+	t.Run("retire first", func(t *testing.T) {
+		tx, err := e.pool.Begin(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer tx.Rollback(ctx)
+		if _, err := tx.Exec(ctx, `SELECT id FROM keybroker.kek WHERE id = $1 FOR UPDATE`, kekID); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := tx.Exec(ctx, `UPDATE keybroker.kek SET retired_at = now() WHERE id = $1`, kekID); err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan error, 1)
+		go func() { _, err := e.pool.Exec(ctx, moveBack, kekID); done <- err }()
+		waitForLockWait(t, e.pool) // the update's fence waits for the retire
+		if err := tx.Commit(ctx); err != nil {
+			t.Fatal(err)
+		}
+		var pe *pgconn.PgError
+		if err := <-done; !errors.As(err, &pe) || pe.Code != "KB001" {
+			t.Fatalf("batch update after a committed retire: %v, want KB001", err)
+		}
+		if n := count(t, e.pool, `SELECT count(*) FROM keybroker.data_keys WHERE kek_id = $1`, kekID); n != 0 {
+			t.Fatalf("%d data keys under the retired version", n)
+		}
+	})
+}
+
+// The statement-level fence checks every changed row of a batch update
+// (one bad row refuses the statement), and lets an update that changes no
+// kek_id or project_id (a budget reservation) through without a check.
+func TestUpdateFenceSetBased(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t, pgstore.Config{DirectKEK: true})
+	putMany(t, e.store, 3, 1) // p0..p2, unbound
+	v2, err := e.store.RotateKEK(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v2ID := count(t, e.pool, `SELECT id FROM keybroker.kek WHERE key_version = $1`, v2.Version)
+	// A chain of p9's own, and a kek row of it.
+	if _, err := e.pool.Exec(ctx, `INSERT INTO keybroker.tenant_chains VALUES ('tenant-p9', 'p9', 'awskms:///alias/x')`); err != nil {
+		t.Fatal(err)
+	}
+	chainKek := count(t, e.pool, `SELECT keybroker.record_kek('intermediate', 'tenant-p9', '1', NULL)`)
+	var pe *pgconn.PgError
+	// p1's key under p9's chain, the others' to v2: refused as a whole.
+	_, err = e.pool.Exec(ctx, `UPDATE keybroker.data_keys SET kek_id = CASE WHEN project_id = 'p1' THEN $1::bigint ELSE $2::bigint END`, chainKek, v2ID)
+	if !errors.As(err, &pe) || pe.Code != "KB006" {
+		t.Fatalf("batch update with one key under another project's chain: %v, want KB006", err)
+	}
+	if n := count(t, e.pool, `SELECT count(*) FROM keybroker.data_keys WHERE kek_id = $1`, v2ID); n != 0 {
+		t.Fatalf("%d data keys moved by a refused update", n)
+	}
+	// Retired target: KB001, whichever row.
+	if _, err := e.pool.Exec(ctx, `UPDATE keybroker.kek SET retired_at = now() WHERE id = $1`, v2ID); err != nil {
+		t.Fatal(err)
+	}
+	_, err = e.pool.Exec(ctx, `UPDATE keybroker.data_keys SET kek_id = $1 WHERE project_id = 'p2'`, v2ID)
+	if !errors.As(err, &pe) || pe.Code != "KB001" {
+		t.Fatalf("update to a retired version: %v, want KB001", err)
+	}
+	// Unchanged kek_id and project_id: no fence, even with the row's
+	// binding now wrong for it.
+	if _, err := e.pool.Exec(ctx, `INSERT INTO keybroker.project_keks (project_id, chain_id) VALUES ('p0', 'tenant-p9')`); err != nil {
+		t.Fatal(err)
+	}
+	if ct, err := e.pool.Exec(ctx, `UPDATE keybroker.data_keys SET messages = messages + 1`); err != nil || ct.RowsAffected() != 3 {
+		t.Fatalf("budget update: %v, %v", ct, err)
+	}
+	if err := e.store.Put(ctx, "p1", "again", []byte("v")); err != nil {
+		t.Fatalf("put after budget updates: %v", err)
+	}
+}

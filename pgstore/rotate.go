@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -141,24 +142,43 @@ func (s *Store) RotateIntermediate(ctx context.Context) (KEKVersion, error) {
 	return v, nil
 }
 
-// DefaultLockWait is how long Rewrap waits for a data key another
-// transaction holds locked when RewrapOptions.LockWait is zero.
+// DefaultLockWait is how long a batch of Rewrap waits for a data key
+// another transaction holds locked when RewrapOptions.LockWait is zero.
 const DefaultLockWait = 10 * time.Second
+
+// DefaultRewrapWorkers is the number of batches Rewrap has in flight at
+// once when RewrapOptions.Workers is zero.
+const DefaultRewrapWorkers = 2
 
 // RewrapOptions configures Rewrap.
 type RewrapOptions struct {
-	// BatchSize is the data keys rewrapped per transaction;
-	// DefaultBatchSize when zero.
+	// BatchSize is the data keys rewrapped per batch (one statement; for a
+	// project bound to its own KEK, one transaction); DefaultBatchSize
+	// when zero.
 	BatchSize int
 	// DryRun counts what would be rewrapped and changes nothing.
 	DryRun bool
-	// LockWait is how long Rewrap waits for each data key another
-	// transaction holds locked (another Rewrap's batch, or the open
-	// transaction of a worker that died) once it has done every unlocked
-	// one, before giving up on it and counting it in
-	// RewrapResult.Skipped. DefaultLockWait when zero; negative: no wait.
+	// LockWait bounds each wait of a batch's update for a data key another
+	// transaction holds locked: a Put reserving budget (a moment), a
+	// shred, Reencrypt, or the open transaction of a worker that died.
+	// Past it the batch is done again without waiting, locking its rows
+	// FOR NO KEY UPDATE SKIP LOCKED, and the rows still held are left as
+	// they are and counted in RewrapResult.Skipped (a later Rewrap does
+	// them). DefaultLockWait when zero; negative: practically no wait
+	// (1 ms). Rows another Rewrap is rewrapping are not skipped: the
+	// update waits for that one to commit and then leaves the rows it did.
 	LockWait time.Duration
-	// Progress, when set, is called after each committed batch.
+	// Workers is the number of batches in flight at once, each in its own
+	// goroutine, so that rewrapping in Go and the database's work overlap
+	// (two workers on two shared cores: 1.3–1.8× one's rate,
+	// docs/BENCHMARKS.md); DefaultRewrapWorkers when zero. A worker holds
+	// one of the pool's connections only while one of its statements
+	// runs, so a smaller pool slows Rewrap down but cannot deadlock it.
+	// The data keys of projects bound to their own KEK are done after the
+	// others, one batch at a time, their rows locked FOR NO KEY UPDATE.
+	Workers int
+	// Progress, when set, is called after each committed batch, from one
+	// goroutine at a time.
 	Progress func(RewrapProgress)
 }
 
@@ -191,8 +211,8 @@ type RewrapResult struct {
 	IntermediateKeys int
 	Pending          []VersionCount // data keys not under Primary when the call started, by version
 	Rewrapped        int64          // data keys rewrapped by this call (0 in a dry run)
-	// Skipped counts data keys still pending, other than Corrupt, after
-	// another transaction held them locked for longer than LockWait.
+	// Skipped counts data keys still pending, other than Corrupt, that
+	// another transaction held locked for longer than LockWait.
 	Skipped int64
 	// Corrupt lists the data keys that failed to unwrap, each also logged
 	// and recorded as a dek.corrupt event; the others were rewrapped.
@@ -216,19 +236,28 @@ type RewrapResult struct {
 // wrapping again. It changes only data_keys rows: secrets
 // are not touched, so the work is proportional to data keys, not secrets.
 //
-// Each batch is its own transaction, with its kek.rewrap event, and locks
-// its rows with FOR NO KEY UPDATE SKIP LOCKED, so several processes can
-// share the work (each skipping the others' rows), Puts and Gets are not
-// blocked, and a crash loses at most the uncommitted batch. Once no
-// unlocked row is left, Rewrap waits (RewrapOptions.LockWait) for the rows
-// others hold: a concurrent worker's rows are then done by it, a dead
-// worker's are done by this call. A data key that does not unwrap
-// (provider.ErrInvalidCiphertext or envelope.ErrDecrypt) is reported in
-// RewrapResult.Corrupt and never stops the others; any other provider
-// error (unavailable, denied, key not found) stops Rewrap. The result's
-// Remaining is recounted at the end: a caller is done only when it is zero,
-// whatever other workers did. Rewrap needs a role that row-level security
-// does not restrict.
+// Batches go through data_keys in id order. A batch reads its rows without
+// locking them, rewraps them in Go, and writes them back with one
+// compare-and-swap UPDATE (with its kek.rewrap event in the same
+// statement) that changes a row only if its kek_id and wrapped_dek are
+// still the ones read: a row another process rewrapped, a shred deleted or
+// Reencrypt destroyed meanwhile is left alone, so each data key is
+// rewrapped once however many Rewraps run, and a crash loses at most the
+// batches in flight. RewrapOptions.Workers batches are in flight at once;
+// several processes may run Rewrap together (they then duplicate some
+// rewrapping in Go, never a write). Puts and Gets are not blocked beyond
+// the moment an update takes; a row held locked longer than LockWait is
+// skipped (RewrapResult.Skipped). Once a pass reaches the end of the
+// table, one more starts from the beginning, for rows wrapped under an old
+// version meanwhile, until a pass changes nothing.
+//
+// A data key that does not unwrap (provider.ErrInvalidCiphertext or
+// envelope.ErrDecrypt) is reported in RewrapResult.Corrupt and never stops
+// the others; any other provider error (unavailable, denied, key not
+// found) stops Rewrap (the batches committed stay). The result's Remaining
+// is recounted at the end: a caller is done only when it is zero, whatever
+// other workers did. Rewrap needs a role that row-level security does not
+// restrict.
 func (s *Store) Rewrap(ctx context.Context, opts RewrapOptions) (RewrapResult, error) {
 	var res RewrapResult
 	batch := opts.BatchSize
@@ -237,6 +266,13 @@ func (s *Store) Rewrap(ctx context.Context, opts RewrapOptions) (RewrapResult, e
 	}
 	if batch < 1 {
 		return res, fmt.Errorf("%w: batch size %d", ErrInvalidArgument, batch)
+	}
+	workers := opts.Workers
+	if workers == 0 {
+		workers = DefaultRewrapWorkers
+	}
+	if workers < 1 {
+		return res, fmt.Errorf("%w: workers %d", ErrInvalidArgument, workers)
 	}
 	wait := opts.LockWait
 	if wait == 0 {
@@ -276,62 +312,28 @@ WHERE d.kek_id <> $1 AND `+s.unbound("d")+` GROUP BY 1, 2, 3 ORDER BY 1, 2, 3`, 
 		res.Remaining = total
 		return res, s.rewrapTenants(ctx, opts, batch, &res)
 	}
-	kekIDs := map[string]int64{primary.Version: primaryID}
-	corrupt := []pgtype.UUID{}
-	// blocking: every unlocked row is done; wait for those others hold.
-	blocking, timedOut := false, false
-	// after: the highest id the last batch looked at. Batches go through
-	// the table in id order from there (keyset pagination), so a batch
-	// does not scan past the rows earlier ones did, which made a rewrap of
-	// n data keys cost O(n²/batch) index reads; a pass that reaches the end
-	// starts once more from the beginning, for rows skipped or wrapped
-	// under an old version meanwhile, before Rewrap waits or stops.
-	var after pgtype.UUID
+	run := &rewrapRun{
+		s: s, primary: primary, primaryID: primaryID, batch: batch, total: total,
+		lockTimeout: fmt.Sprintf("%dms", max(wait.Milliseconds(), 1)), progress: opts.Progress,
+		kekIDs: map[string]int64{primary.Version: primaryID}, exclude: []pgtype.UUID{},
+		kekNames: map[int64]KEKVersion{primaryID: primary}, res: &res,
+	}
+	// Passes until one changes nothing: the first does the table; each
+	// further one does rows wrapped under an old version meanwhile (by a
+	// process whose keyring is behind) and rows a concurrent change made
+	// this call's update pass over.
 	for {
-		var lockWait time.Duration
-		if blocking {
-			lockWait = wait
-		}
-		n, bad, last, err := s.rewrapBatch(ctx, primary, primaryID, kekIDs, batch, corrupt, after, lockWait)
-		if blocking && pgCode(err) == "55P03" { // lock_timeout
-			timedOut = true
-			break
-		}
+		changed, err := run.pass(ctx, workers)
 		if err != nil {
 			return res, err
 		}
-		res.Rewrapped += n
-		for _, c := range bad {
-			corrupt = append(corrupt, uuidParam(c.DataKeyID))
-			res.Corrupt = append(res.Corrupt, c)
-		}
-		if n > 0 {
-			s.log.Info("pgstore: rewrapped data keys", "count", n, "done", res.Rewrapped, "to", primary.String())
-			if opts.Progress != nil {
-				opts.Progress(RewrapProgress{Done: res.Rewrapped, Total: total})
-			}
-		}
-		if n > 0 || len(bad) > 0 {
-			blocking, after = false, last
-			continue
-		}
-		if after.Valid {
-			after = pgtype.UUID{} // the end of this pass: once more from the start
-			continue
-		}
-		if blocking || wait < 0 {
+		if !changed {
 			break
 		}
-		blocking = true
 	}
-	if err := s.pool.QueryRow(ctx, `SELECT count(*), count(*) FILTER (WHERE id <> ALL($2::uuid[])) FROM `+s.q+`.data_keys d WHERE kek_id <> $1 AND `+s.unbound("d"),
-		primaryID, corrupt).Scan(&res.Remaining, &res.Skipped); err != nil {
+	if err := s.pool.QueryRow(ctx, `SELECT count(*), count(*) FILTER (WHERE id = ANY($2::uuid[])) FROM `+s.q+`.data_keys d WHERE kek_id <> $1 AND `+s.unbound("d"),
+		primaryID, run.skipped).Scan(&res.Remaining, &res.Skipped); err != nil {
 		return res, fmt.Errorf("pgstore: rewrap: recount: %w", err)
-	}
-	if !timedOut && wait >= 0 {
-		// Keys left, if any, were wrapped under an old version after this
-		// call looked: not skipped, but still Remaining.
-		res.Skipped = 0
 	}
 	return res, s.rewrapTenants(ctx, opts, batch, &res)
 }
@@ -348,104 +350,315 @@ func isCorrupt(err error) bool {
 	return errors.Is(err, provider.ErrInvalidCiphertext) || errors.Is(err, envelope.ErrDecrypt)
 }
 
-// rewrapBatch rewraps up to batch data keys with ids above after (any,
-// when after is not Valid), other than those in exclude, in one
-// transaction and returns how many it committed, which failed to unwrap,
-// and the highest id it selected. With lockWait zero it skips rows other
-// transactions hold; otherwise it waits up to lockWait for each (then
-// fails with SQLSTATE 55P03).
-func (s *Store) rewrapBatch(ctx context.Context, primary KEKVersion, primaryID int64, kekIDs map[string]int64, batch int, exclude []pgtype.UUID, after pgtype.UUID, lockWait time.Duration) (n int64, bad []CorruptKey, last pgtype.UUID, err error) {
-	tx, err := s.pool.Begin(ctx)
-	if err != nil {
-		return 0, nil, last, fmt.Errorf("pgstore: rewrap: %w", err)
+// rewrapRun is the state one Rewrap call's workers share. mu guards every
+// field below it.
+type rewrapRun struct {
+	s           *Store
+	primary     KEKVersion
+	primaryID   int64
+	batch       int
+	total       int64
+	lockTimeout string // lock_timeout of a batch's update
+	progress    func(RewrapProgress)
+
+	mu       sync.Mutex
+	after    pgtype.UUID          // the keyset cursor: the highest id read in this pass
+	end      bool                 // this pass read the last pending row
+	changed  bool                 // this pass rewrapped, or found corrupt or skipped, a row
+	kekIDs   map[string]int64     // kek row ids by version of the primary's key
+	kekNames map[int64]KEKVersion // versions by kek row id
+	exclude  []pgtype.UUID        // rows no further batch reads: corrupt or skipped
+	skipped  []pgtype.UUID        // rows held locked past LockWait
+	res      *RewrapResult
+}
+
+// rewrapRow is a data key a batch read.
+type rewrapRow struct {
+	id      pgtype.UUID
+	project string
+	kekID   int64
+	wrapped []byte
+}
+
+// pass runs workers goroutines over the table once, from its start, and
+// reports whether anything changed.
+func (r *rewrapRun) pass(ctx context.Context, workers int) (bool, error) {
+	r.after, r.end, r.changed = pgtype.UUID{}, false, false
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var (
+		wg    sync.WaitGroup
+		once  sync.Once
+		first error // the first error is the cause; the others', if any, its cancellation
+	)
+	for range workers {
+		wg.Go(func() {
+			if err := r.work(ctx); err != nil {
+				once.Do(func() { first = err; cancel() })
+			}
+		})
 	}
-	defer tx.Rollback(context.WithoutCancel(ctx))
-	lock := "SKIP LOCKED"
-	if lockWait > 0 {
-		lock = ""
-		if _, err := tx.Exec(ctx, `SELECT set_config('lock_timeout', $1, true)`, fmt.Sprintf("%dms", max(lockWait.Milliseconds(), 1))); err != nil {
-			return 0, nil, last, fmt.Errorf("pgstore: rewrap: %w", err)
+	wg.Wait()
+	if first != nil {
+		return false, first
+	}
+	return r.changed, nil
+}
+
+// work does batches until the pass's end.
+func (r *rewrapRun) work(ctx context.Context) error {
+	for {
+		todo, err := r.next(ctx)
+		if err != nil || len(todo) == 0 {
+			return err
+		}
+		if err := r.rewrapBatch(ctx, todo); err != nil {
+			return err
 		}
 	}
-	type row struct {
-		id      pgtype.UUID
-		project string
-		wk      provider.WrappedKey
+}
+
+// next reads the pass's next batch and moves the cursor past it, under mu
+// so that batches of one pass never overlap. The read locks nothing.
+func (r *rewrapRun) next(ctx context.Context) ([]rewrapRow, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.end {
+		return nil, nil
 	}
-	args := []any{primaryID, batch, exclude}
+	s := r.s
+	args := []any{r.primaryID, r.batch, r.exclude}
 	from := ""
-	if after.Valid {
-		from, args = "AND d.id > $4 ", append(args, after)
+	if r.after.Valid {
+		from, args = "AND d.id > $4 ", append(args, r.after)
 	}
-	rows, err := tx.Query(ctx, `SELECT d.id, d.project_id, d.wrapped_dek, k.provider, k.key_id, k.key_version
-FROM `+s.q+`.data_keys d JOIN `+s.q+`.kek k ON k.id = d.kek_id
-WHERE d.kek_id <> $1 AND d.id <> ALL($3::uuid[]) AND `+s.unbound("d")+` `+from+`ORDER BY d.id LIMIT $2 FOR NO KEY UPDATE OF d `+lock, args...)
+	rows, err := s.pool.Query(ctx, `SELECT d.id, d.project_id, d.kek_id, d.wrapped_dek FROM `+s.q+`.data_keys d
+WHERE d.kek_id <> $1 AND d.id <> ALL($3::uuid[]) AND `+s.unbound("d")+` `+from+`ORDER BY d.id LIMIT $2`, args...)
 	if err != nil {
-		return 0, nil, last, fmt.Errorf("pgstore: rewrap: %w", err)
+		return nil, fmt.Errorf("pgstore: rewrap: %w", err)
 	}
-	var r row
-	var todo []row
-	_, err = pgx.ForEachRow(rows, []any{&r.id, &r.project, &r.wk.Ciphertext, &r.wk.Provider, &r.wk.KeyID, &r.wk.Version}, func() error {
-		todo = append(todo, r)
+	todo := make([]rewrapRow, 0, r.batch)
+	var t rewrapRow
+	if _, err := pgx.ForEachRow(rows, []any{&t.id, &t.project, &t.kekID, &t.wrapped}, func() error {
+		todo = append(todo, t)
 		return nil
-	})
+	}); err != nil {
+		return nil, fmt.Errorf("pgstore: rewrap: %w", err)
+	}
+	if len(todo) < r.batch {
+		r.end = true
+	}
+	if len(todo) > 0 {
+		r.after = todo[len(todo)-1].id
+	}
+	for _, t := range todo {
+		if _, ok := r.kekNames[t.kekID]; !ok {
+			var v KEKVersion
+			if err := s.pool.QueryRow(ctx, `SELECT provider, key_id, key_version FROM `+s.q+`.kek WHERE id = $1`, t.kekID).Scan(&v.Provider, &v.KeyID, &v.Version); err != nil {
+				return nil, fmt.Errorf("pgstore: rewrap: kek version %d: %w", t.kekID, err)
+			}
+			r.kekNames[t.kekID] = v
+		}
+	}
+	return todo, nil
+}
+
+// kekName returns the version of kek row id (next has looked it up).
+func (r *rewrapRun) kekName(id int64) KEKVersion {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.kekNames[id]
+}
+
+// kekID returns the kek row id of version v of the primary's key,
+// recording it if it is new (the primary rotated while Rewrap ran).
+func (r *rewrapRun) kekID(ctx context.Context, v string) (int64, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if id, ok := r.kekIDs[v]; ok {
+		return id, nil
+	}
+	id, err := r.s.kekRowFor(ctx, r.s.pool, r.primary.Provider, r.primary.KeyID, v)
 	if err != nil {
-		return 0, nil, last, fmt.Errorf("pgstore: rewrap: %w", err)
+		return 0, err
 	}
-	if len(todo) == 0 {
-		return 0, nil, last, nil
-	}
-	last = todo[len(todo)-1].id
+	r.kekIDs[v] = id
+	r.kekNames[id] = KEKVersion{Provider: r.primary.Provider, KeyID: r.primary.KeyID, Version: v}
+	return id, nil
+}
+
+// rewrapBatch rewraps the rows of todo in Go and writes them back with a
+// compare-and-swap update, then records the outcome in r.
+func (r *rewrapRun) rewrapBatch(ctx context.Context, todo []rewrapRow) error {
+	s := r.s
 	var (
-		ids     []pgtype.UUID
-		wrapped [][]byte
-		keks    []int64
+		u   casUpdate
+		bad []CorruptKey
 	)
-	fromVersions := map[string]int64{}
 	for i := range todo {
 		t := &todo[i]
-		old := KEKVersion{Provider: t.wk.Provider, KeyID: t.wk.KeyID, Version: t.wk.Version}
-		nwk, err := s.rewrapTo(ctx, s.dek, t.project, &t.wk, wrapAAD(t.project, t.id.Bytes))
+		old := r.kekName(t.kekID)
+		wk := provider.WrappedKey{Provider: old.Provider, KeyID: old.KeyID, Version: old.Version, Ciphertext: t.wrapped}
+		nwk, err := s.rewrapTo(ctx, s.dek, t.project, &wk, wrapAAD(t.project, t.id.Bytes))
 		if isCorrupt(err) {
 			s.log.Error("pgstore: rewrap: data key does not unwrap; left as it is", "project", t.project, "data_key", t.id.String(), "kek", old.String())
 			bad = append(bad, CorruptKey{Project: t.project, DataKeyID: t.id.Bytes, KEKVersion: old})
-			if err := s.event(ctx, tx, "dek.corrupt", t.project, 0, &t.id.Bytes, 1, map[string]any{"kek": old.String()}); err != nil {
-				return 0, nil, last, err
+			if err := s.event(ctx, s.pool, "dek.corrupt", t.project, 0, &t.id.Bytes, 1, map[string]any{"kek": old.String()}); err != nil {
+				return err
 			}
 			continue
 		}
 		if err != nil {
-			return 0, nil, last, fmt.Errorf("pgstore: rewrap data key of project %q: %w", t.project, err)
+			return fmt.Errorf("pgstore: rewrap data key of project %q: %w", t.project, err)
 		}
-		if nwk.Provider != primary.Provider || nwk.KeyID != primary.KeyID {
-			return 0, nil, last, fmt.Errorf("pgstore: rewrap: provider returned a key for %s, want %s:%s", nwk.Ref(), primary.Provider, primary.KeyID)
+		if nwk.Provider != r.primary.Provider || nwk.KeyID != r.primary.KeyID {
+			return fmt.Errorf("pgstore: rewrap: provider returned a key for %s, want %s:%s", nwk.Ref(), r.primary.Provider, r.primary.KeyID)
 		}
-		kid, ok := kekIDs[nwk.Version]
-		if !ok { // the primary rotated while we worked
-			if kid, err = s.kekRowFor(ctx, s.pool, nwk.Provider, nwk.KeyID, nwk.Version); err != nil {
-				return 0, nil, last, err
-			}
-			kekIDs[nwk.Version] = kid
+		kid, err := r.kekID(ctx, nwk.Version)
+		if err != nil {
+			return err
 		}
-		ids, wrapped, keks = append(ids, t.id), append(wrapped, nwk.Ciphertext), append(keks, kid)
-		fromVersions[old.String()]++
+		u.add(t, nwk.Ciphertext, kid)
 	}
-	if len(ids) > 0 {
-		if _, err := tx.Exec(ctx, `UPDATE `+s.q+`.data_keys d SET wrapped_dek = u.w, kek_id = u.k, rewrapped_at = now()
-FROM unnest($1::uuid[], $2::bytea[], $3::bigint[]) AS u(id, w, k) WHERE d.id = u.id`, ids, wrapped, keks); err != nil {
-			if pgCode(err) == sqlstateRetired {
-				return 0, nil, last, fmt.Errorf("%w: %s: rewrap to it refused", ErrRetiredVersion, primary)
-			}
-			return 0, nil, last, fmt.Errorf("pgstore: rewrap: %w", err)
+	var n int64
+	var held []pgtype.UUID
+	if len(u.ids) > 0 {
+		var err error
+		n, err = r.swap(ctx, &u)
+		if code := pgCode(err); code == "55P03" || code == "40P01" {
+			// A row held past LockWait (lock_timeout), or a deadlock with
+			// a transaction locking several of these rows in another
+			// order (a shred): redo the batch without waiting.
+			n, held, err = r.swapUnlocked(ctx, &u)
 		}
-		if err := s.event(ctx, tx, "kek.rewrap", "", primaryID, nil, int64(len(ids)), map[string]any{"to": primary.String(), "from": fromVersions}); err != nil {
-			return 0, nil, last, err
+		if err != nil {
+			if pgCode(err) == sqlstateRetired {
+				return fmt.Errorf("%w: %s: rewrap to it refused", ErrRetiredVersion, r.primary)
+			}
+			return fmt.Errorf("pgstore: rewrap: %w", err)
+		}
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.res.Rewrapped += n
+	r.res.Corrupt = append(r.res.Corrupt, bad...)
+	for _, c := range bad {
+		r.exclude = append(r.exclude, uuidParam(c.DataKeyID))
+	}
+	r.exclude = append(r.exclude, held...)
+	r.skipped = append(r.skipped, held...)
+	if n > 0 || len(bad) > 0 || len(held) > 0 {
+		r.changed = true
+	}
+	if n > 0 {
+		s.log.Info("pgstore: rewrapped data keys", "count", n, "done", r.res.Rewrapped, "to", r.primary.String())
+		if r.progress != nil {
+			r.progress(RewrapProgress{Done: r.res.Rewrapped, Total: r.total})
+		}
+	}
+	return nil
+}
+
+// casUpdate is a batch's compare-and-swap update: for each row, its id,
+// new wrapped key and kek row, and the kek row and wrapped key read.
+type casUpdate struct {
+	ids              []pgtype.UUID
+	wrapped, oldWrap [][]byte
+	keks, oldKeks    []int64
+}
+
+func (u *casUpdate) add(t *rewrapRow, wrapped []byte, kek int64) {
+	u.ids, u.wrapped, u.keks = append(u.ids, t.id), append(u.wrapped, wrapped), append(u.keks, kek)
+	u.oldKeks, u.oldWrap = append(u.oldKeks, t.kekID), append(u.oldWrap, t.wrapped)
+}
+
+// only returns the rows of u whose ids are in keep.
+func (u *casUpdate) only(keep map[[16]byte]bool) casUpdate {
+	var o casUpdate
+	for i, id := range u.ids {
+		if keep[id.Bytes] {
+			o.ids, o.wrapped, o.keks = append(o.ids, id), append(o.wrapped, u.wrapped[i]), append(o.keks, u.keks[i])
+			o.oldKeks, o.oldWrap = append(o.oldKeks, u.oldKeks[i]), append(o.oldWrap, u.oldWrap[i])
+		}
+	}
+	return o
+}
+
+// casSQL updates the rows of $1..$5 still as read and, if it changed any,
+// records one kek.rewrap event (count: rows changed; detail: the primary,
+// and the rows changed by the version they were under); it returns the
+// number of rows changed. One statement: the update and its event commit
+// together. A row a concurrent transaction holds is waited for and then
+// compared in its committed form (READ COMMITTED re-checks the WHERE on
+// it), so a row rewrapped or deleted meanwhile is not matched.
+func (r *rewrapRun) casSQL() string {
+	q := r.s.q
+	return `WITH u AS (
+  UPDATE ` + q + `.data_keys d SET wrapped_dek = u.w, kek_id = u.k, rewrapped_at = now()
+  FROM unnest($1::uuid[], $2::bytea[], $3::bigint[], $4::bigint[], $5::bytea[]) AS u(id, w, k, ok, ow)
+  WHERE d.id = u.id AND d.kek_id = u.ok AND d.wrapped_dek = u.ow
+  RETURNING u.ok),
+f AS (SELECT ok, count(*) AS n FROM u GROUP BY ok),
+e AS (
+  INSERT INTO ` + q + `.key_events (event, kek_id, count, actor, detail)
+  SELECT 'kek.rewrap', $6, sum(f.n), $7, jsonb_build_object('to', $8::text,
+    'from', jsonb_object_agg(k.provider || ':' || k.key_id || '@' || k.key_version, f.n))
+  FROM f JOIN ` + q + `.kek k ON k.id = f.ok HAVING count(*) > 0)
+SELECT coalesce(sum(n), 0)::bigint FROM f`
+}
+
+func (r *rewrapRun) casArgs(u *casUpdate) []any {
+	return []any{u.ids, u.wrapped, u.keks, u.oldKeks, u.oldWrap, r.primaryID, r.s.actorParam(), r.primary.String()}
+}
+
+// swap runs the batch's update with lock_timeout LockWait, in one round
+// trip (a pipelined batch: one implicit transaction).
+func (r *rewrapRun) swap(ctx context.Context, u *casUpdate) (int64, error) {
+	b := &pgx.Batch{}
+	b.Queue(`SELECT set_config('lock_timeout', $1, true)`, r.lockTimeout)
+	var n int64
+	b.Queue(r.casSQL(), r.casArgs(u)...).QueryRow(func(row pgx.Row) error { return row.Scan(&n) })
+	err := r.s.pool.SendBatch(ctx, b).Close()
+	return n, err
+}
+
+// swapUnlocked redoes the batch's update in a transaction that first locks
+// the rows it can (FOR NO KEY UPDATE SKIP LOCKED) and updates only those;
+// it returns the rows others held.
+func (r *rewrapRun) swapUnlocked(ctx context.Context, u *casUpdate) (int64, []pgtype.UUID, error) {
+	tx, err := r.s.pool.Begin(ctx)
+	if err != nil {
+		return 0, nil, err
+	}
+	defer tx.Rollback(context.WithoutCancel(ctx))
+	rows, err := tx.Query(ctx, `SELECT id FROM `+r.s.q+`.data_keys WHERE id = ANY($1::uuid[]) ORDER BY id FOR NO KEY UPDATE SKIP LOCKED`, u.ids)
+	if err != nil {
+		return 0, nil, err
+	}
+	locked := map[[16]byte]bool{}
+	var id pgtype.UUID
+	if _, err := pgx.ForEachRow(rows, []any{&id}, func() error {
+		locked[id.Bytes] = true
+		return nil
+	}); err != nil {
+		return 0, nil, err
+	}
+	var held []pgtype.UUID
+	for _, id := range u.ids {
+		if !locked[id.Bytes] {
+			held = append(held, id)
+		}
+	}
+	var n int64
+	if mine := u.only(locked); len(mine.ids) > 0 {
+		if err := tx.QueryRow(ctx, r.casSQL(), r.casArgs(&mine)...).Scan(&n); err != nil {
+			return 0, nil, err
 		}
 	}
 	if err := tx.Commit(ctx); err != nil {
-		return 0, nil, last, fmt.Errorf("pgstore: rewrap: commit: %w", err)
+		return 0, nil, err
 	}
-	return int64(len(ids)), bad, last, nil
+	return n, held, nil
 }
 
 // RetireKEK retires KEK version v — a version of the deployment's KEK or

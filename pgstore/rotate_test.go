@@ -147,7 +147,7 @@ func TestRewrapConcurrent(t *testing.T) {
 	for i := range done {
 		s := newStore(t, e.pool, pgstore.Config{DirectKEK: true, KEK: e.kek})
 		wg.Go(func() {
-			res, err := s.Rewrap(ctx, pgstore.RewrapOptions{BatchSize: 3})
+			res, err := s.Rewrap(ctx, pgstore.RewrapOptions{BatchSize: 3, Workers: i + 1})
 			done[i], errs[i] = res.Rewrapped, err
 		})
 	}
@@ -161,6 +161,10 @@ func TestRewrapConcurrent(t *testing.T) {
 	}
 	if total != 40 {
 		t.Fatalf("rewrapped %d in all, want 40", total)
+	}
+	// Each batch's event counts the rows its compare-and-swap changed.
+	if n := count(t, e.pool, `SELECT coalesce(sum(count), 0) FROM keybroker.key_events WHERE event = 'kek.rewrap'`); n != 40 {
+		t.Fatalf("kek.rewrap events count %d data keys, want 40", n)
 	}
 	checkMany(t, newStore(t, e.pool, pgstore.Config{DirectKEK: true, KEK: e.kek}), 40, 1)
 }

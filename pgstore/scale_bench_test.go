@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+
 	"github.com/profullstack/keybroker/internal/cpumeter"
 	"github.com/profullstack/keybroker/pgstore"
 	"github.com/profullstack/keybroker/provider"
@@ -94,8 +96,9 @@ func scaleGets(b *testing.B) int {
 // one rewrap of every data key: run it with -benchtime 1x. Reported: key-service calls per 1,000 Gets, Get
 // p50 and p99, heap per cached data key (runtime.MemStats, after GC), and
 // (ik-rewrap) the rate of the local rewrap of every data key to a new
-// intermediate key (RotateIntermediate + Rewrap; target ≥ 50,000 data
-// keys/s). Run the documented figures with
+// intermediate key (RotateIntermediate + Rewrap with
+// KEYBROKER_BENCH_REWRAP_WORKERS workers, default
+// pgstore.DefaultRewrapWorkers; target ≥ 50,000 data keys/s). Run the documented figures with
 //
 //	KEYBROKER_BENCH_PROJECTS=100,1000,10000,100000 go test -run '^$' -bench Scale -benchtime 1x -timeout 60m ./pgstore
 func BenchmarkScale(b *testing.B) {
@@ -161,6 +164,7 @@ func BenchmarkScale(b *testing.B) {
 				var keys, calls int64
 				var elapsed, client, server time.Duration
 				meter := serverMeter(b, e)
+				workers := rewrapWorkers(b)
 				for b.Loop() {
 					b.StopTimer()
 					if _, err := s.RotateIntermediate(ctx); err != nil {
@@ -171,7 +175,7 @@ func BenchmarkScale(b *testing.B) {
 					b.StartTimer()
 					c0, s0 := meter.Sample()
 					t0 := time.Now()
-					res, err := s.Rewrap(ctx, pgstore.RewrapOptions{})
+					res, err := s.Rewrap(ctx, pgstore.RewrapOptions{Workers: workers})
 					elapsed += time.Since(t0)
 					c1, s1 := meter.Sample()
 					client, server = client+c1-c0, server+s1-s0
@@ -195,6 +199,20 @@ func BenchmarkScale(b *testing.B) {
 			})
 		})
 	}
+}
+
+// rewrapWorkers is the ik-rewrap sub-benchmark's RewrapOptions.Workers:
+// KEYBROKER_BENCH_REWRAP_WORKERS, or 0 (pgstore.DefaultRewrapWorkers).
+func rewrapWorkers(b *testing.B) int {
+	s := os.Getenv("KEYBROKER_BENCH_REWRAP_WORKERS")
+	if s == "" {
+		return 0
+	}
+	n, err := strconv.Atoi(s)
+	if err != nil || n < 1 {
+		b.Fatalf("KEYBROKER_BENCH_REWRAP_WORKERS: %q", s)
+	}
+	return n
 }
 
 // serverMeter measures this process's CPU and that of the test server's
@@ -306,6 +324,69 @@ func BenchmarkScaleAgainst100(b *testing.B) {
 			b.ReportMetric(p50(large), "p50-µs-N")
 			b.ReportMetric(p50(plain), "p50-µs-plain-select-N")
 			b.ReportMetric(p50(large)/p50(small), "p50-N/100")
+		})
+	}
+}
+
+// BenchmarkReserveFence is the cost migration 012's statement-level fence
+// adds to every UPDATE of data_keys that changes no kek_id: one budget
+// reservation (the two statements of Store.reserveChunk, one round trip)
+// with the fences of migration 012 ("statement") and with 010's row
+// triggers put back in the same database ("row", the baseline: they did
+// not fire on such an update), alternately, twice each. Reported: CPU per
+// reservation, this process's and the server's.
+func BenchmarkReserveFence(b *testing.B) {
+	ctx := context.Background()
+	e := newEnv(b, pgstore.Config{})
+	fillProjects(b, e, 100)
+	var id [16]byte
+	if err := e.pool.QueryRow(ctx, `SELECT id FROM keybroker.data_keys WHERE project_id = 'p0'`).Scan(&id); err != nil {
+		b.Fatal(err)
+	}
+	if _, err := e.pool.Exec(ctx, `UPDATE keybroker.data_keys SET budget = 4294967296`); err != nil {
+		b.Fatal(err)
+	}
+	meter := serverMeter(b, e)
+	install := map[string][]string{
+		"statement": {
+			`DROP TRIGGER data_keys_kek_fence ON keybroker.data_keys`,
+			`DROP TRIGGER data_keys_tenant_fence ON keybroker.data_keys`,
+			`CREATE TRIGGER data_keys_update_fence AFTER UPDATE ON keybroker.data_keys REFERENCING OLD TABLE AS old_keys NEW TABLE AS new_keys FOR EACH STATEMENT EXECUTE FUNCTION keybroker.data_keys_update_fence()`,
+			`CREATE TRIGGER data_keys_kek_fence BEFORE INSERT ON keybroker.data_keys FOR EACH ROW EXECUTE FUNCTION keybroker.data_keys_kek_fence()`,
+			`CREATE TRIGGER data_keys_tenant_fence BEFORE INSERT ON keybroker.data_keys FOR EACH ROW EXECUTE FUNCTION keybroker.data_keys_tenant_fence()`,
+		},
+		"row": {
+			`DROP TRIGGER data_keys_update_fence ON keybroker.data_keys`,
+			`DROP TRIGGER data_keys_kek_fence ON keybroker.data_keys`,
+			`DROP TRIGGER data_keys_tenant_fence ON keybroker.data_keys`,
+			`CREATE TRIGGER data_keys_kek_fence BEFORE INSERT OR UPDATE OF kek_id ON keybroker.data_keys FOR EACH ROW EXECUTE FUNCTION keybroker.data_keys_kek_fence()`,
+			`CREATE TRIGGER data_keys_tenant_fence BEFORE INSERT OR UPDATE OF kek_id, project_id ON keybroker.data_keys FOR EACH ROW EXECUTE FUNCTION keybroker.data_keys_tenant_fence()`,
+		},
+	}
+	for i, fences := range []string{"row", "statement", "row", "statement"} {
+		if i > 0 || fences != "statement" { // the migrations installed "statement"
+			for _, q := range install[fences] {
+				if _, err := e.pool.Exec(ctx, q); err != nil {
+					b.Fatal(err)
+				}
+			}
+		}
+		b.Run("fences="+fences, func(b *testing.B) {
+			c0, s0 := meter.Sample()
+			for b.Loop() {
+				bt := &pgx.Batch{}
+				bt.Queue(`UPDATE keybroker.data_keys d SET messages = LEAST(o.messages + $2, o.budget, $3)
+FROM (SELECT id, messages, budget FROM keybroker.data_keys WHERE id = $1 FOR NO KEY UPDATE) o
+WHERE d.id = o.id AND d.state = 'active' AND o.messages < LEAST(o.budget, $3)
+RETURNING d.messages - o.messages`, id, 1, int64(1)<<32)
+				bt.Queue(`UPDATE keybroker.data_keys SET state = 'spent' WHERE id = $1 AND state = 'active' AND messages >= LEAST(budget, $2)`, id, int64(1)<<32)
+				if err := e.pool.SendBatch(ctx, bt).Close(); err != nil {
+					b.Fatal(err)
+				}
+			}
+			c1, s1 := meter.Sample()
+			b.ReportMetric(float64((c1-c0).Nanoseconds())/1e3/float64(b.N), "client-cpu-µs/op")
+			b.ReportMetric(float64((s1-s0).Nanoseconds())/1e3/float64(b.N), "server-cpu-µs/op")
 		})
 	}
 }

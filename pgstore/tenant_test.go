@@ -319,11 +319,18 @@ INSERT INTO keybroker.project_keks (project_id, chain_id) VALUES ('p', 'tenant-e
 	if err := newStore(t, e.pool, pgstore.Config{KEK: e.kek}).Put(ctx, "p", "t", []byte("v")); !errors.Is(err, pgstore.ErrTenantKEKRefused) {
 		t.Fatalf("put under a binding naming a local file: %v, want ErrTenantKEKRefused", err)
 	}
-	// The fence: a data key of a bound project under another chain.
-	_, err := e.pool.Exec(ctx, `UPDATE keybroker.data_keys SET kek_id = kek_id WHERE project_id = 'p'`)
+	// The fence: a data key of a bound project moved anywhere but its
+	// chain (here directly under the deployment's KEK). An update that
+	// leaves kek_id and project_id as they were is not fenced again
+	// (migration 012): the key is where it was before the binding, and
+	// budget reservations must go on until Rewrap moves it.
+	if _, err := e.pool.Exec(ctx, `UPDATE keybroker.data_keys SET kek_id = kek_id WHERE project_id = 'p'`); err != nil {
+		t.Fatalf("update leaving a bound project's key where it was: %v", err)
+	}
+	_, err := e.pool.Exec(ctx, `UPDATE keybroker.data_keys SET kek_id = (SELECT id FROM keybroker.kek WHERE provider <> 'intermediate' ORDER BY id LIMIT 1) WHERE project_id = 'p'`)
 	var pe *pgconn.PgError
 	if !errors.As(err, &pe) || pe.Code != "KB006" {
-		t.Fatalf("data key of a bound project left under the deployment's chain: %v, want KB006", err)
+		t.Fatalf("data key of a bound project moved off its chain: %v, want KB006", err)
 	}
 	// A tenant role may read its binding, not write one.
 	tenant := pgtest.PoolFor(t, tenantURL(t, e))
