@@ -211,6 +211,9 @@ type RewrapResult struct {
 	IntermediateKeys int
 	Pending          []VersionCount // data keys not under Primary when the call started, by version
 	Rewrapped        int64          // data keys rewrapped by this call (0 in a dry run)
+	// ProjectKEKs counts those of Rewrapped that moved to (or within) the
+	// chain of a project bound to a KEK of its own, not to Primary.
+	ProjectKEKs int64
 	// Skipped counts data keys still pending, other than Corrupt, that
 	// another transaction held locked for longer than LockWait.
 	Skipped int64

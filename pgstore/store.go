@@ -755,14 +755,33 @@ func (s *Store) reserveChunk(ctx context.Context, project string, id [16]byte) (
 	var granted int64
 	err := s.scoped(ctx, project, func(b *pgx.Batch) {
 		// The key's own budget (set by its creator) caps every process's
-		// reservation, whatever that process's Config.Budget.
-		b.Queue(`UPDATE `+s.q+`.data_keys d SET messages = LEAST(o.messages + $2, o.budget, $3)
-FROM (SELECT id, messages, budget FROM `+s.q+`.data_keys WHERE id = $1 FOR NO KEY UPDATE) o
-WHERE d.id = o.id AND d.state = 'active' AND o.messages < LEAST(o.budget, $3)
-RETURNING d.messages - o.messages`, uuidParam(id), s.chunk, s.budget).QueryRow(func(r pgx.Row) error {
-			err := r.Scan(&granted)
+		// reservation, whatever that process's Config.Budget. The row is
+		// locked by a statement of its own before the UPDATE (the batch is
+		// one implicit transaction), so the count read is the one the
+		// UPDATE changes: an UPDATE joining the row to a locking subquery
+		// of itself locked the one tuple twice in one statement, which
+		// deadlocked two concurrent reservations of the same key
+		// (SQLSTATE 40P01).
+		var before, after int64
+		var locked, updated bool
+		b.Queue(`SELECT messages FROM `+s.q+`.data_keys WHERE id = $1 FOR NO KEY UPDATE`, uuidParam(id)).QueryRow(func(r pgx.Row) error {
+			err := r.Scan(&before)
 			if errors.Is(err, pgx.ErrNoRows) {
 				return nil
+			}
+			locked = err == nil
+			return err
+		})
+		b.Queue(`UPDATE `+s.q+`.data_keys SET messages = LEAST(messages + $2, budget, $3)
+WHERE id = $1 AND state = 'active' AND messages < LEAST(budget, $3)
+RETURNING messages`, uuidParam(id), s.chunk, s.budget).QueryRow(func(r pgx.Row) error {
+			err := r.Scan(&after)
+			if errors.Is(err, pgx.ErrNoRows) {
+				return nil
+			}
+			updated = err == nil
+			if updated && locked {
+				granted = after - before
 			}
 			return err
 		})

@@ -585,6 +585,7 @@ WHERE d.project_id = $1 AND d.kek_id <> $2 GROUP BY 1, 2, 3 ORDER BY 1, 2, 3`, p
 			return err
 		}
 		res.Rewrapped += n
+		res.ProjectKEKs += n
 		res.Corrupt = append(res.Corrupt, bad...)
 		for _, b := range bad {
 			corrupt = append(corrupt, uuidParam(b.DataKeyID))

@@ -22,9 +22,10 @@ type rewrapResult struct {
 	IntermediateKeys int            `json:"intermediate_keys"`
 	Pending          map[string]int `json:"pending"` // data keys not under primary, by version, before the run
 	Rewrapped        int64          `json:"rewrapped"`
-	Skipped          int64          `json:"skipped"`   // held by another transaction for longer than --lock-wait
-	Corrupt          []corruptKey   `json:"corrupt"`   // did not unwrap; left as they are
-	Remaining        int64          `json:"remaining"` // not under primary when the run ended, recounted
+	ProjectKEKs      int64          `json:"project_keks"` // of Rewrapped, moved to projects' own KEKs' chains
+	Skipped          int64          `json:"skipped"`      // held by another transaction for longer than --lock-wait
+	Corrupt          []corruptKey   `json:"corrupt"`      // did not unwrap; left as they are
+	Remaining        int64          `json:"remaining"`    // not under primary when the run ended, recounted
 	DryRun           bool           `json:"dry_run"`
 }
 
@@ -49,7 +50,7 @@ func (a *app) rewrap(ctx context.Context, s *session, batch int, lockWait time.D
 	if err != nil {
 		return nil, err
 	}
-	out := &rewrapResult{Primary: res.Primary.String(), IntermediateKeys: res.IntermediateKeys, Pending: map[string]int{}, Rewrapped: res.Rewrapped,
+	out := &rewrapResult{Primary: res.Primary.String(), IntermediateKeys: res.IntermediateKeys, Pending: map[string]int{}, Rewrapped: res.Rewrapped, ProjectKEKs: res.ProjectKEKs,
 		Skipped: res.Skipped, Corrupt: []corruptKey{}, Remaining: res.Remaining, DryRun: dryRun}
 	for _, vc := range res.Pending {
 		out.Pending[vc.KEKVersion.String()] = int(vc.DataKeys)
@@ -71,7 +72,11 @@ func (r *rewrapResult) print(w io.Writer) {
 	if r.IntermediateKeys > 0 {
 		fmt.Fprintf(w, "rewrapped %d intermediate keys to the primary KEK version\n", r.IntermediateKeys)
 	}
-	fmt.Fprintf(w, "rewrapped %d data keys to %s\n", r.Rewrapped, r.Primary)
+	if r.ProjectKEKs > 0 {
+		fmt.Fprintf(w, "rewrapped %d data keys to %s and %d to projects' own KEKs\n", r.Rewrapped-r.ProjectKEKs, r.Primary, r.ProjectKEKs)
+	} else {
+		fmt.Fprintf(w, "rewrapped %d data keys to %s\n", r.Rewrapped, r.Primary)
+	}
 	for _, c := range r.Corrupt {
 		fmt.Fprintf(w, "corrupt data key %s of project %q (under %s) does not unwrap; left as it is\n", c.DataKeyID, c.Project, c.Version)
 	}
