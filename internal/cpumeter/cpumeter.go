@@ -69,15 +69,38 @@ func (m Meter) Sample() (client, server time.Duration) {
 	return client, server
 }
 
-// Process returns the CPU time process pid has used (its own, to the
-// nanosecond where /proc/<pid>/schedstat exists, plus its waited-for
-// children's), or -1 if it cannot be read.
+// Process returns the CPU time process pid has used, all its threads (to
+// the nanosecond from each thread's /proc/<pid>/task/<tid>/schedstat, or
+// to the clock tick from /proc/<pid>/stat), plus its waited-for children's;
+// -1 if it cannot be read. Sample's server time reads only each process's
+// main thread, which is all a PostgreSQL process has; a Go program such as
+// Vault runs on many.
 func Process(pid int) time.Duration {
 	_, self, children, ok := procCPU(pid)
 	if !ok {
 		return -1
 	}
-	return schedTime(pid, self) + children
+	tasks, err := os.ReadDir("/proc/" + strconv.Itoa(pid) + "/task")
+	if err != nil {
+		return self + children
+	}
+	var threads time.Duration
+	for _, t := range tasks {
+		b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/task/" + t.Name() + "/schedstat")
+		if err != nil {
+			return self + children // a thread ended meanwhile: the coarse total
+		}
+		f := strings.Fields(string(b))
+		if len(f) == 0 {
+			return self + children
+		}
+		ns, err := strconv.ParseInt(f[0], 10, 64)
+		if err != nil {
+			return self + children
+		}
+		threads += time.Duration(ns)
+	}
+	return threads + children
 }
 
 // procCPU parses /proc/<pid>/stat: parent pid, the process's user+system
