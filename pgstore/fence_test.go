@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 
@@ -231,17 +232,7 @@ func TestRetiredFenceRace(t *testing.T) {
 		}
 	})
 	t.Run("retire first", func(t *testing.T) {
-		tx, err := e.pool.Begin(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer tx.Rollback(ctx)
-		if _, err := tx.Exec(ctx, `SELECT id FROM keybroker.kek WHERE id = $1 FOR UPDATE`, kekID); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := tx.Exec(ctx, `UPDATE keybroker.kek SET retired_at = now() WHERE id = $1`, kekID); err != nil {
-			t.Fatal(err)
-		}
+		tx := retiringTx(t, e, kekID)
 		done := make(chan error, 1)
 		go func() { done <- insert(e.pool, "racer") }()
 		waitForLockWait(t, e.pool)
@@ -653,17 +644,7 @@ func TestRetiredFenceRaceBatchUpdate(t *testing.T) {
 		}
 	})
 	t.Run("retire first", func(t *testing.T) {
-		tx, err := e.pool.Begin(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer tx.Rollback(ctx)
-		if _, err := tx.Exec(ctx, `SELECT id FROM keybroker.kek WHERE id = $1 FOR UPDATE`, kekID); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := tx.Exec(ctx, `UPDATE keybroker.kek SET retired_at = now() WHERE id = $1`, kekID); err != nil {
-			t.Fatal(err)
-		}
+		tx := retiringTx(t, e, kekID)
 		done := make(chan error, 1)
 		go func() { _, err := e.pool.Exec(ctx, moveBack, kekID); done <- err }()
 		waitForLockWait(t, e.pool) // the update's fence waits for the retire
@@ -725,4 +706,24 @@ func TestUpdateFenceSetBased(t *testing.T) {
 	if err := e.store.Put(ctx, "p1", "again", []byte("v")); err != nil {
 		t.Fatalf("put after budget updates: %v", err)
 	}
+}
+
+// retiringTx begins a transaction that does what RetireKEK's does to kek
+// row kekID (locks it FOR UPDATE, sets retired_at) and leaves it open for
+// the test to commit; it is rolled back when t ends if not.
+func retiringTx(t *testing.T, e *env, kekID int64) pgx.Tx {
+	t.Helper()
+	ctx := context.Background()
+	tx, err := e.pool.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tx.Rollback(ctx) })
+	if _, err := tx.Exec(ctx, `SELECT id FROM keybroker.kek WHERE id = $1 FOR UPDATE`, kekID); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tx.Exec(ctx, `UPDATE keybroker.kek SET retired_at = now() WHERE id = $1`, kekID); err != nil {
+		t.Fatal(err)
+	}
+	return tx
 }

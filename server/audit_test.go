@@ -161,11 +161,7 @@ func TestAccessLogConcurrent(t *testing.T) {
 	}
 	c := e.client()
 	ref := map[string]any{"table": "public.secrets", "column": "value_encrypted", "row": []string{"1"}}
-	code, raw, err := c.do("POST", "/v1/projects/ga/seal", tokA, map[string]any{"table": ref["table"], "column": ref["column"], "row": ref["row"], "value": []byte("sealed-v")})
-	var sr sealResponse
-	if err != nil || code != 200 || json.Unmarshal(raw, &sr) != nil {
-		t.Fatalf("seal: %d %s %v", code, raw, err)
-	}
+	sealed := c.seal(t, "ga", tokA, ref, []byte("sealed-v"))
 	want := []string{logKey(idA, "ga", []string{"public.secrets.value_encrypted"}, "seal", "ok")}
 	before := e.srv.audit.log.statements.Load()
 
@@ -215,7 +211,7 @@ func TestAccessLogConcurrent(t *testing.T) {
 					ok = code == 200
 					mine = append(mine, logKey(idA, "ga", []string{"public.t." + col}, "seal", "ok"))
 				case 4:
-					code, raw, err = c.do("POST", "/v1/projects/ga/open", tokA, map[string]any{"table": ref["table"], "column": ref["column"], "row": ref["row"], "sealed": sr.Sealed})
+					code, raw, err = c.do("POST", "/v1/projects/ga/open", tokA, withRef(ref, "sealed", sealed))
 					var v valueResponse
 					ok = code == 200 && json.Unmarshal(raw, &v) == nil && string(v.Value) == "sealed-v"
 					mine = append(mine, logKey(idA, "ga", []string{"public.secrets.value_encrypted"}, "open", "ok"))
@@ -347,19 +343,15 @@ func TestAccessLogRefused(t *testing.T) {
 	}
 	c := e.client()
 	ref := map[string]any{"table": "public.secrets", "column": "v", "row": []string{"1"}}
-	code, raw, err := c.do("POST", "/v1/projects/rf/seal", tok, map[string]any{"table": ref["table"], "column": ref["column"], "row": ref["row"], "value": []byte("sealed-v")})
-	var sr sealResponse
-	if err != nil || code != 200 || json.Unmarshal(raw, &sr) != nil {
-		t.Fatalf("seal: %d %s %v", code, raw, err)
-	}
+	sealed := c.seal(t, "rf", tok, ref, []byte("sealed-v"))
 	requests := []struct {
 		method, path string
 		body         any
 	}{
 		{"GET", "/v1/projects/rf/secrets/s", nil},
 		{"POST", "/v1/projects/rf/get-many", map[string]any{"names": []string{"s"}}},
-		{"POST", "/v1/projects/rf/seal", map[string]any{"table": ref["table"], "column": ref["column"], "row": ref["row"], "value": []byte("x")}},
-		{"POST", "/v1/projects/rf/open", map[string]any{"table": ref["table"], "column": ref["column"], "row": ref["row"], "sealed": sr.Sealed}},
+		{"POST", "/v1/projects/rf/seal", withRef(ref, "value", []byte("x"))},
+		{"POST", "/v1/projects/rf/open", withRef(ref, "sealed", sealed)},
 		{"PUT", "/v1/projects/rf/secrets/s", map[string]any{"value": []byte("overwritten")}},
 	}
 	for _, refusal := range []struct{ name, on, off string }{
@@ -550,4 +542,26 @@ func TestAccessLogWaitAndClose(t *testing.T) {
 	if got := e.logRows(); !slices.Equal(got, want) {
 		t.Fatalf("access log:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
 	}
+}
+
+// seal seals value for column ref of project with token and returns the
+// sealed bytes, failing t on anything but 200.
+func (c *tclient) seal(t *testing.T, project, token string, ref map[string]any, value []byte) []byte {
+	t.Helper()
+	code, raw, err := c.do("POST", "/v1/projects/"+project+"/seal", token, withRef(ref, "value", value))
+	var sr sealResponse
+	if err != nil || code != 200 || json.Unmarshal(raw, &sr) != nil {
+		t.Fatalf("seal: %d %s %v", code, raw, err)
+	}
+	return sr.Sealed
+}
+
+// withRef is a request body naming column ref (table, column, row) with k
+// set to v.
+func withRef(ref map[string]any, k string, v any) map[string]any {
+	m := map[string]any{k: v}
+	for rk, rv := range ref {
+		m[rk] = rv
+	}
+	return m
 }
