@@ -45,7 +45,7 @@ func main() {
 	flag.DurationVar(&o.opTimeout, "op-timeout", 0, "writer: deadline of each Put and read-back (0: none), so that a write to an unreachable server fails instead of waiting for TCP to give up")
 	flag.Uint64Var(&o.seed, "seed", 1, "random seed")
 	flag.StringVar(&o.keybroker, "keybroker", "", "operator: the keybroker binary")
-	flag.StringVar(&o.tenantKEK, "tenant-kek", "", "operator: bind project 0 to this KEK of its own on even rounds (and the last), unbind it on odd ones")
+	flag.StringVar(&o.tenantKEK, "tenant-kek", "", "operator: bind project 0 to this KEK of its own on even rounds, unbind it on odd ones and at the end")
 	flag.Parse()
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)

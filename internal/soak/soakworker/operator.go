@@ -27,6 +27,9 @@ type operator struct {
 	pool *pgxpool.Pool
 	rng  *rand.Rand
 	sum  soak.OperatorSummary
+	// bound: project 0 is bound to o.tenantKEK (the operator's last
+	// set-kek or unset-kek).
+	bound bool
 }
 
 // runOperator runs rounds until its stdin closes (the test closes it once
@@ -77,11 +80,18 @@ func runOperator(ctx context.Context, o options) (*soak.OperatorSummary, error) 
 func (op *operator) round(ctx context.Context, n int) {
 	if op.o.tenantKEK != "" {
 		// Writers keep writing to the project while its data keys move
-		// between the deployment's chain and its own.
-		if n%2 == 0 {
-			op.untilDone(ctx, "project", "set-kek", soak.Project(0), op.o.tenantKEK)
-		} else {
-			op.untilDone(ctx, "project", "unset-kek", soak.Project(0))
+		// between the deployment's chain and its own: bound on even
+		// rounds, unbound on odd ones and at the end (round -1; -1%2 is
+		// -1 in Go), so the checks after the run read it under the
+		// deployment's KEK. A project already unbound is left as it is:
+		// unset-kek refuses a project that is not bound (exit 1).
+		if bind := n >= 0 && n%2 == 0; bind != op.bound {
+			if bind {
+				op.untilDone(ctx, "project", "set-kek", soak.Project(0), op.o.tenantKEK)
+			} else {
+				op.untilDone(ctx, "project", "unset-kek", soak.Project(0))
+			}
+			op.bound = bind
 		}
 	}
 	if op.sum.RetireCommand && n%2 == 0 {
