@@ -12,6 +12,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgtype"
 
+	"github.com/profullstack/keybroker/internal/keys"
 	"github.com/profullstack/keybroker/pgstore"
 	"github.com/profullstack/keybroker/provider"
 )
@@ -168,28 +169,17 @@ func (e *Encrypted) keyOrder(t string) string {
 }
 
 // reencryptPass re-encrypts, batch by batch, the project's rows under
-// retired data keys, until a read finds none or three batches in a row
-// change nothing (rows rewritten meanwhile by the application).
+// retired data keys (keys.ReencryptPasses: until a read finds none or
+// three batches in a row change nothing).
 func (e *Encrypted) reencryptPass(ctx context.Context, project string, batch int, res *ReencryptResult, progress func(ReencryptProgress)) error {
-	for idle := 0; idle < 3; {
-		read, n, err := e.reencryptBatch(ctx, project, batch)
-		res.Reencrypted += n
-		if err != nil {
-			return err
-		}
-		if read == 0 {
-			return nil
-		}
-		if n == 0 {
-			idle++
-			continue
-		}
-		idle = 0
-		if progress != nil {
-			progress(ReencryptProgress{Done: res.Reencrypted, Total: res.Pending})
-		}
+	before := res.Reencrypted
+	var report func(int64)
+	if progress != nil {
+		report = func(done int64) { progress(ReencryptProgress{Done: before + done, Total: res.Pending}) }
 	}
-	return nil
+	n, err := keys.ReencryptPasses(func() (int64, int64, error) { return e.reencryptBatch(ctx, project, batch) }, report)
+	res.Reencrypted += n
+	return err
 }
 
 // errStaleKey aborts a batch whose new data key the fence refused (retired

@@ -10,6 +10,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgtype"
 
+	"github.com/profullstack/keybroker/internal/keys"
 	"github.com/profullstack/keybroker/provider"
 )
 
@@ -156,28 +157,17 @@ func (s *Store) dropReservation(project, scope string) {
 var errStaleKey = errors.New("pgstore: data key retired or removed concurrently")
 
 // reencryptPass re-encrypts, batch by batch, the project's secrets under
-// retired data keys, until a read finds none or three batches in a row
-// change nothing (rows rewritten meanwhile by writers other than pgstore).
+// retired data keys (keys.ReencryptPasses: until a read finds none or
+// three batches in a row change nothing).
 func (s *Store) reencryptPass(ctx context.Context, project string, batch int, res *ReencryptResult, progress func(ReencryptProgress)) error {
-	for idle := 0; idle < 3; {
-		read, n, err := s.reencryptBatch(ctx, project, batch)
-		res.Reencrypted += n
-		if err != nil {
-			return err
-		}
-		if read == 0 {
-			return nil
-		}
-		if n == 0 {
-			idle++
-			continue
-		}
-		idle = 0
-		if progress != nil {
-			progress(ReencryptProgress{Done: res.Reencrypted, Total: res.Pending})
-		}
+	before := res.Reencrypted
+	var report func(int64)
+	if progress != nil {
+		report = func(done int64) { progress(ReencryptProgress{Done: before + done, Total: res.Pending}) }
 	}
-	return nil
+	n, err := keys.ReencryptPasses(func() (int64, int64, error) { return s.reencryptBatch(ctx, project, batch) }, report)
+	res.Reencrypted += n
+	return err
 }
 
 // reencryptBatch re-encrypts up to batch secrets still under retired keys

@@ -83,15 +83,9 @@ func (s *Server) seal(w http.ResponseWriter, r *http.Request, req *request) {
 	}
 	defer clear(*body.Value)
 	sealed, err := pgcolumn.SealContext(req.ctx, s.store, req.project, body.context(), *body.Value)
-	if aerr := s.audit.record(req.ctx, req.tok, req.project, []string{body.Table + "." + body.Column}, req.op, columnOutcome(err)); aerr != nil {
-		s.auditFailed(w, aerr)
-		return
+	if s.logged(w, req, []string{body.Table + "." + body.Column}, err, columnOutcome, s.columnError) {
+		writeJSON(w, sealResponse{Sealed: sealed})
 	}
-	if err != nil {
-		s.columnError(w, req, err)
-		return
-	}
-	writeJSON(w, sealResponse{Sealed: sealed})
 }
 
 func (s *Server) open(w http.ResponseWriter, r *http.Request, req *request) {
@@ -143,12 +137,7 @@ func (s *Server) openItems(w http.ResponseWriter, req *request, items []openItem
 		}
 		values = append(values, v)
 	}
-	if aerr := s.audit.record(req.ctx, req.tok, req.project, names, req.op, columnOutcome(err)); aerr != nil {
-		s.auditFailed(w, aerr)
-		return
-	}
-	if err != nil {
-		s.columnError(w, req, err)
+	if !s.logged(w, req, names, err, columnOutcome, s.columnError) {
 		return
 	}
 	if many {

@@ -400,31 +400,24 @@ func bodyProblem(err error) string {
 	}
 }
 
-// storeError answers for an error of the store and returns the access-log
-// outcome.
-func (s *Server) storeError(w http.ResponseWriter, req *request, err error) string {
+// storeError answers for an error of the store.
+func (s *Server) storeError(w http.ResponseWriter, req *request, err error) {
 	switch {
 	case errors.Is(err, pgstore.ErrNotFound):
 		writeError(w, http.StatusNotFound, "not_found", "no such secret")
-		return outcomeNotFound
 	case errors.Is(err, pgstore.ErrInvalidArgument):
 		writeError(w, http.StatusBadRequest, "invalid_request", argMessage(err))
-		return outcomeInvalid
 	case errors.Is(err, pgstore.ErrProjectShredded):
 		writeError(w, http.StatusConflict, "project_deleted", "the project was deleted (shredded); it takes no new secrets until reopened")
-		return outcomeError
 	case errors.Is(err, envelope.ErrDecrypt):
 		s.log.Error("decrypt failed", "operation", req.op, "token", req.tok.idHex)
 		writeError(w, http.StatusInternalServerError, "decrypt_failed", "stored value does not decrypt")
-		return outcomeError
 	case errors.Is(err, provider.ErrUnavailable), errors.Is(err, context.DeadlineExceeded):
 		s.log.Error("store", "operation", req.op, "err", err)
 		writeError(w, http.StatusServiceUnavailable, "unavailable", "key service or database unavailable")
-		return outcomeError
 	default:
 		s.log.Error("store", "operation", req.op, "err", err)
 		writeError(w, http.StatusInternalServerError, "internal", "internal error")
-		return outcomeError
 	}
 }
 
@@ -434,6 +427,23 @@ func argMessage(err error) string {
 	msg := err.Error()
 	m, _ := strings.CutPrefix(msg, pgstore.ErrInvalidArgument.Error()+": ")
 	return m
+}
+
+// logged records req's access-log row for names, with err's outcome (by
+// outcome, which maps nil to outcomeOK), before anything is sent, so that
+// no value leaves without its row; then it answers a failure: 503 when
+// the row could not be written, else fail's answer for err. It reports
+// whether the caller is to send its own (success) answer.
+func (s *Server) logged(w http.ResponseWriter, req *request, names []string, err error, outcome func(error) string, fail func(http.ResponseWriter, *request, error)) bool {
+	if aerr := s.audit.record(req.ctx, req.tok, req.project, names, req.op, outcome(err)); aerr != nil {
+		s.auditFailed(w, aerr)
+		return false
+	}
+	if err != nil {
+		fail(w, req, err)
+		return false
+	}
+	return true
 }
 
 // auditFailed answers when the access log cannot be written: the request
@@ -454,22 +464,10 @@ type valueResponse struct {
 func (s *Server) get(w http.ResponseWriter, r *http.Request, req *request) {
 	name := r.PathValue("name")
 	v, err := s.store.Get(req.ctx, req.project, name)
-	outcome := outcomeOK
-	if err != nil {
-		outcome = classify(err)
-	}
 	defer clear(v)
-	// The read is recorded before anything is sent: no value leaves
-	// without its row.
-	if aerr := s.audit.record(req.ctx, req.tok, req.project, []string{name}, req.op, outcome); aerr != nil {
-		s.auditFailed(w, aerr)
-		return
+	if s.logged(w, req, []string{name}, err, classify, s.storeError) {
+		writeJSON(w, valueResponse{Value: v})
 	}
-	if err != nil {
-		s.storeError(w, req, err)
-		return
-	}
-	writeJSON(w, valueResponse{Value: v})
 }
 
 type getManyBody struct {
@@ -499,19 +497,9 @@ func (s *Server) getMany(w http.ResponseWriter, r *http.Request, req *request) {
 			clear(v)
 		}
 	}()
-	outcome := outcomeOK
-	if err != nil {
-		outcome = classify(err)
+	if s.logged(w, req, body.Names, err, classify, s.storeError) {
+		writeJSON(w, getManyResponse{Values: vals})
 	}
-	if aerr := s.audit.record(req.ctx, req.tok, req.project, body.Names, req.op, outcome); aerr != nil {
-		s.auditFailed(w, aerr)
-		return
-	}
-	if err != nil {
-		s.storeError(w, req, err)
-		return
-	}
-	writeJSON(w, getManyResponse{Values: vals})
 }
 
 type listResponse struct {
@@ -526,16 +514,7 @@ type secretInfo struct {
 
 func (s *Server) list(w http.ResponseWriter, _ *http.Request, req *request) {
 	infos, err := s.store.List(req.ctx, req.project)
-	outcome := outcomeOK
-	if err != nil {
-		outcome = classify(err)
-	}
-	if aerr := s.audit.record(req.ctx, req.tok, req.project, nil, req.op, outcome); aerr != nil {
-		s.auditFailed(w, aerr)
-		return
-	}
-	if err != nil {
-		s.storeError(w, req, err)
+	if !s.logged(w, req, nil, err, classify, s.storeError) {
 		return
 	}
 	out := listResponse{Secrets: make([]secretInfo, len(infos))}
@@ -592,11 +571,7 @@ func (s *Server) shred(w http.ResponseWriter, _ *http.Request, req *request) {
 		return
 	}
 	res, err := s.store.ShredProject(req.ctx, req.project)
-	outcome := outcomeOK
-	if err != nil {
-		outcome = classify(err)
-	}
-	if aerr := s.audit.record(req.ctx, req.tok, req.project, nil, req.op, outcome); aerr != nil {
+	if aerr := s.audit.record(req.ctx, req.tok, req.project, nil, req.op, classify(err)); aerr != nil {
 		// The shred's fate is settled (and in key_events); say so in the log.
 		s.log.Error("access log", "err", aerr)
 	}
@@ -609,6 +584,8 @@ func (s *Server) shred(w http.ResponseWriter, _ *http.Request, req *request) {
 
 func classify(err error) string {
 	switch {
+	case err == nil:
+		return outcomeOK
 	case errors.Is(err, pgstore.ErrNotFound):
 		return outcomeNotFound
 	case errors.Is(err, pgstore.ErrInvalidArgument):

@@ -66,3 +66,29 @@ type Execer interface {
 // Of returns the Store behind v, a *pgstore.Store, and false for anything
 // else. pgstore sets it in its init.
 var Of func(v any) (Store, bool)
+
+// ReencryptPasses runs batch (one batch of a re-encryption: how many rows
+// it read, how many it changed) until a batch reads nothing or three in a
+// row change nothing (rows rewritten meanwhile by other writers, which the
+// next read would find again). It returns the rows changed and calls
+// progress, when set, with the running total after each batch that
+// changed some.
+func ReencryptPasses(batch func() (read, changed int64, err error), progress func(done int64)) (int64, error) {
+	var done int64
+	for idle := 0; idle < 3; {
+		read, n, err := batch()
+		done += n
+		if err != nil || read == 0 {
+			return done, err
+		}
+		if n == 0 {
+			idle++
+			continue
+		}
+		idle = 0
+		if progress != nil {
+			progress(done)
+		}
+	}
+	return done, nil
+}
