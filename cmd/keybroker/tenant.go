@@ -241,25 +241,10 @@ by later rotations are not covered until it runs again: status warns.
 Projects bound to their own KEK are not covered, on purpose.`,
 		Args: args(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			ctx := cmd.Context()
-			if url == "" {
-				return usageErrorf("recovery add: --recovery URL is required")
-			}
-			rec, err := openProvider(ctx, url)
-			if err != nil {
-				return err
-			}
-			s, err := a.openStore(ctx)
-			if err != nil {
-				return err
-			}
-			defer s.close()
-			r, err := s.store.AddRecovery(ctx, rec)
-			if err != nil {
-				return err
-			}
-			res := &recoveryResult{Recovery: rec.Ref().String(), Done: r.Done, Already: r.Already, IntermediateKeys: r.Total}
-			return a.emit(res, res.print)
+			return a.withRecovery(cmd.Context(), "recovery add", url, func(ctx context.Context, s *session, rec provider.KEKProvider) (*recoveryResult, error) {
+				r, err := s.store.AddRecovery(ctx, rec)
+				return &recoveryResult{Done: r.Done, Already: r.Already, IntermediateKeys: r.Total}, err
+			})
 		},
 	}
 	add.Flags().StringVar(&url, "recovery", "", "recovery provider URL")
@@ -282,27 +267,35 @@ an interruption. Data keys wrapped directly under the lost KEK (no
 intermediate key) cannot be recovered; the output counts them.`,
 		Args: args(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			ctx := cmd.Context()
-			if url == "" {
-				return usageErrorf("recover: --recovery URL is required")
-			}
-			rec, err := openProvider(ctx, url)
-			if err != nil {
-				return err
-			}
-			s, err := a.openStore(ctx)
-			if err != nil {
-				return err
-			}
-			defer s.close()
-			r, err := s.store.Recover(ctx, rec)
-			if err != nil {
-				return err
-			}
-			res := &recoveryResult{Recovery: rec.Ref().String(), Done: r.Done, Already: r.Already, IntermediateKeys: r.Total, DirectDataKeys: r.DirectDataKeys, recover: true}
-			return a.emit(res, res.print)
+			return a.withRecovery(cmd.Context(), "recover", url, func(ctx context.Context, s *session, rec provider.KEKProvider) (*recoveryResult, error) {
+				r, err := s.store.Recover(ctx, rec)
+				return &recoveryResult{Done: r.Done, Already: r.Already, IntermediateKeys: r.Total, DirectDataKeys: r.DirectDataKeys, recover: true}, err
+			})
 		},
 	}
 	cmd.Flags().StringVar(&url, "recovery", "", "recovery provider URL")
 	return cmd
+}
+
+// withRecovery opens the recovery key url (--recovery, required: usage
+// error naming command) and the store, runs do and prints its result.
+func (a *app) withRecovery(ctx context.Context, command, url string, do func(context.Context, *session, provider.KEKProvider) (*recoveryResult, error)) error {
+	if url == "" {
+		return usageErrorf("%s: --recovery URL is required", command)
+	}
+	rec, err := openProvider(ctx, url)
+	if err != nil {
+		return err
+	}
+	s, err := a.openStore(ctx)
+	if err != nil {
+		return err
+	}
+	defer s.close()
+	res, err := do(ctx, s, rec)
+	if err != nil {
+		return err
+	}
+	res.Recovery = rec.Ref().String()
+	return a.emit(res, res.print)
 }
