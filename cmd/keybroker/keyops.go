@@ -115,8 +115,10 @@ intermediate key, else through the key service (data keys wrapped directly
 under a KEK, by a database from before the hierarchy). Secrets are not
 touched. Each batch commits on its own: an interrupted run leaves
 every data key usable, and a rerun continues where it stopped. Several
-rewraps may run at once; each waits up to --lock-wait for data keys another
-one holds, then counts them as skipped. A data key that does not unwrap is
+rewraps may run at once (a data key another one is rewrapping is left to
+it); a batch waits up to --lock-wait for a data key another transaction
+holds locked (a reencrypt, a shred, a dead process's open transaction),
+then leaves it and counts it as skipped. A data key that does not unwrap is
 reported as corrupt and left alone; the others are rewrapped.
 
 Exit status 5 while any data key remains on an older version (skipped,
